@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""One entry point for set-up and everyday commands, needing only Python >= 3.11 and pip.
+
+    python dev.py run [SPEC] [ARGS...]   the main job: experiments/run.py (default spec: ablation_replace_ratio)
+    python dev.py test [PYTEST ARGS...]  the test suite
+    python dev.py exec CMD [ARGS...]     any command inside the project's environment
+
+The environment is a virtualenv built from ``requirements.lock`` (exact versions of every
+package) and keyed by the lock file's hash, so it is built once per machine and lock, shared by
+every clone, and rebuilt automatically when the lock changes. ``SFTOK_VENV`` overrides its path.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+LOCK = ROOT / "requirements.lock"
+
+
+def venv_dir() -> Path:
+    if os.environ.get("SFTOK_VENV"):
+        return Path(os.environ["SFTOK_VENV"]).expanduser()
+    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "sftok-lab" / f"venv-{digest}"
+
+
+def ensure_env() -> Path:
+    """Create and populate the virtualenv if it is missing or incomplete; return its python."""
+    env = venv_dir()
+    py = env / "bin" / "python"
+    stamp = env / ".sftok-installed"
+    if not stamp.exists():
+        print(f"[dev] building environment in {env} (first run on this machine: several minutes)",
+              flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(env)
+        pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"]
+        subprocess.run(pip + ["--upgrade", "pip"], check=True)
+        subprocess.run(pip + ["-r", str(LOCK)], check=True)
+        stamp.write_text(LOCK.read_text())
+    # Editable install of this checkout (cheap; keeps several clones pointing at their own code).
+    subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                    "--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True)
+    return py
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    py = ensure_env()
+    env = dict(os.environ, PATH=f"{py.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if cmd == "run":
+        args = [str(py), str(ROOT / "experiments" / "run.py")] + (rest or ["ablation_replace_ratio"])
+    elif cmd == "test":
+        args = [str(py), "-m", "pytest"] + rest
+    elif cmd == "exec":
+        args = rest
+    else:
+        print(f"unknown command {cmd!r}; see `python dev.py --help`", file=sys.stderr)
+        return 2
+    return subprocess.run(args, cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,142 @@
+"""Named scales: a preset is a complete `ExperimentConfig`.
+
+- `smoke`: seconds; for tests only.
+- `tiny`: the CPU default; embedded photos at 32x32, a trained f4 teacher (8x8 codes).
+- `small`: one GPU, about an hour; 64x64 embedded photos (or a folder), trained f4 teacher.
+- `sftok-b`, `sftok-l`: the paper's models (Table 6) on ImageNet 256 with the MaskGIT-VQGAN teacher.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from sftok.config import (DataConfig, DecoderConfig, EncoderConfig, EvalConfig,
+                          ExperimentConfig, OptimConfig, QuantizerConfig, StageConfig,
+                          TeacherConfig, TeacherTrainConfig, TokenizerConfig, TrainConfig)
+
+
+def _stages(steps1: int, steps2: int, steps3: int, batch: int, optim: OptimConfig,
+            ema: float, precision: str = "fp32", log_every: int = 10, ckpt_every: int = 500,
+            stage3_batch: int | None = None, stage3_accum: int = 1, gan_start: int = 20_000,
+            discriminator: str = "patchgan", lpips_weight: float = 1.0) -> TrainConfig:
+    common = dict(batch_size=batch, optim=optim, ema_decay=ema, precision=precision,
+                  log_every=log_every, ckpt_every=ckpt_every)
+    s3_optim = dataclasses.replace(optim, betas=(0.9, 0.999))  # paper Table 6, stage 3
+    return dict(
+        stage1=StageConfig(steps=steps1, replacement="none", **common),
+        stage2=StageConfig(steps=steps2, replacement="sfvr", replace_ratio=1.0, **common),
+        stage3=StageConfig(steps=steps3, replacement="none",
+                           **{**common, "optim": s3_optim, "batch_size": stage3_batch or batch},
+                           grad_accum=stage3_accum, gan_start=gan_start,
+                           discriminator=discriminator, lpips_weight=lpips_weight),
+    )
+
+
+def smoke() -> ExperimentConfig:
+    size = 16
+    return ExperimentConfig(
+        preset="smoke",
+        data=DataConfig(image_size=size, train_crops_per_image=4, val_crops_per_image=2),
+        teacher=TeacherConfig(hidden_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                              z_channels=16, codebook_size=64, source="train"),
+        tokenizer=TokenizerConfig(
+            image_size=size, num_latent_tokens=4, token_size=8,
+            encoder=EncoderConfig(width=32, depth=1, heads=2, patch_size=4),
+            quantizer=QuantizerConfig(codebook_size=32),
+            decoder=DecoderConfig(width=32, depth=1, heads=2)),
+        train=TrainConfig(
+            teacher=TeacherTrainConfig(steps=4, batch_size=4, log_every=2, ckpt_every=2),
+            **_stages(3, 3, 2, batch=4, ema=0.9, log_every=1, ckpt_every=2, gan_start=1,
+                      lpips_weight=0.0,
+                      optim=OptimConfig(lr=1e-3, warmup_steps=1, end_lr=1e-4))),
+        eval=EvalConfig(decode_steps=(1, 2, 4), trace_steps=4, batch_size=8, max_images=8,
+                        metrics=("psnr", "ssim", "tokens"), grid_images=4),
+    )
+
+
+def tiny() -> ExperimentConfig:
+    size = 32
+    return ExperimentConfig(
+        preset="tiny",
+        data=DataConfig(image_size=size, train_crops_per_image=64, val_crops_per_image=16),
+        teacher=TeacherConfig(hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                              z_channels=32, codebook_size=256, source="train"),
+        tokenizer=TokenizerConfig(
+            image_size=size, num_latent_tokens=16, token_size=16,
+            encoder=EncoderConfig(width=128, depth=3, heads=4, patch_size=4),
+            quantizer=QuantizerConfig(codebook_size=256),
+            decoder=DecoderConfig(width=128, depth=3, heads=4)),
+        train=TrainConfig(
+            teacher=TeacherTrainConfig(steps=600, batch_size=32, log_every=20, ckpt_every=200),
+            **_stages(150, 300, 100, batch=32, ema=0.99, log_every=10, ckpt_every=100,
+                      gan_start=50, lpips_weight=0.0,
+                      optim=OptimConfig(lr=1e-3, warmup_steps=30, end_lr=1e-4))),
+        eval=EvalConfig(decode_steps=(1, 2, 4, 8, 16), trace_steps=8, batch_size=64,
+                        max_images=None, grid_images=8),
+    )
+
+
+def small() -> ExperimentConfig:
+    size = 64
+    return ExperimentConfig(
+        preset="small",
+        data=DataConfig(image_size=size, train_crops_per_image=512, val_crops_per_image=32,
+                        num_workers=4),
+        teacher=TeacherConfig(hidden_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                              z_channels=64, codebook_size=1024, source="train"),
+        tokenizer=TokenizerConfig(
+            image_size=size, num_latent_tokens=32, token_size=16,
+            encoder=EncoderConfig(width=384, depth=6, heads=6, patch_size=8),
+            quantizer=QuantizerConfig(codebook_size=1024),
+            decoder=DecoderConfig(width=384, depth=6, heads=6)),
+        train=TrainConfig(
+            teacher=TeacherTrainConfig(steps=5000, batch_size=64, lpips_weight=0.1,
+                                       log_every=50, ckpt_every=1000),
+            **_stages(4000, 12000, 4000, batch=64, ema=0.999, precision="bf16", log_every=50,
+                      ckpt_every=1000, gan_start=1000,
+                      optim=OptimConfig(lr=4e-4, warmup_steps=500, end_lr=4e-5))),
+        eval=EvalConfig(batch_size=128),
+    )
+
+
+def _paper(decoder: DecoderConfig, name: str) -> ExperimentConfig:
+    # Paper Table 6: ViT-B/16 encoder, 64 tokens of 32 dims, OptVQ with 8192 codes, MaskGIT-VQGAN
+    # f16 teacher (1024 codes), AdamW lr 1e-4 betas (0.9, 0.99) wd 1e-4, 10k warm-up, cosine to
+    # 1e-5, batch 32 x 8 GPUs; stage 1 200k + stage 2 800k, stage 3 1M steps at 8 x 8 x 2.
+    return ExperimentConfig(
+        preset=name,
+        data=DataConfig(source="folder", image_size=256, num_workers=8),
+        teacher=TeacherConfig(source="pretrained"),
+        tokenizer=TokenizerConfig(
+            image_size=256, num_latent_tokens=64, token_size=32,
+            encoder=EncoderConfig(width=768, depth=12, heads=12, patch_size=16),
+            quantizer=QuantizerConfig(kind="optvq", codebook_size=8192),
+            decoder=decoder),
+        train=TrainConfig(**_stages(
+            200_000, 800_000, 1_000_000, batch=256, ema=0.999, precision="bf16", log_every=100,
+            ckpt_every=5000, stage3_batch=64, stage3_accum=2, gan_start=20_000,
+            discriminator="dino",
+            optim=OptimConfig(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4,
+                              warmup_steps=10_000, end_lr=1e-5))),
+        eval=EvalConfig(batch_size=64),
+    )
+
+
+def sftok_b() -> ExperimentConfig:
+    return _paper(DecoderConfig(width=768, depth=12, heads=12), "sftok-b")
+
+
+def sftok_l() -> ExperimentConfig:
+    return _paper(DecoderConfig(width=1024, depth=24, heads=16), "sftok-l")
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "smoke": smoke, "tiny": tiny, "small": small, "sftok-b": sftok_b, "sftok-l": sftok_l,
+}
+
+
+def get_preset(name: str) -> ExperimentConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
