@@ -43,9 +43,15 @@ def ensure_env() -> Path:
         subprocess.run(pip + ["--upgrade", "pip"], check=True)
         subprocess.run(pip + ["-r", str(LOCK)], check=True)
         stamp.write_text(LOCK.read_text())
-    # Editable install of this checkout (cheap; keeps several clones pointing at their own code).
-    subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                    "--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True)
+    # Editable install of this checkout, unless the environment already points at it (several
+    # clones may share one environment; each run re-points it at the clone it is run from).
+    probe = subprocess.run([str(py), "-c", "import sftok, pathlib; "
+                            "print(pathlib.Path(sftok.__file__).resolve().parent.parent)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0 or Path(probe.stdout.strip()) != ROOT:
+        subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                        "--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True,
+                       stdout=subprocess.DEVNULL)
     return py
 
 
