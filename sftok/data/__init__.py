@@ -1,0 +1,75 @@
+"""Training and validation data (DESIGN §2): embedded scikit-image photos, image folders,
+webdataset shards; the resumable `TrainStream`; `val_batches` for evaluation.
+
+Every dataset yields (image float 3×H×W in [0, 1], label int), H = W = `DataConfig.image_size`.
+Map-style datasets expose `sample(index, seed)` (training augmentation from `seed`; None = the
+deterministic evaluation view) and `skipped` (undecodable files met).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sftok.config import ConfigError, DataConfig
+from sftok.data.decode import CorruptImageWarning
+from sftok.data.embedded import PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS, EmbeddedPhotos
+from sftok.data.folder import ImageFolder
+from sftok.data.shards import ShardDataset
+from sftok.data.stream import TrainStream, val_batches
+
+__all__ = [
+    "PHOTOS",
+    "TRAIN_PHOTOS",
+    "VAL_PHOTOS",
+    "CorruptImageWarning",
+    "EmbeddedPhotos",
+    "ImageFolder",
+    "ShardDataset",
+    "TrainStream",
+    "build_datasets",
+    "val_batches",
+]
+
+_HOW = {
+    "folder": "an image folder (<root>/<class>/*.JPEG or a flat folder)",
+    "webdataset": "webdataset shards (a brace pattern like /data/train-{0000..0255}.tar)",
+}
+
+
+def _folder_roots(cfg: DataConfig) -> tuple[Path, Path]:
+    root = Path(cfg.path).expanduser()
+    if cfg.val_path is not None:
+        return root, Path(cfg.val_path).expanduser()
+    # An ImageNet root with train/ and val/ inside: use both, so `imagenet=<root>` is enough.
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root / "train", root / "val"
+    raise ConfigError("data.val_path", f"is required for data.source=folder unless data.path "
+                                       f"({str(root)!r}) contains train/ and val/ folders; set "
+                                       f"data.val_path to the validation image folder")
+
+
+def build_datasets(cfg: DataConfig):
+    """(train, val) datasets for `cfg.source`; errors name the config field to fix.
+
+    embedded: `EmbeddedPhotos` over TRAIN_PHOTOS / VAL_PHOTOS with cfg.train_crops_per_image /
+    cfg.val_crops_per_image crops each, seeded by cfg.seed. folder: `ImageFolder` (train with
+    random crops, val with centre crops). webdataset: `ShardDataset` over cfg.path / cfg.val_path.
+    """
+    if cfg.source == "embedded":
+        train = EmbeddedPhotos(TRAIN_PHOTOS, cfg.image_size, cfg.train_crops_per_image, cfg.seed)
+        val = EmbeddedPhotos(VAL_PHOTOS, cfg.image_size, cfg.val_crops_per_image, cfg.seed)
+        return train, val
+    if cfg.path is None:
+        raise ConfigError("data.path", f"is required for data.source={cfg.source}: "
+                                       f"set it to {_HOW[cfg.source]}")
+    if cfg.source == "folder":
+        train_root, val_root = _folder_roots(cfg)
+        val_field = "data.val_path" if cfg.val_path is not None else "data.path"
+        return (ImageFolder(train_root, cfg.image_size, train=True, field="data.path"),
+                ImageFolder(val_root, cfg.image_size, train=False, field=val_field))
+    if cfg.source == "webdataset":
+        if cfg.val_path is None:
+            raise ConfigError("data.val_path", "is required for data.source=webdataset: set it "
+                                               "to the validation shards (a brace pattern)")
+        return (ShardDataset(cfg.path, cfg.image_size, train=True, seed=cfg.seed),
+                ShardDataset(cfg.val_path, cfg.image_size, train=False, field="data.val_path"))
+    raise ConfigError("data.source", f"unknown source {cfg.source!r}")

@@ -1,0 +1,208 @@
+"""The resumable training stream, and bounded-memory validation batches.
+
+`TrainStream` is an infinite iterator of batches (images B×3×H×W float in [0, 1], labels B long).
+Map-style data: epoch e visits the samples in the permutation drawn from (seed, e); batches run
+across epoch boundaries, so no sample is dropped and any dataset size works. Sample i of epoch e
+gets its augmentation seed from (seed, e, i): the dataset's random crop and the stream's
+horizontal flip are pure functions of it. The state is therefore just (epoch, position of the next
+sample in that epoch's permutation), and a stream restored from `state_dict()` yields exactly the
+batches the uninterrupted one would, with or without DataLoader workers (the workers receive
+(index, seed, flip) keys from a batch sampler and never draw random numbers of their own).
+
+Iterable data (`ShardDataset`): the same state, but resume is approximate; see `shards.py`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from sftok.data.seeding import generator, mix
+from sftok.data.transforms import hflip
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images B×3×H×W float [0, 1], labels B long
+
+
+def _collate(items: list[tuple[torch.Tensor, int]]) -> Batch:
+    images, labels = zip(*items)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+class _Keyed(Dataset):
+    """Looks up (index, sample seed, flip) keys: what the workers run for map-style data."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, bool]) -> tuple[torch.Tensor, int]:
+        index, seed, flip = key
+        if hasattr(self.dataset, "sample"):
+            image, label = self.dataset.sample(index, seed)
+        else:  # any map-style dataset of (image, label) works, without its own augmentation
+            image, label = self.dataset[index]
+        return (hflip(image) if flip else image), int(label)
+
+
+class _KeyBatches:
+    """Infinite batch sampler: lists of keys from (epoch, position) on, spanning epochs."""
+
+    def __init__(self, stream: TrainStream, epoch: int, position: int):
+        self.stream, self.epoch, self.position = stream, epoch, position
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
+        s, n = self.stream, self.stream.num_samples
+        epoch, position = self.epoch, self.position
+        while True:
+            keys = []
+            while len(keys) < s.batch_size:
+                perm = s._permutation(epoch)
+                take = min(s.batch_size - len(keys), n - position)
+                keys += [s._key(epoch, int(i)) for i in perm[position:position + take]]
+                position += take
+                if position == n:
+                    epoch, position = epoch + 1, 0
+            yield keys
+
+
+class TrainStream:
+    """Infinite, exactly resumable stream of training batches (see module docstring).
+
+    Args:
+        dataset: map-style (`EmbeddedPhotos`, `ImageFolder`, any Dataset of (image, label)) or
+            a `ShardDataset`.
+        batch_size: B.
+        seed: the data-order seed (the trial's seed): permutations and augmentation derive from it.
+        flip: random horizontal flips (probability 1/2, paper preprocessing).
+        num_workers: DataLoader worker processes (0: load in this process).
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, flip: bool = True,
+                 num_workers: int = 0, pin_memory: bool = False):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.dataset = dataset
+        self.batch_size, self.seed, self.flip = batch_size, seed, flip
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.iterable = isinstance(dataset, IterableDataset)
+        if self.iterable and not hasattr(dataset, "configured"):
+            raise TypeError("TrainStream needs a map-style dataset or a ShardDataset (an iterable "
+                            "must accept seed/epoch/skip/flip through `configured()`)")
+        self.num_samples = None if self.iterable else len(dataset)
+        if self.num_samples == 0:
+            raise ValueError("TrainStream: the dataset is empty")
+        self.epoch, self.position = 0, 0  # the next sample: position-th of epoch `epoch`
+        self._it: Iterator | None = None
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
+
+    # --- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int | None]:
+        """Plain ints: safe in a JSON sidecar or a safetensors metadata dict."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
+                "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or state.get("num_samples") != self.num_samples:
+            raise ValueError(
+                f"TrainStream state is for seed={state['seed']}, num_samples="
+                f"{state.get('num_samples')}; this stream has seed={self.seed}, num_samples="
+                f"{self.num_samples}: resuming would not reproduce the data order")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._it = None  # restart loading (and workers) from the restored position
+
+    # --- map-style ------------------------------------------------------------------------
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            perm = torch.randperm(self.num_samples, generator=generator(self.seed, epoch))
+            self._perm_cache = (epoch, perm)
+        return self._perm_cache[1]
+
+    def _key(self, epoch: int, index: int) -> tuple[int, int, bool]:
+        sample_seed = mix(self.seed, epoch, index)
+        return index, sample_seed, self.flip and bool(mix(sample_seed, 1) & 1)
+
+    def _map_batches(self) -> Iterator[Batch]:
+        sampler = _KeyBatches(self, self.epoch, self.position)
+        if self.num_workers == 0:
+            keyed = _Keyed(self.dataset)
+            for keys in sampler:
+                yield _collate([keyed[k] for k in keys])
+        else:
+            yield from DataLoader(_Keyed(self.dataset), batch_sampler=sampler,
+                                  num_workers=self.num_workers, collate_fn=_collate,
+                                  pin_memory=self.pin_memory)
+
+    # --- iterable -------------------------------------------------------------------------
+
+    def _iterable_samples(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(epoch, position, image, label) from the restored state on, loader batches unrolled."""
+        epoch, position = self.epoch, self.position
+        while True:
+            view = self.dataset.configured(seed=self.seed, epoch=epoch, skip=position,
+                                           flip=self.flip)
+            loader = DataLoader(view, batch_size=self.batch_size, num_workers=self.num_workers,
+                                collate_fn=_collate, pin_memory=self.pin_memory)
+            start = position
+            for images, labels in loader:
+                for image, label in zip(images, labels):
+                    yield epoch, position, image, label
+                    position += 1
+            if position == 0 and start == 0:
+                raise RuntimeError("TrainStream: a whole epoch of the shards gave no samples")
+            epoch, position = epoch + 1, 0
+
+    def _iterable_batches(self) -> Iterator[Batch]:
+        samples = self._iterable_samples()
+        while True:
+            chunk = [next(samples) for _ in range(self.batch_size)]
+            self._next_state = (chunk[-1][0], chunk[-1][1] + 1)
+            yield torch.stack([c[2] for c in chunk]), torch.stack([c[3] for c in chunk])
+
+    # --- iteration ------------------------------------------------------------------------
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = self._iterable_batches() if self.iterable else self._map_batches()
+        batch = next(self._it)
+        if self.iterable:
+            self.epoch, self.position = self._next_state
+        else:  # the state is pure arithmetic on sample counts, whatever the workers prefetched
+            self.position += self.batch_size
+            self.epoch += self.position // self.num_samples
+            self.position %= self.num_samples
+        return batch
+
+
+def val_batches(val_dataset, batch_size: int, max_images: int | None = None,
+                num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """Evaluation images in dataset order, B×3×H×W float [0, 1] (last batch may be smaller).
+
+    Uses the deterministic (centre-crop) view; holds one batch at a time. `max_images` caps the
+    total (None: the whole split).
+    """
+    if isinstance(val_dataset, IterableDataset):
+        source = val_dataset.configured(flip=False) if hasattr(val_dataset, "configured") \
+            else val_dataset
+        loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=_collate)
+    else:
+        n = len(val_dataset) if max_images is None else min(max_images, len(val_dataset))
+        loader = DataLoader(torch.utils.data.Subset(val_dataset, range(n)), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=_collate)
+    remaining = max_images
+    for images, _labels in loader:
+        if remaining is not None:
+            images = images[:remaining]
+            remaining -= images.shape[0]
+        if images.shape[0]:
+            yield images
+        if remaining is not None and remaining <= 0:
+            return
