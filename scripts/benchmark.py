@@ -1,0 +1,117 @@
+"""Benchmark the tokenizer of each preset on this machine (not a test).
+
+Prints parameter counts (encoder / quantizer / decoder, plus the stage-3 pixel decoder and the
+teacher, counted on the `meta` device) and wall-clock times of: encode (images -> ids), one
+decoder pass (logits for an all-masked grid), and S-step decoding (`SFTok.generate`), at batch
+size B with random weights (speed does not depend on the weights).
+
+    python scripts/benchmark.py                      # all presets
+    python scripts/benchmark.py --presets smoke tiny --batch 8 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from sftok.config import proxy_grid
+from sftok.presets import PRESETS, get_preset
+from sftok.teacher import MaskGitVQGAN
+from sftok.tokenizer import SFTok
+
+
+def count(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def timed(fn, device: torch.device, reps: int, warmup: int) -> float:
+    """Median seconds of `reps` calls after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build(preset: str, device: torch.device | str, finetune: bool = False) -> SFTok:
+    cfg = get_preset(preset)
+    tok = dataclasses.replace(cfg.tokenizer, finetune_decoder=finetune)
+    with torch.device(device):
+        return SFTok(tok, cfg.teacher.codebook_size, proxy_grid(cfg), cfg.teacher)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="S (default: the preset's decode.steps)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    ap.add_argument("--big-reps", type=int, default=1,
+                    help="repetitions for models over 50M parameters on CPU (no warm-up)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    amp = args.dtype == "bf16"
+
+    print(f"device={device} ({torch.get_num_threads()} CPU threads) batch={args.batch} "
+          f"dtype={args.dtype} torch={torch.__version__}")
+    if device.type == "cuda":
+        print(f"gpu={torch.cuda.get_device_name(device)}")
+    head = (f"{'preset':8} {'enc M':>7} {'quant M':>7} {'dec M':>7} {'pix M':>7} {'teach M':>7} "
+            f"{'encode s':>9} {'1 pass s':>9} {'S':>3} {'S-step s':>9}")
+    print(head)
+    print("-" * len(head))
+    for name in args.presets:
+        cfg = get_preset(name)
+        meta = build(name, "meta", finetune=True)
+        with torch.device("meta"):
+            teacher = MaskGitVQGAN(cfg.teacher)
+        params = [count(meta.encoder), count(meta.quantize), count(meta.decoder),
+                  count(meta.pixel_quantize) + count(meta.pixel_decoder), count(teacher)]
+        del meta, teacher
+
+        steps = args.steps or cfg.decode.steps
+        t_enc, t_dec, t_gen = time_preset(name, device, args.batch, steps, args.reps,
+                                          args.big_reps, amp)
+        print(f"{name:8} " + " ".join(f"{p / 1e6:7.3f}" for p in params)
+              + f" {t_enc:9.4f} {t_dec:9.4f} {steps:3d} {t_gen:9.4f}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def time_preset(name: str, device: torch.device, batch: int, steps: int, reps: int,
+                big_reps: int, amp: bool) -> tuple[float, float, float]:
+    """(encode, one decoder pass, S-step decode) seconds for a randomly initialised model."""
+    cfg = get_preset(name)
+    torch.manual_seed(0)
+    model = build(name, device).eval()
+    total = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu" and total > 50e6:  # minutes per rep on a laptop CPU: no warm-up
+        reps, warmup = big_reps, 0
+    else:
+        warmup = 1
+    s = cfg.tokenizer.image_size
+    images = torch.rand(batch, 3, s, s, device=device)
+    masked = torch.full((batch, model.num_positions), model.mask_id, device=device)
+    dcfg = dataclasses.replace(cfg.decode, steps=steps)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        z_q = model.encode(images).z_q
+        t_enc = timed(lambda: model.encode(images), device, reps, warmup)
+        t_dec = timed(lambda: model.decoder_logits(masked, z_q), device, reps, warmup)
+        t_gen = timed(lambda: model.generate(z_q, dcfg), device, reps, warmup)
+    return t_enc, t_dec, t_gen
+
+
+if __name__ == "__main__":
+    main()
