@@ -1,0 +1,327 @@
+"""`evaluate()`: every number of the paper's tables and figures for one tokenizer (issue 4).
+
+For each S in `cfg.decode_steps` (Figure 8: 1, 2, 4, 8, 16; Table 1 uses S = 8) the images are
+reconstructed with an S-step decode and scored: psnr_s{S}, ssim_s{S}, lpips_s{S}, rfid_s{S},
+is_s{S}. S-independent: token_top1 / token_ce (decoder step-1 prediction vs the teacher's ids),
+codebook_usage / codebook_entropy (tokenizer ids), num_images. Plus the Figure-4a trace of a
+`cfg.trace_steps`-step decode (trace.py) and one grid per S (originals over reconstructions).
+
+Streaming (bounded memory): the images arrive in batches and are never kept; per S we keep
+metric sums, FID feature sums (D + D² floats) and IS logits (1008 floats / image), and the first
+`cfg.grid_images` images for the grids. All pixel metrics see 8-bit images (as saved PNGs).
+
+Metrics whose pretrained weights are absent offline (rFID/IS: Inception; LPIPS: its backbone)
+are left out of `metrics` and listed in `unavailable` with one message each (DESIGN §2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sftok.config import DecodeConfig, EvalConfig
+from sftok.evaluate.fid import (
+    INCEPTION_NAME,
+    ContentHash,
+    FeatureStats,
+    FidelityFeatures,
+    ReferenceStats,
+    ReferenceStatsCache,
+    fid_from_statistics,
+    find_inception_weights,
+    inception_score,
+)
+from sftok.evaluate.grid import image_grid
+from sftok.evaluate.metrics import psnr, ssim, to_uint8
+from sftok.evaluate.perceptual import LPIPSMetric, find_lpips_backbone
+from sftok.evaluate.tokens import TokenAccumulator
+from sftok.evaluate.trace import TraceAccumulator
+
+KNOWN_METRICS = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
+# What loading a wrong or corrupt weights file raises (torch.load, load_state_dict, vassert).
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float] = field(default_factory=dict)  # "psnr_s8", "rfid_s8", "token_top1", ...
+    unavailable: dict[str, str] = field(default_factory=dict)  # "rfid" -> how to provide the weights
+    trace: list[dict] = field(default_factory=list)  # trace.TRACE_COLUMNS rows, step 1..S
+    grids: dict[int, np.ndarray] = field(default_factory=dict)  # S -> H×W×3 uint8
+
+
+def _image_batches(images: Iterable, batch_size: int, max_images: int | None) -> Iterator[Tensor]:
+    """Float B×3×H×W batches of at most batch_size, max_images in all. Accepts tensors,
+    (images, labels) tuples as the data module yields, or dicts with an 'image(s)' key."""
+    seen = 0
+    for batch in images:
+        if isinstance(batch, dict):
+            batch = batch.get("images", batch.get("image"))
+        elif isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if not torch.is_tensor(batch) or batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError("evaluate: each batch must be images B×3×H×W (or (images, labels))")
+        for start in range(0, batch.shape[0], batch_size):
+            if max_images is not None and seen >= max_images:
+                return
+            chunk = batch[start:start + batch_size]
+            if max_images is not None:
+                chunk = chunk[:max_images - seen]
+            seen += chunk.shape[0]
+            yield chunk
+        if max_images is not None and seen >= max_images:
+            return
+
+
+def _codebook_size(tokenizer) -> int:
+    """Q, the tokenizer's codebook size (from its config, else its quantizer)."""
+    for path in (("cfg", "quantizer", "codebook_size"), ("quantizer", "codebook_size"),
+                 ("quantizer", "num_codes")):
+        obj = tokenizer
+        try:
+            for p in path:
+                obj = getattr(obj, p)
+        except AttributeError:
+            continue
+        if isinstance(obj, int):
+            return obj
+    raise AttributeError("evaluate: cannot find the tokenizer's codebook size "
+                         "(tokenizer.cfg.quantizer.codebook_size)")
+
+
+def _default_device(tokenizer) -> torch.device:
+    try:
+        return next(tokenizer.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
+             cache_dir: str | os.PathLike | None = None, inception_weights: str | None = None,
+             progress: bool = True, *, decode_cfg: DecodeConfig | None = None,
+             dataset_key: str | None = None, lpips_weights: str | None = None,
+             lpips_net: str = "alex", fid_feature_extractor: str = INCEPTION_NAME) -> EvalResult:
+    """Evaluate `tokenizer` (SFTok) with its frozen `teacher` on a stream of image batches.
+
+    images: iterable of float B×3×H×W in [0, 1] (or (images, labels) batches); re-chunked to
+        cfg.batch_size, cut at cfg.max_images.
+    cfg: which S (decode_steps), which metrics, trace_steps, temperature (0 = argmax), seed.
+    decode_cfg: base decode settings (schedule, confidence_noise; e.g. ExperimentConfig.decode);
+        steps and temperature are taken from `cfg`.
+    cache_dir + dataset_key: cache the FID reference statistics of these validation images
+        under cache_dir/fid_stats/ (checked against a hash of the images).
+    inception_weights / lpips_weights: local weight files (else env vars / torch hub cache).
+    fid_feature_extractor: a torch-fidelity registered extractor (tests register a tiny one).
+    Deterministic for a fixed seed and batch order: each decode gets a generator seeded with
+    cfg.seed.
+    """
+    wanted = set(cfg.metrics)
+    unknown = wanted - set(KNOWN_METRICS)
+    if unknown:
+        raise ValueError(f"evaluate: unknown metrics {sorted(unknown)} (known: {KNOWN_METRICS})")
+    device = torch.device(device) if device is not None else _default_device(tokenizer)
+    base = decode_cfg or DecodeConfig()
+    decode_cfgs = {s: dataclasses.replace(base, steps=s, temperature=cfg.temperature)
+                   for s in cfg.decode_steps}
+    result = EvalResult()
+
+    # ---- pretrained feature networks: detect absence first, never download (DESIGN §2)
+    features = None
+    want_fid = bool(wanted & {"rfid", "is"})
+    if want_fid:
+        weights, msg = (None, "")
+        if fid_feature_extractor == INCEPTION_NAME:
+            weights, msg = find_inception_weights(inception_weights)
+        if not msg:
+            try:
+                features = FidelityFeatures(fid_feature_extractor, weights, device)
+            except _LOAD_ERRORS as e:  # a corrupt or wrong file: say which, keep the rest running
+                msg = f"could not load the FID feature extractor from {weights}: {e}"
+        if msg:
+            for m in ("rfid", "is"):
+                if m in wanted:
+                    result.unavailable[m] = msg
+    lpips_metric = None
+    if "lpips" in wanted:
+        path, msg = find_lpips_backbone(lpips_net, lpips_weights)
+        if path is not None:
+            try:
+                lpips_metric = LPIPSMetric(path, lpips_net, device)
+            except _LOAD_ERRORS as e:
+                msg = f"could not load LPIPS backbone weights from {path}: {e}"
+        if msg:
+            result.unavailable["lpips"] = msg
+
+    ref_cache = ref_cached = None
+    if features is not None and "rfid" in wanted and cache_dir is not None and dataset_key:
+        ref_cache = ReferenceStatsCache(cache_dir, dataset_key, features.name, features.fid_layer)
+        ref_cached = ref_cache.load()
+    need_ref = features is not None and "rfid" in wanted and ref_cached is None
+    ref_stats = FeatureStats() if need_ref else None
+    content = ContentHash() if ref_cache is not None else None
+
+    # ---- accumulators (sums only; see module docstring)
+    steps = list(cfg.decode_steps)
+    sums = {s: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for s in steps}
+    rec_stats = {s: FeatureStats() for s in steps}
+    rec_logits: dict[int, list[Tensor]] = {s: [] for s in steps}
+    tokens = TokenAccumulator(_codebook_size(tokenizer)) if "tokens" in wanted else None
+    trace_acc = TraceAccumulator() if cfg.trace_steps > 0 else None
+    trace_cfg = dataclasses.replace(base, steps=cfg.trace_steps, temperature=cfg.temperature)
+    gens = {s: _generator(device, cfg.seed) for s in steps}
+    trace_gen = _generator(device, cfg.seed)
+    grid_orig: list[Tensor] = []
+    grid_rec: dict[int, list[Tensor]] = {s: [] for s in steps}
+    n_grid = 0
+    n_images = 0
+
+    from tqdm.auto import tqdm
+
+    # progress=False, or SFTOK_PROGRESS=0 (as the training loop), silences the bar
+    flag = os.environ.get("SFTOK_PROGRESS", "").lower()
+    bar = tqdm(total=cfg.max_images, unit="img", desc="evaluate",
+               disable=not progress or flag in ("0", "false", "no"))
+    was_training = tokenizer.training
+    tokenizer.eval()
+    try:
+        with torch.no_grad():
+            for x in _image_batches(images, cfg.batch_size, cfg.max_images):
+                x = x.to(device).float()
+                b = x.shape[0]
+                x_u8 = to_uint8(x)
+                x_q = x_u8.float() / 255  # the 8-bit originals every pixel metric sees
+                if content is not None:
+                    content.update(x_u8)
+                if ref_stats is not None:
+                    ref_stats.update(features(x_u8)[0])
+                if lpips_metric is not None and min(x.shape[-2:]) < lpips_metric.min_size:
+                    result.unavailable["lpips"] = (
+                        f"images of {x.shape[-2]}×{x.shape[-1]} px are too small for LPIPS-"
+                        f"{lpips_net} (needs at least {lpips_metric.min_size} px)")
+                    lpips_metric = None
+
+                need_gt = tokens is not None or trace_acc is not None
+                gt = teacher.encode_ids(x) if need_gt else None  # M_g, B×N
+                if tokens is not None or trace_acc is not None:
+                    enc = tokenizer.encode(x)
+                    if tokens is not None:
+                        tokens.update_codes(enc.ids)
+                        # step 1 of inference: every proxy position masked (DESIGN §1)
+                        masked = torch.full_like(gt, tokenizer.mask_id)
+                        tokens.update_step1(tokenizer.decoder_logits(masked, enc.z_q), gt)
+                    if trace_acc is not None:
+                        res = tokenizer.generate(enc.z_q, trace_cfg, generator=trace_gen,
+                                                 trace=True)
+                        trace_acc.update(res.trace, gt, res.ids)
+
+                take = min(b, cfg.grid_images - n_grid)
+                if take > 0:
+                    grid_orig.append(x_u8[:take].cpu())
+                for s in steps:
+                    rec = tokenizer.reconstruct(x, teacher, decode_cfgs[s], generator=gens[s])
+                    rec_u8 = to_uint8(rec)
+                    if "psnr" in wanted:
+                        sums[s]["psnr"] += psnr(rec_u8, x_u8).sum().item()
+                    if "ssim" in wanted:
+                        sums[s]["ssim"] += ssim(rec_u8, x_u8).sum().item()
+                    if lpips_metric is not None:
+                        sums[s]["lpips"] += lpips_metric(rec_u8.float() / 255, x_q).sum().item()
+                    if features is not None:
+                        f_fid, f_isc = features(rec_u8)
+                        if "rfid" in wanted:
+                            rec_stats[s].update(f_fid)
+                        if "is" in wanted:
+                            rec_logits[s].append(f_isc)
+                    if take > 0:
+                        grid_rec[s].append(rec_u8[:take].cpu())
+                n_grid += max(take, 0)
+                n_images += b
+                bar.update(b)
+    finally:
+        bar.close()
+        tokenizer.train(was_training)
+
+    if n_images == 0:
+        raise ValueError("evaluate: no images (empty stream or max_images=0)")
+
+    # ---- reduce
+    m = result.metrics
+    m["num_images"] = float(n_images)
+    for s in steps:
+        for name in ("psnr", "ssim"):
+            if name in wanted:
+                m[f"{name}_s{s}"] = sums[s][name] / n_images
+        if lpips_metric is not None:
+            m[f"lpips_s{s}"] = sums[s]["lpips"] / n_images
+
+    if features is not None and "rfid" in wanted:
+        ref = ref_cached
+        if n_images < 2:
+            result.unavailable["rfid"] = "rFID needs at least 2 images (a covariance)"
+            ref = None
+        elif ref is None:
+            ref = ReferenceStats(ref_stats.mu, ref_stats.sigma, ref_stats.n,
+                                 content.hexdigest() if content is not None else "")
+            if ref_cache is not None:
+                ref_cache.save(ref)
+        elif ref.content_sha256 != content.hexdigest():
+            result.unavailable["rfid"] = (
+                f"cached FID reference statistics {ref_cache.path} were computed on other images "
+                f"(dataset_key={dataset_key!r}); delete the file or use another dataset_key")
+            ref = None
+        if ref is not None:
+            for s in steps:
+                m[f"rfid_s{s}"] = fid_from_statistics(ref.statistics(), rec_stats[s].statistics())
+    if features is not None and "is" in wanted:
+        for s in steps:
+            m[f"is_s{s}"] = inception_score(torch.cat(rec_logits[s]))[0]
+    if tokens is not None:
+        m.update(tokens.result())
+
+    if trace_acc is not None:
+        result.trace = trace_acc.rows()
+    if grid_orig:
+        orig = torch.cat(grid_orig)
+        result.grids = {s: image_grid(orig, torch.cat(grid_rec[s])) for s in steps}
+    return result
+
+
+def format_table(result: EvalResult, steps: Iterable[int] | None = None) -> str:
+    """Plain-text tables: per-S metrics, S-independent metrics, unavailable ones, the trace."""
+    m = result.metrics
+    if steps is None:
+        steps = sorted({int(k.rsplit("_s", 1)[1]) for k in m if "_s" in k
+                        and k.rsplit("_s", 1)[1].isdigit()})
+    steps = list(steps)
+    names = [n for n in ("rfid", "is", "psnr", "ssim", "lpips")
+             if any(f"{n}_s{s}" in m for s in steps)]
+    lines = ["S     " + "".join(f"{n:>10}" for n in names)]
+    for s in steps:
+        cells = "".join(f"{m[f'{n}_s{s}']:>10.4f}" if f"{n}_s{s}" in m else f"{'-':>10}"
+                        for n in names)
+        lines.append(f"{s:<6}{cells}")
+    other = {k: v for k, v in m.items() if not any(k == f"{n}_s{s}" for n in names for s in steps)}
+    if other:
+        lines.append("")
+        lines += [f"{k:<18}{v:.4f}" for k, v in other.items()]
+    if result.unavailable:
+        lines.append("")
+        lines += [f"unavailable {k}: {v}" for k, v in result.unavailable.items()]
+    if result.trace:
+        cols = list(result.trace[0])
+        lines.append("")
+        lines.append("".join(f"{c:>18}" for c in cols))
+        for row in result.trace:
+            lines.append("".join(f"{row[c]:>18.4f}" if isinstance(row[c], float)
+                                 else f"{row[c]:>18}" for c in cols))
+    return "\n".join(lines)
