@@ -31,14 +31,14 @@ def _decode(steps: int, seed: int = 0, temperature: float = 0.0, batch: int = B)
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_trace_invariants(steps):
     res, gt = _decode(steps)
-    rows = compute_trace(res.trace, gt, res.ids)
+    rows = compute_trace(res.trace, gt)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(tuple(r) == TRACE_COLUMNS for r in rows)
     assert sum(r["num_fixed"] for r in rows) == pytest.approx(N)  # every position fixed once
     last = rows[-1]
     assert last["kl_final_all"] == pytest.approx(0.0, abs=1e-6)  # KL(p_S || p_S) = 0
     assert last["kl_final_masked"] == pytest.approx(0.0, abs=1e-6)
-    assert last["top1_final_masked"] == 1.0  # temperature 0: masked positions take argmax p_S
+    assert last["top1_final_all"] == 1.0 and last["top1_final_masked"] == 1.0  # argmax p_S vs itself
     for r in rows:
         for k in ("kl_gt_all", "kl_gt_masked", "kl_final_all", "kl_final_masked"):
             assert r[k] >= 0.0
@@ -60,14 +60,13 @@ def test_trace_hand_computed():
                         fixed_now=torch.tensor([[False, True]]), ids_after=torch.tensor([[0, 1]])),
     ]
     gt = torch.tensor([[1, 1]])
-    final = torch.tensor([[0, 1]])
-    r1, r2 = compute_trace(steps, gt, final)
+    r1, r2 = compute_trace(steps, gt)
     kl_gt_1 = [-math.log(0.5), -math.log(0.2)]
     assert r1["kl_gt_all"] == pytest.approx(sum(kl_gt_1) / 2)
     assert r1["kl_gt_masked"] == pytest.approx(sum(kl_gt_1) / 2)
     kl_f_pos1 = 0.25 * math.log(0.25 / 0.8) + 0.75 * math.log(0.75 / 0.2)
     assert r1["kl_final_all"] == pytest.approx(kl_f_pos1 / 2)  # position 0 has p1 == p2
-    # argmax p1 = [0 (tie -> first), 0]; gt = [1, 1]; final = [0, 1]
+    # argmax p1 = [0 (tie -> first), 0]; gt = [1, 1]; final prediction argmax p2 = [0, 1]
     assert r1["top1_gt_all"] == 0.0 and r1["top1_final_all"] == 0.5
     assert r2["kl_gt_masked"] == pytest.approx(-math.log(0.75))
     assert r2["kl_gt_all"] == pytest.approx((-math.log(0.5) - math.log(0.75)) / 2)
@@ -80,11 +79,11 @@ def test_trace_streams_over_batches():
     res_a, gt_a = _decode(4, seed=0, batch=2)
     res_b, gt_b = _decode(4, seed=0, batch=2)
     acc = TraceAccumulator()
-    acc.update(res_a.trace, gt_a, res_a.ids)
-    acc.update(res_b.trace, gt_b, res_b.ids)
+    acc.update(res_a.trace, gt_a)
+    acc.update(res_b.trace, gt_b)
     # identical batches: the pooled means equal the single-batch means
-    for r_pooled, r_one in zip(acc.rows(), compute_trace(res_a.trace, gt_a, res_a.ids)):
+    for r_pooled, r_one in zip(acc.rows(), compute_trace(res_a.trace, gt_a)):
         for k in TRACE_COLUMNS:
             assert r_pooled[k] == pytest.approx(r_one[k])
     with pytest.raises(ValueError):
-        acc.update(_decode(2)[0].trace, gt_a, res_a.ids)
+        acc.update(_decode(2)[0].trace, gt_a)

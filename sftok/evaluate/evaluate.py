@@ -222,7 +222,7 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                     if trace_acc is not None:
                         res = tokenizer.generate(enc.z_q, trace_cfg, generator=trace_gen,
                                                  trace=True)
-                        trace_acc.update(res.trace, gt, res.ids)
+                        trace_acc.update(res.trace, gt)
 
                 take = min(b, cfg.grid_images - n_grid)
                 if take > 0:

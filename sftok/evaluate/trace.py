@@ -1,15 +1,16 @@
 """The Figure-4a per-step trace (DESIGN §1 'Analyses the paper reports').
 
 For each step i = 1..S of an S-step decode, with p_i = softmax(logits_i) the step-i predictive
-distribution (B×N×V), g = the teacher's ids M_g (B×N) and the final decode (p_S, the final
-ids M̂_S = `DecodeResult.ids`), over all N positions ("_all") and over the positions still
+distribution (B×N×V), g = the teacher's ids M_g (B×N) and the final prediction p_S with its
+top-1 ids M̂_S = argmax p_S, over all N positions ("_all") and over the positions still
 masked when step i started ("_masked", `StepTrace.masked_before`):
 
 - kl_gt      = −log p_i[g]          (KL from the one-hot ground truth to p_i, nats)
 - kl_final   = KL(p_S ‖ p_i)        (to the final prediction; exactly 0 at i = S)
 - top1_gt    = [argmax p_i == g]
-- top1_final = [argmax p_i == M̂_S]  (at i = S with temperature 0 this is 1 on the masked
-  positions, which take argmax p_S; positions fixed earlier keep their earlier ids)
+- top1_final = [argmax p_i == argmax p_S]  (exactly 1 at i = S). The final *prediction*, not
+  the decoded ids: positions fixed at earlier steps keep ids that p_S may no longer rank
+  first, and measuring against p_S keeps top-1 consistent with the KL column.
 - num_fixed  = positions fixed at step i, per image (sums to N over the S steps)
 
 Aggregation: sums over every position of every image divided by the matching count, i.e. the
@@ -30,7 +31,7 @@ _SUMS = ("kl_gt", "kl_final", "top1_gt", "top1_final")
 
 
 class TraceAccumulator:
-    """update(trace: S StepTrace-like objects, gt B×N, final_ids B×N) per batch;
+    """update(trace: S StepTrace-like objects, gt B×N) per batch;
     rows() -> S dicts with TRACE_COLUMNS (step is 1-based)."""
 
     def __init__(self):
@@ -39,7 +40,7 @@ class TraceAccumulator:
         self.images = 0
 
     @torch.no_grad()
-    def update(self, trace: Sequence, gt: Tensor, final_ids: Tensor) -> None:
+    def update(self, trace: Sequence, gt: Tensor) -> None:
         if not trace:
             raise ValueError("TraceAccumulator.update: empty trace (decode with trace=True)")
         if self.steps is None:
@@ -50,9 +51,9 @@ class TraceAccumulator:
         elif len(trace) != self.steps:
             raise ValueError(f"trace has {len(trace)} steps, earlier batches had {self.steps}")
         gt = gt.long()
-        final_ids = final_ids.long()
         logp_final = torch.log_softmax(trace[-1].logits.float(), dim=-1)  # B×N×V
         p_final = logp_final.exp()
+        final_pred = logp_final.argmax(-1)  # B×N
         for i, st in enumerate(trace):
             logp = torch.log_softmax(st.logits.float(), dim=-1)  # B×N×V
             per_pos = {
@@ -60,7 +61,7 @@ class TraceAccumulator:
                 # KL(p_S‖p_i) = Σ_v p_S (log p_S − log p_i); xlogy-style 0·log0 = 0 via p_final
                 "kl_final": (p_final * (logp_final - logp)).sum(-1).clamp_min(0.0),
                 "top1_gt": (logp.argmax(-1) == gt).float(),
-                "top1_final": (logp.argmax(-1) == final_ids).float(),
+                "top1_final": (logp.argmax(-1) == final_pred).float(),
             }
             masked = st.masked_before.bool()
             acc = self.sums[i]
@@ -85,8 +86,8 @@ class TraceAccumulator:
         return out
 
 
-def compute_trace(trace: Sequence, gt: Tensor, final_ids: Tensor) -> list[dict]:
+def compute_trace(trace: Sequence, gt: Tensor) -> list[dict]:
     """The trace rows of one decode (see module docstring)."""
     acc = TraceAccumulator()
-    acc.update(trace, gt, final_ids)
+    acc.update(trace, gt)
     return acc.rows()
