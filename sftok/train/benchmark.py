@@ -1,0 +1,71 @@
+"""Training-step throughput (images/s) per stage for a preset (issue 3 item 7).
+
+Measures the real training step of each stage (`build_stage_task(...).step`, the teacher's
+`TeacherTask.step`) on synthetic uniform images with a randomly initialised teacher: throughput
+does not depend on the weights, and no data or trained teacher is needed. The first `warmup`
+steps (allocation, autotuning, torch.compile) are not timed.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from sftok.config import ExperimentConfig
+from sftok.teacher import FrozenTeacher, MaskGitVQGAN
+from sftok.train.loop import resolve_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_training(cfg: ExperimentConfig,
+                       stages: Sequence[str] = ("stage0", "stage1", "stage2", "stage3"),
+                       steps: int = 5, warmup: int = 2, device: str | None = None,
+                       batch_size: int | None = None) -> list[dict[str, float | str]]:
+    """Rows {preset, stage, device, batch, grad_accum, images_per_s, s_per_step} per stage.
+
+    batch_size overrides every stage's batch size (None: the preset's).
+    """
+    from sftok.train.stages import build_stage_task, stage_config
+    from sftok.train.teacher_stage import TeacherTask
+
+    dev = resolve_device(device or cfg.device)
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size).to(dev)
+    size = cfg.tokenizer.image_size
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for stage in stages:
+        if stage == "stage0":
+            task = TeacherTask(cfg, dev)
+            batch, accum = batch_size or cfg.train.teacher.batch_size, 1
+        else:
+            scfg = stage_config(cfg, stage)
+            s = getattr(scfg.train, stage)
+            batch, accum = batch_size or s.batch_size, s.grad_accum
+            task = build_stage_task(scfg, stage, teacher, dev)
+        images = [torch.rand(batch, 3, size, size, generator=g) for _ in range(accum)]
+        for i in range(warmup):
+            task.step(images, i)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            task.step(images, warmup + i)
+        _sync(dev)
+        dt = (time.perf_counter() - t0) / steps
+        rows.append({"preset": cfg.preset, "stage": stage, "device": str(dev), "batch": batch,
+                     "grad_accum": accum, "s_per_step": dt,
+                     "images_per_s": batch * accum / dt})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of `benchmark_training` rows."""
+    head = "| preset | stage | device | batch×accum | s/step | images/s |\n|---|---|---|---|---|---|"
+    lines = [f"| {r['preset']} | {r['stage']} | {r['device']} | {r['batch']}×{r['grad_accum']} "
+             f"| {r['s_per_step']:.3f} | {r['images_per_s']:.1f} |" for r in rows]
+    return "\n".join([head, *lines])

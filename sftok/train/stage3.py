@@ -1,0 +1,170 @@
+"""Stage 3: pixel-space fine-tuning through the soft path (DESIGN §1, paper Table 6).
+
+The encoder and quantizer are frozen (requires_grad False, eval); the token decoder and the
+tokenizer's own copy of the teacher decoder (`pixel_decoder`) are trained on pixels produced by
+the soft path: softmax(logits) @ pixel codebook -> pixel decoder. The pixel codebook
+(`pixel_quantize`, initialised from the teacher's codebook) stays frozen: DESIGN names only
+"the decoder and the teacher's decoder" as trained.
+
+Losses: l2_weight · L2 + lpips_weight · LPIPS (skipped with a warning when the VGG weights are
+absent) + gan_weight · hinge-G from `gan_start` on; the discriminator is updated from
+`gan_start` with hinge-D + lecam_weight · LeCam. During the generator's update the
+discriminator's parameters have requires_grad False, so none of the generator's gradient
+reaches them (the reference leaks it; DESIGN says do not copy that).
+
+Decoder input: `replacement` of the stage config as in stages 1/2 — `none` (the presets'
+choice) feeds the all-masked input, i.e. the one-shot prediction.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sftok.config import ExperimentConfig, StageConfig
+from sftok.teacher import FrozenTeacher
+from sftok.train.discriminator import Adversary
+from sftok.train.ema import EMA
+from sftok.train.loop import (
+    LoopTask,
+    Precision,
+    check_finite,
+    clip_and_step,
+    compile_children,
+    scalar,
+    to_images,
+)
+from sftok.train.losses import load_lpips, lpips_loss
+from sftok.train.masking import build_proxy_inputs, sample_mask
+from sftok.train.optim import build_optimizer, lr_at, set_lr
+
+TRAINABLE_PREFIXES = ("decoder.", "pixel_decoder.")
+
+
+@torch.no_grad()
+def init_pixel_path(model: nn.Module, teacher: FrozenTeacher) -> None:
+    """Copy the teacher's codebook and decoder into the tokenizer's pixel path."""
+    model.pixel_quantize.embedding.weight.copy_(teacher.codebook())
+    model.pixel_decoder.load_state_dict(teacher.model.decoder.state_dict(), strict=True)
+
+
+def freeze_for_stage3(model: nn.Module) -> list[nn.Parameter]:
+    """requires_grad only for decoder.* and pixel_decoder.*; frozen children in eval mode.
+    Returns the trainable parameters."""
+    trainable = []
+    for name, p in model.named_parameters():
+        on = name.startswith(TRAINABLE_PREFIXES)
+        p.requires_grad_(on)
+        if on:
+            trainable.append(p)
+    return trainable
+
+
+def set_stage3_mode(model: nn.Module) -> None:
+    model.train()
+    for name, child in model.named_children():
+        if not f"{name}.".startswith(TRAINABLE_PREFIXES):
+            child.eval()
+
+
+class PixelTask(LoopTask):
+    """Stage-3 step: frozen encode -> decoder logits -> soft pixels -> L2/LPIPS/GAN."""
+
+    def __init__(self, cfg: ExperimentConfig, teacher: FrozenTeacher, device: torch.device,
+                 init: Path | None = None):
+        from sftok.train.stages import build_tokenizer, load_init, stage_seed
+
+        s: StageConfig = cfg.train.stage3
+        self.name, self.cfg, self.scfg, self.teacher, self.device = "stage3", cfg, s, teacher, device
+        seed = stage_seed(cfg, "stage3")
+        torch.manual_seed(seed)
+        self.model = build_tokenizer(cfg, teacher).to(device)
+        missing = load_init(self.model, init, allow_missing=("pixel_",)) if init else None
+        # A stage-2 tokenizer has no pixel path yet: start it from the teacher (DESIGN §1).
+        if init is None or missing:
+            init_pixel_path(self.model, teacher)
+        self.params = freeze_for_stage3(self.model)
+        set_stage3_mode(self.model)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.precision = Precision(s.precision, device)
+        self.optimizer = build_optimizer(self.model, s.optim, device)  # trainable params only
+        self.scaler = self.precision.scaler()
+        self.ema = EMA(self.model, s.ema_decay) if s.ema_decay > 0 else None
+        self.lpips = load_lpips(device) if s.lpips_weight > 0 else None
+        self.adversary = (Adversary(s.discriminator, cfg.tokenizer.image_size, s.optim, device,
+                                    self.precision, lecam_weight=s.lecam_weight)
+                          if s.gan_weight > 0 else None)
+        if s.compile:
+            compile_children(self.model)
+
+    def modules(self) -> dict[str, nn.Module]:
+        out = {"model": self.model}
+        if self.adversary is not None:
+            out.update(self.adversary.modules())
+        return out
+
+    def optimizers(self):
+        out = {"model": self.optimizer}
+        if self.adversary is not None:
+            out["discriminator"] = self.adversary.optimizer
+        return out
+
+    def scalers(self):
+        out = {"model": self.scaler}
+        if self.adversary is not None:
+            out["discriminator"] = self.adversary.scaler
+        return out
+
+    def step(self, batches: list[Any], step: int) -> dict[str, float]:
+        s, model = self.scfg, self.model
+        lr = lr_at(step, s.steps, s.optim)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        gan_on = self.adversary is not None and step >= s.gan_start
+        n = len(batches)
+        acc: dict[str, float] = {}
+        reals, fakes = [], []
+        for batch in batches:
+            images = to_images(batch).to(self.device, non_blocking=True)
+            targets = self.teacher.encode_ids(images)  # M_g: for the diagnostic CE (+ masking)
+            b, num = targets.shape
+            masked = sample_mask(s.replacement, b, num, s.mask_schedule, self.generator,
+                                 self.device)
+            with torch.no_grad():
+                z_q = model.encode(images).z_q  # frozen encoder + quantizer
+            with self.precision.autocast():
+                proxy = build_proxy_inputs(
+                    targets, masked, model.mask_id, s.replacement, s.replace_ratio,
+                    first_step_fn=lambda ids, z=z_q: model.decoder_logits(ids, z),
+                    generator=self.generator)
+                logits = model.decoder_logits(proxy.ids, z_q)
+                recon = model.pixels_from_logits(logits)
+            recon = recon.float()
+            parts = {"l2": F.mse_loss(recon, images)}
+            loss = s.l2_weight * parts["l2"]
+            if self.lpips is not None:
+                parts["lpips"] = lpips_loss(self.lpips, recon, images)
+                loss = loss + s.lpips_weight * parts["lpips"]
+            if gan_on:
+                with self.precision.autocast():
+                    parts["gan_g"] = self.adversary.generator_loss(recon)
+                loss = loss + s.gan_weight * parts["gan_g"]
+            check_finite("loss", loss)
+            self.scaler.scale(loss / n).backward()
+            with torch.no_grad():
+                parts["ce"] = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            for k, v in {"loss": loss, **parts}.items():
+                acc[k] = acc.get(k, 0.0) + scalar(v) / n
+            reals.append(images)
+            fakes.append(recon.detach())
+        acc["grad_norm"] = clip_and_step(self.optimizer, self.scaler, self.params,
+                                         s.optim.grad_clip)
+        if self.ema is not None:
+            self.ema.update(model)
+        if gan_on:
+            acc.update(self.adversary.update(reals, fakes, lr))
+        acc["lr"] = lr
+        return acc

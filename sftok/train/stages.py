@@ -1,0 +1,216 @@
+"""Stages 1-3 of SFTok training (DESIGN §1 'Stages (debias-and-fitting)').
+
+- stage1, warm-up: replacement `none` (every proxy position masked, one-shot prediction).
+- stage2, distribution alignment: replacement `sfvr` (or `vanilla` for the Table 3 baseline).
+- stage3, optional fine-tuning in pixel space (`stage3.py`).
+
+Stages 1/2 optimise the weighted token cross-entropy (masked 1, visible 0.1, normalised by the
+weight sum) + quantizer_weight · quantizer loss, against the frozen teacher's ids M_g.
+
+Stage N starts from stage N-1's final checkpoint (`init`). A stage's final checkpoint
+(out_dir/final/model.safetensors) holds the **EMA weights when ema_decay > 0**, the raw weights
+otherwise (final/stage.json says which); the raw weights stay in the last periodic checkpoint.
+
+Batch semantics: `batch_size` is one micro-batch; an optimiser step sees batch_size·grad_accum
+images (paper Table 6 stage 3: 8 per GPU × 8 GPUs = 64, accumulated twice).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from sftok.checkpoint import save_model
+from sftok.config import ExperimentConfig, StageConfig, to_dict
+from sftok.teacher import FrozenTeacher
+from sftok.tokenizer import SFTok
+from sftok.train.ema import EMA
+from sftok.train.loop import (
+    Callback,
+    LoopSpec,
+    LoopTask,
+    Precision,
+    check_finite,
+    clip_and_step,
+    compile_children,
+    resolve_device,
+    run_loop,
+    scalar,
+    to_images,
+)
+from sftok.train.losses import weighted_ce
+from sftok.train.masking import build_proxy_inputs, sample_mask
+from sftok.train.optim import build_optimizer, lr_at, set_lr
+
+STAGES = ("stage1", "stage2", "stage3")
+
+
+@dataclass
+class StageResult:
+    checkpoint: Path  # out_dir/final: model.safetensors (EMA weights if EMA on) + config.json
+    steps: int
+    metrics: dict[str, float]  # the last logged window
+    history: list[dict[str, float]] = field(default_factory=list)  # every logged window
+
+
+def stage_seed(cfg: ExperimentConfig, stage: str) -> int:
+    """Per-trial, per-stage seed: stages draw independent masks / data orders."""
+    return cfg.seed * 1000 + (STAGES.index(stage) + 1) * 10
+
+
+def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
+    """The resolved config a stage trains and saves (stage 3: finetune_decoder=True)."""
+    if stage == "stage3" and not cfg.tokenizer.finetune_decoder:
+        return dataclasses.replace(
+            cfg, tokenizer=dataclasses.replace(cfg.tokenizer, finetune_decoder=True))
+    return cfg
+
+
+def build_tokenizer(cfg: ExperimentConfig, teacher: FrozenTeacher) -> SFTok:
+    return SFTok(cfg.tokenizer, num_codes=teacher.codebook_size, grid=teacher.grid,
+                 teacher_cfg=cfg.teacher)
+
+
+def load_init(model: nn.Module, init: Path, allow_missing: tuple[str, ...] = ()) -> list[str]:
+    """Load init/model.safetensors into `model`; only keys starting with `allow_missing` may be
+    absent (stage 3 starting from a stage-2 tokenizer has no pixel path yet). Returns them."""
+    path = Path(init) / "model.safetensors" if Path(init).is_dir() else Path(init)
+    sd = load_file(str(path))
+    result = model.load_state_dict(sd, strict=False)
+    bad_missing = [k for k in result.missing_keys if not k.startswith(allow_missing)]
+    if bad_missing or result.unexpected_keys:
+        raise ValueError(f"init checkpoint {path} does not match the model: missing "
+                         f"{bad_missing[:6]}, unexpected {result.unexpected_keys[:6]}")
+    return list(result.missing_keys)
+
+
+class TokenTask(LoopTask):
+    """Stages 1 and 2: weighted token CE + quantizer loss (DESIGN §1)."""
+
+    def __init__(self, cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher,
+                 device: torch.device, init: Path | None = None):
+        s: StageConfig = getattr(cfg.train, stage)
+        self.name, self.cfg, self.scfg, self.teacher, self.device = stage, cfg, s, teacher, device
+        seed = stage_seed(cfg, stage)
+        torch.manual_seed(seed)  # initial weights and any dropout: reproducible per stage
+        self.model = build_tokenizer(cfg, teacher).to(device)
+        if init is not None:
+            load_init(self.model, init)
+        self.model.train()
+        self.generator = torch.Generator().manual_seed(seed + 1)  # masks + replacement draws
+        self.precision = Precision(s.precision, device)
+        self.optimizer = build_optimizer(self.model, s.optim, device)
+        self.scaler = self.precision.scaler()
+        self.ema = EMA(self.model, s.ema_decay) if s.ema_decay > 0 else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if s.compile:
+            compile_children(self.model)
+
+    def optimizers(self):
+        return {"model": self.optimizer}
+
+    def scalers(self):
+        return {"model": self.scaler}
+
+    def step(self, batches: list[Any], step: int) -> dict[str, float]:
+        s, model = self.scfg, self.model
+        lr = lr_at(step, s.steps, s.optim)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(batches)
+        acc = {"loss": 0.0, "ce": 0.0, "quant_loss": 0.0}
+        ce_m = ce_v = 0.0
+        n_m = n_v = n_rep = 0
+        for batch in batches:
+            images = to_images(batch).to(self.device, non_blocking=True)
+            targets = self.teacher.encode_ids(images)  # M_g, B×N (fp32, no grad)
+            b, num = targets.shape
+            masked = sample_mask(s.replacement, b, num, s.mask_schedule, self.generator,
+                                 self.device)
+            with self.precision.autocast():
+                q = model.encode(images)
+                z_cond = q.z_q.detach()  # step-1 pass: same condition, no gradient (SFVR)
+                proxy = build_proxy_inputs(
+                    targets, masked, model.mask_id, s.replacement, s.replace_ratio,
+                    first_step_fn=lambda ids, z=z_cond: model.decoder_logits(ids, z),
+                    generator=self.generator)
+                logits = model.decoder_logits(proxy.ids, q.z_q)
+            ce = weighted_ce(logits, targets, masked, s.unmasked_weight)
+            loss = ce.loss + s.quantizer_weight * q.loss.float()
+            check_finite("loss", loss)
+            self.scaler.scale(loss / n).backward()
+            acc["loss"] += scalar(loss) / n
+            acc["ce"] += scalar(ce.loss) / n
+            acc["quant_loss"] += scalar(q.loss) / n
+            ce_m += float(ce.ce_sum_masked)
+            ce_v += float(ce.ce_sum_visible)
+            n_m, n_v = n_m + ce.num_masked, n_v + ce.num_visible
+            n_rep += int(proxy.replaced.sum())
+        acc["grad_norm"] = clip_and_step(self.optimizer, self.scaler, self.params,
+                                         s.optim.grad_clip)
+        if self.ema is not None:
+            self.ema.update(model)
+        acc["ce_masked"] = ce_m / max(n_m, 1)
+        if n_v:
+            acc["ce_visible"] = ce_v / n_v
+        acc["replaced_frac"] = n_rep / n_v if n_v else 0.0
+        acc["lr"] = lr
+        return acc
+
+
+def build_stage_task(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher,
+                     device: torch.device, init: Path | None = None) -> LoopTask:
+    """The stage's task (model, optimiser(s), EMA, generator, step) without data or files."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    if stage == "stage3":
+        from sftok.train.stage3 import PixelTask
+
+        return PixelTask(stage_config(cfg, stage), teacher, device, init=init)
+    return TokenTask(cfg, stage, teacher, device, init=init)
+
+
+def export_tokenizer(tmp: Path, task: LoopTask, cfg: ExperimentConfig) -> None:
+    """final/model.safetensors (EMA weights if EMA is on) + final/config.json."""
+    save_model(tmp, task.export_module(), cfg)
+
+
+def train_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher, out_dir: Path,
+                init: Path | None = None, callback: Callback | None = None,
+                resume: bool = True, step_offset: int = 0) -> StageResult:
+    """Train one stage; resumable; returns immediately if out_dir already holds a finished one.
+
+    stage: "stage1" | "stage2" | "stage3". init: previous stage's final checkpoint dir.
+    callback(step_offset + step, metrics) every cfg.train.<stage>.log_every steps (metric names
+    in docs/architecture.md). Raises NonFiniteLossError on a NaN/inf loss.
+    """
+    from sftok.data import TrainStream, build_datasets
+
+    out_dir = Path(out_dir)
+    if resume:
+        from sftok.train.loop import read_final
+
+        done = read_final(out_dir)
+        if done is not None:
+            return StageResult(done.final_dir, done.steps, done.metrics, done.history)
+    scfg = stage_config(cfg, stage)
+    s: StageConfig = getattr(scfg.train, stage)
+    device = resolve_device(cfg.device)
+    teacher = teacher.to(device)
+    task = build_stage_task(scfg, stage, teacher, device, init=init)
+    train_ds, _val = build_datasets(cfg.data)
+    stream = TrainStream(train_ds, s.batch_size, seed=stage_seed(cfg, stage),
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    spec = LoopSpec(stage=stage, steps=s.steps, grad_accum=s.grad_accum,
+                    images_per_step=s.batch_size * s.grad_accum, log_every=s.log_every,
+                    ckpt_every=s.ckpt_every, config=to_dict(scfg))
+    result = run_loop(task, stream, out_dir, spec,
+                      export=lambda tmp, t: export_tokenizer(tmp, t, scfg),
+                      callback=callback, resume=resume, step_offset=step_offset,
+                      init_checkpoint=Path(init) if init is not None else None)
+    return StageResult(result.final_dir, result.steps, result.metrics, result.history)

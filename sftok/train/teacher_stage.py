@@ -1,0 +1,340 @@
+"""Stage 0: the teacher (DESIGN §1 'Teacher').
+
+Paper presets load the MaskGIT-VQGAN file (`cfg.teacher.weights`, or the Hugging Face repo when
+online). Small presets cannot download it, so they *train* a small MaskGitVQGAN on the preset's
+data: nearest-code VQ with straight-through gradients, codebook + commitment losses, L2
+reconstruction, optional LPIPS and hinge-GAN terms. The result is cached under a key derived
+from the data, teacher and teacher-training configs, so every trial sharing them reuses it.
+
+Not in the paper (which never trains its teacher): dead-code restarts. Nearest-code VQ with a
+small uniform-initialised codebook tends to use a handful of codes; every `RESET_EVERY` steps
+(during the first 80% of training) the codes unused in that window are re-initialised to random
+encoder outputs of the current batch (drawn from the task generator, so resume stays exact).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sftok.checkpoint import save_model
+from sftok.config import ExperimentConfig, TeacherConfig, to_dict
+from sftok.teacher import FrozenTeacher, MaskGitVQGAN, load_teacher_weights
+from sftok.train.discriminator import Adversary
+from sftok.train.loop import (
+    LoopSpec,
+    LoopTask,
+    Precision,
+    check_finite,
+    clip_and_step,
+    resolve_device,
+    run_loop,
+    scalar,
+    to_images,
+)
+from sftok.train.losses import load_lpips, lpips_loss
+from sftok.train.optim import build_optimizer, lr_at, set_lr
+
+# Bump when the teacher training code changes what it produces: old cache entries are ignored.
+TEACHER_FORMAT = 1
+RESET_EVERY = 20
+WEIGHTS_FILE = "model.safetensors"  # sftok.checkpoint layout: load_model() reads the entry
+
+
+class TeacherUnavailableError(FileNotFoundError):
+    """A pretrained teacher was asked for but its weights cannot be found or downloaded."""
+
+
+# --------------------------------------------------------------------------------------------
+# Cache key and public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_cache_key(cfg: ExperimentConfig) -> str:
+    """'teacher-<16 hex>' from everything that determines a trained teacher's weights.
+
+    Included: data config (minus num_workers), teacher architecture, teacher-training config
+    (minus log/checkpoint cadence), and TEACHER_FORMAT. Excluded: the trial seed (trials with different seeds share one teacher;
+    it is trained with data.seed) and the pretrained-source fields.
+    """
+    data = to_dict(cfg.data)
+    data.pop("num_workers", None)
+    teacher = to_dict(cfg.teacher)
+    for k in ("source", "weights", "hf_repo", "hf_filename"):
+        teacher.pop(k, None)
+    train = to_dict(cfg.train.teacher)
+    for k in ("log_every", "ckpt_every"):  # cadence only: same weights either way
+        train.pop(k, None)
+    payload = {"format": TEACHER_FORMAT, "data": data, "teacher": teacher, "train": train}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"teacher-{digest[:16]}"
+
+
+def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None) -> FrozenTeacher:
+    """The frozen teacher of `cfg` (on cfg.device).
+
+    source="pretrained": `cfg.teacher.weights`, else the Hugging Face file when online, else a
+    `TeacherUnavailableError` saying where to put the file and which --set to use.
+    source="train": stage 0, trained once under cache_dir/teacher_cache_key(cfg) (a file lock
+    serialises concurrent callers; a finished entry is loaded, never retrained). callback(step,
+    metrics) receives the stage-0 metrics (`loss`, `l2`, `commit`, `psnr`, ...).
+    """
+    device = resolve_device(cfg.device)
+    if cfg.teacher.source == "pretrained":
+        model = MaskGitVQGAN(cfg.teacher)
+        load_teacher_weights(model, _pretrained_path(cfg.teacher))
+        return FrozenTeacher(model, cfg.tokenizer.image_size).to(device)
+    entry = Path(cache_dir) / teacher_cache_key(cfg)
+    with _locked(entry.with_suffix(".lock")):
+        if not (entry / "teacher.json").exists():
+            train_teacher(cfg, entry, callback=callback)
+    return load_cached_teacher(cfg, entry).to(device)
+
+
+def load_cached_teacher(cfg: ExperimentConfig, entry: Path) -> FrozenTeacher:
+    model = MaskGitVQGAN(cfg.teacher)
+    load_teacher_weights(model, entry / WEIGHTS_FILE)
+    return FrozenTeacher(model, cfg.tokenizer.image_size)
+
+
+def teacher_info(entry: Path) -> dict[str, Any]:
+    """The cached teacher's record: training time, steps, final metrics, validation PSNR."""
+    return json.loads((Path(entry) / "teacher.json").read_text())
+
+
+@contextmanager
+def _locked(lock_path: Path):
+    """Exclusive advisory lock (released by the OS if the holder dies)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _pretrained_path(tcfg: TeacherConfig) -> Path:
+    how = (f"Download '{tcfg.hf_filename}' from https://huggingface.co/{tcfg.hf_repo} and pass "
+           f"--set teacher.weights=/path/to/{tcfg.hf_filename} (or use a preset whose teacher is "
+           f"trained: --set teacher.source=train).")
+    if tcfg.weights is not None:
+        path = Path(tcfg.weights).expanduser()
+        if not path.is_file():
+            raise TeacherUnavailableError(f"teacher.weights={tcfg.weights}: file not found. {how}")
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise TeacherUnavailableError(f"no teacher.weights and huggingface_hub is not "
+                                      f"installed. {how}") from None
+    # The local cache first, so an offline machine with the file never touches the network.
+    with contextlib.suppress(Exception):
+        return Path(hf_hub_download(tcfg.hf_repo, tcfg.hf_filename, local_files_only=True))
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise TeacherUnavailableError(f"teacher weights not cached and HF_HUB_OFFLINE is set. "
+                                      f"{how}")
+    try:
+        return Path(hf_hub_download(tcfg.hf_repo, tcfg.hf_filename, etag_timeout=10))
+    except Exception as e:  # noqa: BLE001 (offline, auth, ... all end here)
+        raise TeacherUnavailableError(f"could not download {tcfg.hf_repo}/{tcfg.hf_filename} "
+                                      f"({type(e).__name__}: {e}). {how}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 0 training
+# --------------------------------------------------------------------------------------------
+
+
+class CodeUsage(nn.Module):
+    """Per-code assignment counts of the current reset window (a buffer, so it is checkpointed)."""
+
+    def __init__(self, codebook_size: int):
+        super().__init__()
+        self.register_buffer("counts", torch.zeros(codebook_size, dtype=torch.long))
+
+
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Mean over images of 10·log10(1 / MSE), images in [0, 1] (B×3×H×W)."""
+    mse = ((x.float().clamp(0, 1) - y.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(1.0 / mse)).mean()
+
+
+class TeacherTask(LoopTask):
+    """Stage-0 step: VQGAN forward, L2 (+LPIPS, +GAN from gan_start) + VQ losses."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device):
+        tcfg = cfg.train.teacher
+        self.name, self.cfg, self.tcfg, self.device = "stage0", cfg, tcfg, device
+        torch.manual_seed(cfg.data.seed)  # initial weights: a function of the cache key only
+        self.model = MaskGitVQGAN(cfg.teacher).to(device)
+        self.usage = CodeUsage(cfg.teacher.codebook_size).to(device)
+        self.generator = torch.Generator().manual_seed(cfg.data.seed + 1000)
+        self.precision = Precision("fp32", device)  # small convnets: fp32 is fine everywhere
+        self.optimizer = build_optimizer(self.model, tcfg.optim, device)
+        self.scaler = self.precision.scaler()
+        self.lpips = load_lpips(device) if tcfg.lpips_weight > 0 else None
+        self.adversary = (Adversary("patchgan", cfg.data.image_size, tcfg.optim, device,
+                                    self.precision) if tcfg.gan_weight > 0 else None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def modules(self) -> dict[str, nn.Module]:
+        out = {"model": self.model, "usage": self.usage}
+        if self.adversary is not None:
+            out.update(self.adversary.modules())
+        return out
+
+    def optimizers(self):
+        out = {"model": self.optimizer}
+        if self.adversary is not None:
+            out["discriminator"] = self.adversary.optimizer
+        return out
+
+    def scalers(self):
+        out = {"model": self.scaler}
+        if self.adversary is not None:
+            out["discriminator"] = self.adversary.scaler
+        return out
+
+    def step(self, batches: list[Any], step: int) -> dict[str, float]:
+        t = self.tcfg
+        lr = lr_at(step, t.steps, t.optim)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        gan_on = self.adversary is not None and step >= t.gan_start
+        n = len(batches)
+        sums: dict[str, float] = {}
+        reals, fakes, latents = [], [], []
+        for batch in batches:
+            images = to_images(batch).to(self.device, non_blocking=True)
+            out = self.model(images, commitment=t.commitment)
+            l2 = F.mse_loss(out.recon.float(), images)
+            loss = t.l2_weight * l2 + out.loss
+            parts = {"l2": l2, "commit": out.losses["commitment"],
+                     "codebook": out.losses["codebook"]}
+            if self.lpips is not None:
+                parts["lpips"] = lpips_loss(self.lpips, out.recon, images)
+                loss = loss + t.lpips_weight * parts["lpips"]
+            if gan_on:
+                parts["gan_g"] = self.adversary.generator_loss(out.recon)
+                loss = loss + t.gan_weight * parts["gan_g"]
+            check_finite("loss", loss)
+            self.scaler.scale(loss / n).backward()
+            self.usage.counts += torch.bincount(out.ids.flatten(),
+                                                minlength=self.usage.counts.numel())
+            for k, v in {"loss": loss, **parts, "psnr": psnr(out.recon.detach(), images)}.items():
+                sums[k] = sums.get(k, 0.0) + scalar(v) / n
+            reals.append(images)
+            fakes.append(out.recon.detach())
+            latents.append(out.latent.detach())
+        sums["grad_norm"] = clip_and_step(self.optimizer, self.scaler, self.params,
+                                          t.optim.grad_clip)
+        if gan_on:
+            sums.update(self.adversary.update(reals, fakes, lr))
+        if (step + 1) % RESET_EVERY == 0:
+            if step < 0.8 * t.steps:
+                sums["codes_reset"] = float(self._reset_dead_codes(torch.cat(latents)))
+            sums["code_usage"] = float((self.usage.counts > 0).float().mean())
+            self.usage.counts.zero_()
+        sums["lr"] = lr
+        return sums
+
+    @torch.no_grad()
+    def _reset_dead_codes(self, latent: Tensor) -> int:
+        """Re-initialise codes unused this window to random encoder outputs of the batch."""
+        dead = (self.usage.counts == 0).nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        flat = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])  # (B·N)×Z
+        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=self.generator)
+        self.model.quantizer.embedding.weight[dead] = flat[pick.to(flat.device)].to(
+            self.model.quantizer.embedding.weight.dtype)
+        return int(dead.numel())
+
+
+def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
+                  resume: bool = True) -> dict[str, Any]:
+    """Train stage 0 into cache entry `entry` (resumable under entry/train/); returns its record.
+
+    Writes entry/model.safetensors (official key layout) + entry/config.json (resolved config)
+    with `sftok.checkpoint.save_model`, and, last, entry/teacher.json (the marker of a finished teacher: time, metrics, val PSNR).
+    """
+    from sftok.data import TrainStream, build_datasets
+
+    entry = Path(entry)
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    train_ds, val_ds = build_datasets(cfg.data)
+    task = TeacherTask(cfg, device)
+    tcfg = cfg.train.teacher
+    stream = TrainStream(train_ds, tcfg.batch_size, seed=cfg.data.seed,
+                         num_workers=cfg.data.num_workers)
+    spec = LoopSpec(stage="stage0", steps=tcfg.steps, grad_accum=1,
+                    images_per_step=tcfg.batch_size, log_every=tcfg.log_every,
+                    ckpt_every=tcfg.ckpt_every, config=to_dict(cfg))
+
+    def export(tmp: Path, task: TeacherTask) -> None:
+        save_model(tmp, task.model, cfg)
+
+    result = run_loop(task, stream, entry / "train", spec, export, callback=callback,
+                      resume=resume)
+    teacher = FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size)
+    load_teacher_weights(teacher, result.final_dir / WEIGHTS_FILE)
+    teacher = teacher.to(device)
+    val = validation_psnr(teacher, val_ds, device)
+    record = {"key": entry.name, "steps": result.steps, "train_time_s": time.perf_counter() - t0,
+              "metrics": result.metrics, "history": result.history, "val_psnr": val["psnr"],
+              "val_code_usage": val["code_usage"], "val_images": val["images"]}
+    # Publish: weights + config (sftok.checkpoint layout, atomic), then the marker, last.
+    save_model(entry, teacher.model, cfg)
+    _write_json_atomic(entry / "teacher.json", record)
+    if callback is not None:
+        callback(result.steps, {"val_psnr": val["psnr"]})
+    return record
+
+
+@torch.no_grad()
+def validation_psnr(teacher: FrozenTeacher, val_ds, device: torch.device,
+                    batch_size: int = 64) -> dict[str, float]:
+    """Teacher reconstruction PSNR (mean over validation images) and code usage."""
+    from sftok.data import val_batches
+
+    total, count = 0.0, 0
+    used = torch.zeros(teacher.codebook_size, dtype=torch.bool, device=device)
+    for images in val_batches(val_ds, batch_size):
+        images = images.to(device)
+        ids = teacher.encode_ids(images)
+        used[ids.flatten()] = True
+        recon = teacher.decode_ids(ids)
+        mse = ((recon - images) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+        total += float((10 * torch.log10(1.0 / mse)).sum())
+        count += images.shape[0]
+    return {"psnr": total / max(count, 1), "code_usage": float(used.float().mean()),
+            "images": float(count)}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+__all__ = [
+    "TeacherUnavailableError",
+    "get_teacher",
+    "load_cached_teacher",
+    "teacher_cache_key",
+    "teacher_info",
+    "train_teacher",
+    "validation_psnr",
+]

@@ -1,0 +1,221 @@
+"""Smoke runs of stage 0-3: each stage trains a few steps, resume is bitwise exact, the teacher
+is cached and never modified, stage 3 freezes encoder + quantizer, a NaN loss stops the stage
+with the promised message. Never asserts that a model learned (DESIGN §4)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftok.config import override
+from sftok.presets import get_preset
+from sftok.train import (
+    NonFiniteLossError,
+    TeacherUnavailableError,
+    get_teacher,
+    teacher_cache_key,
+    teacher_info,
+    teacher_stage,
+    train_stage,
+)
+from sftok.train import stages as stages_mod
+
+TOKEN_METRICS = {"loss", "ce", "ce_masked", "quant_loss", "replaced_frac", "lr", "grad_norm",
+                 "images_per_s"}
+
+
+class Crash(Exception):
+    pass
+
+
+def _cfg(**sets):
+    cfg = get_preset("smoke")
+    return override(cfg, sets) if sets else cfg
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def teacher(workdir):
+    calls = []
+    t = get_teacher(_cfg(), workdir / "cache", callback=lambda s, m: calls.append((s, m)))
+    assert calls and {"loss", "l2", "commit", "psnr"} <= set(calls[0][1])
+    return t
+
+
+@pytest.fixture(scope="module")
+def stage1(workdir, teacher):
+    return train_stage(_cfg(), "stage1", teacher, workdir / "stage1")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+# ---- stage 0 ---------------------------------------------------------------------------------
+
+
+def test_teacher_is_cached_and_reused(workdir, teacher, monkeypatch):
+    cfg = _cfg()
+    entry = workdir / "cache" / teacher_cache_key(cfg)
+    info = teacher_info(entry)
+    assert info["steps"] == cfg.train.teacher.steps and "val_psnr" in info
+    monkeypatch.setattr(teacher_stage, "train_teacher",
+                        lambda *a, **k: pytest.fail("a cached teacher must not be retrained"))
+    again = get_teacher(cfg, workdir / "cache")
+    _assert_same(again.model.state_dict(), teacher.model.state_dict())
+    assert not any(p.requires_grad for p in again.parameters())
+
+
+def test_teacher_cache_key_tracks_data_and_teacher_config():
+    base = teacher_cache_key(_cfg())
+    assert base == teacher_cache_key(_cfg(seed=7))  # trials with other seeds share it
+    assert base == teacher_cache_key(_cfg(**{"data.num_workers": 2}))
+    assert base == teacher_cache_key(_cfg(**{"train.teacher.ckpt_every": 7}))
+    assert base != teacher_cache_key(_cfg(**{"data.seed": 1}))
+    assert base != teacher_cache_key(_cfg(**{"teacher.codebook_size": 32}))
+    assert base != teacher_cache_key(_cfg(**{"train.teacher.steps": 5}))
+
+
+def test_pretrained_teacher_missing_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _cfg(**{"teacher.source": "pretrained", "teacher.weights": str(tmp_path / "no.bin")})
+    with pytest.raises(TeacherUnavailableError, match="--set teacher.weights="):
+        get_teacher(cfg, tmp_path)
+    cfg = _cfg(**{"teacher.source": "pretrained"})
+    with pytest.raises(TeacherUnavailableError, match="maskgit-vqgan-imagenet-f16-256.bin"):
+        get_teacher(cfg, tmp_path)
+
+
+def test_teacher_training_resumes_exactly(tmp_path):
+    cfg = _cfg(**{"train.teacher.ckpt_every": 2, "train.teacher.log_every": 1})
+    teacher_stage.train_teacher(cfg, tmp_path / "a")
+
+    def crash(step, metrics):
+        if step == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        teacher_stage.train_teacher(cfg, tmp_path / "b", callback=crash)
+    teacher_stage.train_teacher(cfg, tmp_path / "b")
+    _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+# ---- stages 1-3 ------------------------------------------------------------------------------
+
+
+def test_each_stage_runs_and_reports_metrics(workdir, teacher, stage1):
+    cfg = _cfg()
+    teacher_before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    seen = []
+    s2 = train_stage(cfg, "stage2", teacher, workdir / "stage2", init=stage1.checkpoint,
+                     callback=lambda s, m: seen.append((s, m)), step_offset=stage1.steps)
+    assert [s for s, _ in seen] == [4, 5, 6]  # global steps continue after stage 1
+    assert TOKEN_METRICS <= set(seen[-1][1]) and "ce_visible" in seen[-1][1]
+    assert seen[-1][1]["replaced_frac"] == 1.0  # sfvr with replace_ratio 1 (paper default)
+    assert TOKEN_METRICS <= set(stage1.metrics) and stage1.metrics["replaced_frac"] == 0.0
+    meta = json.loads((s2.checkpoint / "stage.json").read_text())
+    assert meta["weights"] == "EMA weights" and s2.steps == 3
+    s3_seen = []
+    s3 = train_stage(cfg, "stage3", teacher, workdir / "stage3", init=s2.checkpoint,
+                     callback=lambda s, m: s3_seen.append(m))
+    assert {"loss", "l2", "gan_g", "gan_d", "lecam", "lr", "grad_norm",
+            "images_per_s"} <= set(s3_seen[-1])  # smoke: gan_start = 1
+    # the frozen teacher is untouched by all of it
+    _assert_same(teacher_before, teacher.model.state_dict())
+    from sftok.checkpoint import load_model
+
+    model, saved_cfg = load_model(s3.checkpoint)
+    assert saved_cfg.tokenizer.finetune_decoder and model.pixel_decoder is not None
+
+
+def test_stage3_freezes_encoder_and_quantizer(workdir, teacher, stage1):
+    from sftok.train.stage3 import PixelTask
+
+    cfg = stages_mod.stage_config(_cfg(), "stage3")
+    task = PixelTask(cfg, teacher, torch.device("cpu"), init=stage1.checkpoint)
+    # pixel path starts as the teacher's codebook and decoder
+    assert torch.equal(task.model.pixel_quantize.embedding.weight, teacher.codebook())
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    disc_before = {k: v.clone() for k, v in task.adversary.disc.state_dict().items()}
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    task.step([images], step=0)  # step 0 < gan_start=1: generator update only
+    after = task.model.state_dict()
+    for k, v in before.items():
+        if k.startswith(("encoder.", "quantize.", "pixel_quantize.")):
+            assert torch.equal(v, after[k]), f"{k} changed in stage 3"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before
+               if k.startswith("pixel_decoder."))
+    _assert_same(disc_before, task.adversary.disc.state_dict())
+    task.step([images], step=1)  # GAN on: discriminator updated by its own step only
+    for k, v in task.model.state_dict().items():
+        if k.startswith(("encoder.", "quantize.")):
+            assert torch.equal(before[k], v), k
+
+
+@pytest.mark.parametrize("stage", ["stage2", "stage3"])
+def test_resume_is_bitwise_identical(tmp_path, teacher, stage1, stage):
+    sets = {f"train.{stage}.steps": 4, f"train.{stage}.ckpt_every": 2,
+            f"train.{stage}.log_every": 1}
+    if stage == "stage3":
+        sets.update({"train.stage3.grad_accum": 2})  # exercise accumulation + GAN + LeCam
+    cfg = _cfg(**sets)
+    full = train_stage(cfg, stage, teacher, tmp_path / "full", init=stage1.checkpoint)
+
+    def crash(step, metrics):
+        if step == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_stage(cfg, stage, teacher, tmp_path / "resumed", init=stage1.checkpoint,
+                    callback=crash)
+    assert (tmp_path / "resumed" / "step_00000002" / "state.json").exists()
+    resumed = train_stage(cfg, stage, teacher, tmp_path / "resumed", init=stage1.checkpoint)
+    _assert_same(_weights(full.checkpoint), _weights(resumed.checkpoint))  # EMA weights
+    last = "step_00000004"
+    _assert_same(load_file(str(tmp_path / "full" / last / "model.safetensors")),
+                 load_file(str(tmp_path / "resumed" / last / "model.safetensors")))  # raw
+    assert full.history[-1]["loss"] == resumed.history[-1]["loss"]
+
+
+def test_finished_stage_is_not_retrained(workdir, teacher, stage1, monkeypatch):
+    monkeypatch.setattr(stages_mod, "build_stage_task",
+                        lambda *a, **k: pytest.fail("a finished stage must not be rebuilt"))
+    again = train_stage(_cfg(), "stage1", teacher, workdir / "stage1")
+    assert again.checkpoint == stage1.checkpoint and again.steps == stage1.steps
+
+
+def test_nan_loss_stops_with_stage_step_and_checkpoint(tmp_path, teacher, monkeypatch):
+    cfg = _cfg(**{"train.stage1.ckpt_every": 2, "train.stage1.steps": 4})
+    real = stages_mod.weighted_ce
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(stages_mod, "weighted_ce", poisoned)
+    with pytest.raises(NonFiniteLossError) as err:
+        train_stage(cfg, "stage1", teacher, tmp_path / "nan")
+    e = err.value
+    assert (e.stage, e.step) == ("stage1", 3)
+    msg = str(e)
+    assert "stage1" in msg and "step 3" in msg and "non-finite loss" in msg
+    assert str(tmp_path / "nan" / "step_00000002") in msg
+    assert not (tmp_path / "nan" / "final").exists()

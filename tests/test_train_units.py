@@ -1,0 +1,241 @@
+"""Unit invariants of the training pieces: masking/replacement, loss weights, optimiser groups,
+LR schedule, EMA, checkpoint atomicity, discriminator isolation (no stage runs here)."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sftok.config import OptimConfig
+from sftok.train.checkpointing import latest_checkpoint, list_checkpoints, save_checkpoint
+from sftok.train.discriminator import Adversary, PatchGAN
+from sftok.train.ema import EMA
+from sftok.train.loop import Precision
+from sftok.train.losses import LeCamEMA, hinge_d, hinge_g, weighted_ce
+from sftok.train.masking import build_proxy_inputs, sample_mask
+from sftok.train.optim import lr_at, no_decay_names, param_groups
+
+V, MASK = 16, 16
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- masking / replacement -----------------------------------------------------------------
+
+
+def test_none_masks_everything():
+    m = sample_mask("none", 3, 20, "arccos", _gen())
+    assert m.shape == (3, 20) and m.dtype == torch.bool and bool(m.all())
+    targets = torch.randint(0, V, (3, 20))
+    p = build_proxy_inputs(targets, m, MASK, "none")
+    assert bool((p.ids == MASK).all()) and not bool(p.replaced.any())
+
+
+def test_random_mask_has_masked_and_visible_positions():
+    m = sample_mask("vanilla", 256, 64, "arccos", _gen())
+    counts = m.sum(1)
+    assert bool((counts >= 1).all()) and bool((counts <= 64).all())
+    # t ~ U(0,1): E[arccos(t)] = 1, so on average 1/(pi/2) = 2/pi ~ 0.637 of N is masked.
+    assert abs(m.float().mean().item() - 2 / math.pi) < 0.05
+
+
+def test_vanilla_visible_positions_carry_ground_truth():
+    targets = torch.randint(0, V, (8, 32), generator=_gen(1))
+    m = sample_mask("vanilla", 8, 32, "arccos", _gen(2))
+    p = build_proxy_inputs(targets, m, MASK, "vanilla", replace_ratio=1.0)
+    assert bool((p.ids[m] == MASK).all())
+    assert bool((p.ids[~m] == targets[~m]).all())
+    assert not bool(p.replaced.any())
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.8, 1.0])
+def test_sfvr_replaces_ratio_of_visible_positions(ratio):
+    b, n = 64, 64
+    targets = torch.randint(0, V, (b, n), generator=_gen(3))
+    m = sample_mask("sfvr", b, n, "arccos", _gen(4))
+    calls = []
+
+    def first_step(ids):  # step-1 prediction: argmax = (target + 1) mod V, never the target
+        calls.append(ids.clone())
+        return F.one_hot((targets + 1) % V, V).float() * 5.0
+
+    p = build_proxy_inputs(targets, m, MASK, "sfvr", replace_ratio=ratio,
+                           first_step_fn=first_step, generator=_gen(5))
+    assert len(calls) == 1 and bool((calls[0] == MASK).all())  # an all-masked pass
+    visible = ~m
+    assert bool((p.ids[m] == MASK).all())
+    assert not bool(p.replaced[m].any())
+    pred = (targets + 1) % V
+    assert bool((p.ids[p.replaced] == pred[p.replaced]).all())
+    kept = visible & ~p.replaced
+    assert bool((p.ids[kept] == targets[kept]).all())
+    frac = p.replaced.sum().item() / visible.sum().item()
+    n_vis = visible.sum().item()
+    tol = 4 * math.sqrt(max(ratio * (1 - ratio), 1e-9) / n_vis) + 1e-9
+    assert abs(frac - ratio) <= tol, (frac, ratio, tol)
+
+
+def test_sfvr_with_real_decoder_uses_its_step1_argmax():
+    from sftok.presets import get_preset
+    from sftok.tokenizer import SFTok
+
+    cfg = get_preset("smoke")
+    torch.manual_seed(0)
+    model = SFTok(cfg.tokenizer, num_codes=64, grid=8)
+    images = torch.rand(4, 3, 16, 16, generator=_gen(6))
+    z_q = model.encode(images).z_q
+    targets = torch.randint(0, 64, (4, 64), generator=_gen(7))
+    m = sample_mask("sfvr", 4, 64, "arccos", _gen(8))
+    p = build_proxy_inputs(targets, m, model.mask_id, "sfvr", 1.0,
+                           first_step_fn=lambda ids: model.decoder_logits(ids, z_q),
+                           generator=_gen(9))
+    with torch.no_grad():
+        step1 = model.decoder_logits(torch.full_like(targets, model.mask_id), z_q).argmax(-1)
+    assert bool(p.replaced.eq(~m).all())  # ratio 1: every visible position replaced
+    assert bool((p.ids[~m] == step1[~m]).all())
+
+
+# ---- losses ---------------------------------------------------------------------------------
+
+
+def test_weighted_ce_hand_computed():
+    # Two positions, V=2. Position 0 masked, uniform logits -> ce0 = log 2.
+    # Position 1 visible, p(target) = 3/4 -> ce1 = -log(3/4). loss = (1·ce0 + 0.1·ce1) / 1.1.
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+    targets = torch.tensor([[1, 0]])
+    masked = torch.tensor([[True, False]])
+    out = weighted_ce(logits, targets, masked, unmasked_weight=0.1)
+    ce0, ce1 = math.log(2.0), -math.log(0.75)
+    assert out.loss.item() == pytest.approx((ce0 + 0.1 * ce1) / 1.1, rel=1e-6)
+    assert out.ce_sum_masked.item() == pytest.approx(ce0, rel=1e-6)
+    assert out.ce_sum_visible.item() == pytest.approx(ce1, rel=1e-6)
+    assert (out.num_masked, out.num_visible) == (1, 1)
+    # all masked: plain mean CE
+    out = weighted_ce(logits, targets, torch.ones_like(masked), 0.1)
+    assert out.loss.item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+
+
+def test_hinge_and_lecam():
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    assert hinge_d(real, fake).item() == pytest.approx((0 + 1) / 2 + (0 + 1.5) / 2)
+    assert hinge_g(fake).item() == pytest.approx(0.75)
+    lecam = LeCamEMA(decay=0.5)
+    lecam.update(real, fake)  # first update initialises the anchors
+    assert lecam.ema_real.item() == pytest.approx(1.0)
+    assert lecam.ema_fake.item() == pytest.approx(-0.75)
+    # relu(real - ema_fake)^2 mean + relu(ema_real - fake)^2 mean
+    expect = ((2.75 ** 2 + 0.75 ** 2) / 2) + ((3.0 ** 2 + 0.5 ** 2) / 2)
+    assert lecam(real, fake).item() == pytest.approx(expect)
+
+
+# ---- optimiser, schedule, EMA ---------------------------------------------------------------
+
+
+def test_no_decay_groups_on_real_tokenizer():
+    from sftok.presets import get_preset
+    from sftok.tokenizer import SFTok
+
+    cfg = get_preset("smoke")
+    model = SFTok(cfg.tokenizer, num_codes=64, grid=8)
+    skip = no_decay_names(model)
+    names = dict(model.named_parameters())
+    for name, p in names.items():
+        if p.ndim == 1 or "ln_" in name or "embedding" in name or "latent_tokens" in name:
+            assert name in skip, name
+    # the transformer's projection matrices and the logits head are decayed
+    decayed = [n for n, p in names.items() if n not in skip]
+    assert any("mlp.c_fc.weight" in n for n in decayed)
+    assert any("attn.in_proj_weight" in n for n in decayed)
+    assert "decoder.head.0.weight" in decayed
+    assert "encoder.class_embedding" in skip and "encoder.positional_embedding" in skip
+    groups = param_groups(model, 1e-4)
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
+    assert sum(len(g["params"]) for g in groups) == len(names)
+
+
+def test_no_decay_rules_on_generic_modules():
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Embedding(3, 4), nn.Conv2d(3, 3, 3),
+                      nn.GroupNorm(1, 3))
+    skip = no_decay_names(m)
+    assert skip == {"0.bias", "1.weight", "1.bias", "2.weight", "3.bias", "4.weight", "4.bias"}
+
+
+def test_lr_schedule_warmup_cosine():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, end_lr=0.1)
+    assert lr_at(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(10, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(60, 110, cfg) == pytest.approx(0.55)
+    assert lr_at(110, 110, cfg) == pytest.approx(0.1)
+    lrs = [lr_at(s, 110, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_ema_update_rule():
+    m = nn.Linear(2, 1, bias=False)
+    nn.init.zeros_(m.weight)
+    ema = EMA(m, decay=0.5)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema.update(m)  # decay warm-up: min(0.5, 1/10) = 0.1 -> 0.9
+    assert ema.shadow["weight"][0, 0].item() == pytest.approx(0.9)
+    ema.update(m)  # min(0.5, 2/11) -> 0.9 + (1-2/11)(0.1)
+    assert ema.shadow["weight"][0, 0].item() == pytest.approx(0.9 + (1 - 2 / 11) * 0.1)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    sd = {"model": {"w": torch.ones(2)}}
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, sd, {"x": torch.zeros(1)}, {"a": 1}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
+    # a half-written checkpoint (no state.json) and temporaries are never picked up
+    (tmp_path / "step_00000008").mkdir()
+    (tmp_path / ".tmp-step_00000010-1").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step_00000006"
+
+
+# ---- discriminator isolation -----------------------------------------------------------------
+
+
+def test_generator_step_leaves_no_gradient_in_discriminator():
+    adv = Adversary("patchgan", 16, OptimConfig(), torch.device("cpu"),
+                    Precision("fp32", torch.device("cpu")), lecam_weight=0.001)
+    before = {k: v.clone() for k, v in adv.disc.state_dict().items()}
+    fake = torch.rand(2, 3, 16, 16, requires_grad=True)
+    adv.generator_loss(fake).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    assert all(p.grad is None for p in adv.disc.parameters())
+    assert all(p.requires_grad for p in adv.disc.parameters())  # trainable again afterwards
+    assert all(torch.equal(before[k], v) for k, v in adv.disc.state_dict().items())
+    # the discriminator's own update does change it
+    adv.update([torch.rand(2, 3, 16, 16)], [fake.detach()], lr=1e-3)
+    assert any(not torch.equal(before[k], v) for k, v in adv.disc.state_dict().items())
+
+
+def test_dino_falls_back_to_patchgan_without_weights(monkeypatch):
+    from sftok.train import discriminator, losses
+
+    monkeypatch.setattr(discriminator, "find_dino_weights", lambda: None)
+    monkeypatch.setattr(losses, "_warned", set())  # the warning is said once per process
+    with pytest.warns(UserWarning, match="DINO"):
+        d = discriminator.build_discriminator("dino", 32)
+    assert isinstance(d, PatchGAN)
+
+
+def test_benchmark_reports_throughput_per_stage():
+    from sftok.presets import get_preset
+    from sftok.train.benchmark import benchmark_training, format_table
+
+    rows = benchmark_training(get_preset("smoke"), steps=1, warmup=1, device="cpu")
+    assert [r["stage"] for r in rows] == ["stage0", "stage1", "stage2", "stage3"]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert "images/s" in format_table(rows)
