@@ -1,0 +1,180 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Figure 8 — reconstruction quality against the number of decode steps
+#
+# Paper (arXiv 2512.16910, Figure 8; SFTok-B): rFID falls and IS rises from 1 to 8 decode
+# steps, and 16 steps adds little. Here: `eval/<metric>_s<S>` of the trials of the latest (or a
+# chosen) parent run of the spec `step_sweep`, mean ± 95% CI over seeds, every metric that was
+# logged (rFID and IS need local Inception weights; offline they are reported unavailable and
+# the other metrics are plotted). Rendered by `python analysis/render.py figure8_step_sweep`.
+
+# %% tags=["parameters"]
+tracking_uri = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
+parent = "latest"  # parent run id of a `step_sweep` invocation, or "latest"
+out_dir = None  # None: analysis/out/figure8_step_sweep
+
+# %%
+import os
+import sys
+
+sys.path[:0] = [p for p in (os.path.abspath("."), os.path.abspath("analysis"))
+                if os.path.exists(os.path.join(p, "mlflow_data.py"))]
+
+import math
+
+import matplotlib.pyplot as plt
+import mlflow_data as md
+import pandas as pd
+import stats
+from IPython.display import Image, Markdown, display
+
+SPEC = "step_sweep"
+WANTED = ["rfid", "is", "psnr", "ssim", "lpips"]
+out = md.Outputs("figure8_step_sweep", out_dir)
+camp = md.load_campaign(SPEC, tracking_uri, parent)
+out.campaign(camp)
+display(Markdown(camp.describe()))
+paper_is = {int(k): v for k, v in md.paper_results()["figure8_step_sweep"]["inception_score"].items()}
+
+# %% [markdown]
+# ## Metrics against decode steps
+
+# %%
+rows = []
+for metric in WANTED:
+    for S in md.eval_steps(camp, metric):
+        vals = pd.to_numeric(camp.column(md.eval_key(metric, S)))
+        for (_, r), v in zip(camp.runs.iterrows(), vals):
+            rows.append({"metric": metric, "steps": S, "arm": r["arm"], "seed": r["seed"],
+                         "value": v})
+long = pd.DataFrame(rows, columns=["metric", "steps", "arm", "seed", "value"])
+present = [m for m in WANTED if m in set(long["metric"])]
+missing = [m for m in WANTED if m not in present]
+if not present:
+    raise md.RunsNotFound(SPEC, camp.tracking_uri, f"the trials of parent run {camp.parent_id} "
+                          f"logged none of eval/{{{','.join(WANTED)}}}_s<S>")
+missing_note = "; ".join(f"{md.metric_label(m)}: {camp.why_missing(m)}" for m in missing)
+summary = stats.summarize(long, ["arm", "metric", "steps"], "value")
+arms = sorted(summary["arm"].astype(str).unique())
+
+ncol = min(3, len(present))
+nrow = math.ceil(len(present) / ncol)
+fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.6 * nrow), squeeze=False)
+colors = dict(zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+for ax, metric in zip(axes.ravel(), present):
+    for arm in arms:
+        d = summary[(summary["arm"] == arm) & (summary["metric"] == metric)].sort_values("steps")
+        ax.plot(d["steps"], d["mean"], "-o", ms=4, color=colors[arm], label=f"ours · {arm}")
+        if (d["n"] >= 2).any():
+            ax.fill_between(d["steps"], d["ci_low"], d["ci_high"], color=colors[arm], alpha=0.2,
+                            linewidth=0)
+    if metric == "is":
+        ax.plot(list(paper_is), list(paper_is.values()), "k--s", ms=4, label="paper (SFTok-B)")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(summary["steps"]))
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("decode steps S")
+    ax.set_ylabel(f"{md.metric_label(metric)} ({'higher' if md.higher_is_better(metric) else 'lower'}"
+                  " is better)")
+    ax.set_title(md.metric_label(metric))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+for ax in axes.ravel()[len(present):]:
+    ax.set_visible(False)
+fig.suptitle(f"Figure 8 — reconstruction vs decode steps (mean ± 95% CI over "
+             f"{len(camp.seeds)} seed(s))" + (f"; missing: {', '.join(map(md.metric_label, missing))}"
+                                             if missing else ""), fontsize=11)
+fig.tight_layout()
+display(Image(filename=str(out.figure("figure8", fig))))
+plt.close(fig)
+
+# %% [markdown]
+# ## Table
+
+# %%
+table = summary[["arm", "metric", "steps", "n", "mean", "ci_low", "ci_high"]].copy()
+table["paper"] = [paper_is.get(int(s)) if m == "is" else None
+                  for m, s in zip(table["metric"], table["steps"])]
+cells = summary.assign(cell=[stats.format_ci(m, h, 3) for m, h in
+                             zip(summary["mean"], summary["ci_half"])])
+md_table = cells.pivot_table(index=["arm", "steps"], columns="metric", values="cell",
+                             aggfunc="first")[present].reset_index()
+md_table.columns = ["arm", "decode steps"] + [md.metric_label(m) for m in present]
+md_table["decode steps"] = md_table["decode steps"].astype(str)
+md_table["paper IS"] = [f"{paper_is[int(s)]:.1f}" if int(s) in paper_is else "—"
+                        for s in md_table["decode steps"]]
+caption = (f"Figure 8 values ({camp.describe()}); mean ± 95% CI over seeds. "
+           + (f"Missing metrics — {missing_note}." if missing else "All metrics present."))
+display(Markdown(out.table("figure8", table, caption, md=md_table)))
+
+# %% [markdown]
+# ## Reading
+
+# %%
+def direction(metric, a, b, arm):
+    """'improves' / 'worsens' from S=a to S=b by the mean, with the paired CI when possible."""
+    sub = long[(long["metric"] == metric) & (long["arm"] == arm)]
+    p = stats.paired_diff(sub, "steps", "seed", "value", a, b)
+    good = p.diff.mean > 0 if md.higher_is_better(metric) else p.diff.mean < 0
+    if p.diff.mean == 0:
+        return False, p, f"is unchanged (Δ 0 over {p.diff.n} seed(s))"
+    sig = ""
+    if p.diff.n >= 2:
+        sig = (f", 95% CI [{p.diff.low:+.3g}, {p.diff.high:+.3g}]"
+               + ("" if p.excludes_zero else ", not distinguishable from 0"))
+    return good, p, f"{'improves' if good else 'worsens'} (Δ {p.diff.mean:+.3g}{sig})"
+
+
+sentences = []
+for arm in arms:
+    steps_av = sorted(set(long[long["arm"] == arm]["steps"]))
+    lo, mid = min(steps_av), (8 if 8 in steps_av else max(steps_av))
+    parts = []
+    for metric in present:
+        if lo == mid:
+            continue
+        _, _, d1 = direction(metric, lo, mid, arm)
+        s = f"{md.metric_label(metric)} {d1} from {lo} to {mid} steps"
+        if 16 in steps_av and mid == 8:
+            _, p16, _ = direction(metric, 8, 16, arm)
+            base = abs(summary[(summary["arm"] == arm) & (summary["metric"] == metric)
+                               & (summary["steps"] == 8)]["mean"].iloc[0]) or 1.0
+            rel = abs(p16.diff.mean) / base
+            if p16.diff.n >= 2 and not p16.excludes_zero:
+                verdict = "marginal: its paired 95% CI includes 0"
+            elif rel < 0.01:
+                verdict = "marginal: under 1%"
+            else:
+                verdict = "not marginal"
+            s += (f", and 16 steps changes it by {p16.diff.mean:+.3g} ({rel:.1%} of the 8-step "
+                  f"value; {verdict})")
+        parts.append(s)
+    if parts:
+        sentences.append(f"`{arm}`: " + "; ".join(parts) + ".")
+if "rfid" in present or "is" in present:
+    claims = []
+    for metric in ("rfid", "is"):
+        if metric in present:
+            ok = all(direction(metric, 1, 8, a)[0] for a in arms
+                     if {1, 8} <= set(long[(long["arm"] == a) & (long["metric"] == metric)]["steps"]))
+            claims.append(f"{md.metric_label(metric)} {'improves' if ok else 'does not improve'} "
+                          f"from 1 to 8 steps as in the paper")
+    sentences.append("Against the paper: " + "; ".join(claims) + ".")
+if missing:
+    sentences.append(f"Not available here: {missing_note} — the paper's rFID/IS curve can only be "
+                     "compared through the metrics above.")
+reading = " ".join(sentences) or "Only one decode-step count was evaluated; nothing to compare."
+out.reading(reading)
+display(Markdown(reading))

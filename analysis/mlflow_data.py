@@ -1,0 +1,537 @@
+"""MLflow -> pandas for the analysis notebooks, plus the small helpers they share for outputs.
+
+MLflow layout (DESIGN §2, docs/architecture.md): one experiment per spec; one *parent* run per
+invocation of `experiments/run.py` (tags `spec`, `preset`, git commit, command line); one
+*child* run per trial (tag `mlflow.parentRunId`, tags `arm` and `seed`; params = the flattened
+resolved config, e.g. `train.stage2.replace_ratio`). Metrics: `train/<stage>/<name>` (step =
+global optimiser step), `eval/<metric>_s<S>` and S-independent `eval/<metric>`, `trace/<name>`
+(step = decode step i, 1..S). Artifacts: `config.json`, `grids/recon_s{S}.png`, `trace.csv`,
+`eval.json`.
+
+    camp = load_campaign("ablation_replace_ratio", tracking_uri, parent="latest")
+    camp.runs                      # one row per trial: run_id, arm, seed, params.*, metrics.*, tags.*
+    camp.history("train/stage2/loss")   # long table: run_id, arm, seed, step, value
+    camp.traces()                  # the per-step trace tables of every trial, stacked
+
+A spec with no runs raises `RunsNotFound`, whose message says which spec to run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# Artifact downloads (eval.json, trace.csv) would print a progress bar per file into notebooks,
+# and tqdm.auto warns there that ipywidgets is missing; neither says anything about the data.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+warnings.filterwarnings("ignore", message="IProgress not found")
+logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite schema messages at INFO
+
+ROOT = Path(__file__).resolve().parent.parent
+ANALYSIS_DIR = Path(__file__).resolve().parent
+PAPER_RESULTS = ANALYSIS_DIR / "paper_results.yaml"
+
+PARENT_ROLE_TAG = "sftok.role"
+PARENT_ROLE = "parent"
+PARENT_ID_TAG = "mlflow.parentRunId"
+
+# Spec names (experiments/specs/<name>.yaml) and the results they feed.
+SPECS = {
+    "ablation_sfvr_warmup": "Table 3 + Figure 4b",
+    "ablation_replace_ratio": "Table 4",
+    "step_sweep": "Figure 8",
+    "per_step_trace": "Figure 4a",
+    "reconstruction": "Table 1",
+}
+
+# Evaluation metrics: direction (True = higher is better) and a display label.
+METRICS: dict[str, tuple[bool, str]] = {
+    "rfid": (False, "rFID"),
+    "is": (True, "IS"),
+    "psnr": (True, "PSNR (dB)"),
+    "ssim": (True, "SSIM"),
+    "lpips": (False, "LPIPS"),
+    "token_ce": (False, "token CE (step 1)"),
+    "token_top1": (True, "token top-1 (step 1)"),
+}
+# When rFID is unavailable (no Inception weights offline) the tables fall back, in this order.
+PROXY_ORDER = ("rfid", "lpips", "psnr", "ssim", "token_ce")
+
+
+class RunsNotFound(RuntimeError):
+    """The store holds no (finished) runs of a spec. The message says which command to run."""
+
+    def __init__(self, spec: str | Iterable[str], tracking_uri: str, detail: str = ""):
+        specs = [spec] if isinstance(spec, str) else list(spec)
+        self.specs = specs
+        self.tracking_uri = tracking_uri
+        lines = [f"no runs for spec {s} in store {tracking_uri} — run "
+                 f"`python experiments/run.py {s}` first" for s in specs]
+        if detail:
+            lines.append(detail)
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Store access
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_uri(tracking: str | os.PathLike | None = None) -> str:
+    """A tracking URI as `experiments/run.py --tracking-uri` reads it: a URI is used as given,
+    a plain directory is a store `DIR/mlflow.db` (+ `DIR/artifacts/`); None means
+    `$MLFLOW_TRACKING_URI`, else the project's store `mlruns/` (DESIGN §2)."""
+    if tracking is None or str(tracking) == "":
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or str(ROOT / "mlruns")
+    tracking = str(tracking)
+    if "://" in tracking or tracking.startswith(("sqlite:", "databricks")):
+        return tracking
+    return f"sqlite:///{Path(tracking).expanduser().resolve() / 'mlflow.db'}"
+
+
+def default_tracking_uri() -> str:
+    return resolve_uri(None)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    m = re.match(r"sqlite:///(.+)$", uri)
+    return Path(m.group(1)) if m else None
+
+
+def client_for(tracking_uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_uri(tracking_uri)
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        # Opening a missing SQLite store would silently create an empty one.
+        raise RunsNotFound([], uri, f"the store {uri} does not exist (no {db}); run "
+                           "`python experiments/run.py <spec>` to create it, or pass "
+                           "--tracking-uri")
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def _search_all(client, experiment_ids: list[str], filter_string: str = "",
+                order_by: list[str] | None = None) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_experiment(client, spec: str):
+    """The experiment of `spec`: named after the spec, else any experiment tagged `spec=<spec>`."""
+    exp = client.get_experiment_by_name(spec)
+    if exp is not None:
+        return exp
+    for e in client.search_experiments(filter_string=f"tags.spec = '{spec}'"):
+        return e
+    return None
+
+
+def is_parent(run) -> bool:
+    tags = run.data.tags
+    return tags.get(PARENT_ROLE_TAG) == PARENT_ROLE or (
+        PARENT_ID_TAG not in tags and tags.get("sftok.role") != "trial")
+
+
+def find_parent(client, uri: str, spec: str, parent: str = "latest"):
+    """The parent run: `parent` as a run id, or the latest parent run of the spec with children."""
+    exp = find_experiment(client, spec)
+    if parent and parent != "latest":
+        try:
+            run = client.get_run(parent)
+        except Exception as e:  # noqa: BLE001 — MlflowException for unknown ids
+            raise RunsNotFound(spec, uri, f"parent run {parent!r} not found: {e}") from None
+        if exp is not None and run.info.experiment_id != exp.experiment_id:
+            raise RunsNotFound(spec, uri, f"run {parent} belongs to another experiment "
+                               f"(id {run.info.experiment_id}), not the one of spec {spec}")
+        return exp or client.get_experiment(run.info.experiment_id), run
+    if exp is None:
+        raise RunsNotFound(spec, uri)
+    runs = _search_all(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
+    children = {r.data.tags.get(PARENT_ID_TAG) for r in runs} - {None}
+    parents = [r for r in runs if is_parent(r) and r.info.run_id in children]
+    if not parents:
+        raise RunsNotFound(spec, uri, f"experiment {spec!r} exists but has no parent run with "
+                           "trials")
+    return exp, parents[0]
+
+
+def _coerce_param(v: str) -> Any:
+    """MLflow params are strings; turn numbers and booleans back into values."""
+    if v is None:
+        return None
+    low = v.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def runs_frame(runs: list) -> pd.DataFrame:
+    """One row per run: run_id, run_name, status, arm, seed, then params.*, metrics.*, tags.*."""
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name,
+            "status": r.info.status,
+            "arm": r.data.tags.get("arm", r.data.tags.get("sftok.arm")),
+            "seed": _coerce_param(r.data.tags.get("seed", r.data.params.get("seed"))),
+        }
+        row.update({f"params.{k}": _coerce_param(v) for k, v in r.data.params.items()})
+        row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+        row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values(["arm", "seed"], na_position="last", kind="stable")
+    return df.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# A campaign: one parent run and its trials
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Campaign:
+    spec: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run: Any  # mlflow.entities.Run
+    runs: pd.DataFrame  # finished child runs, one row per trial
+    failed: pd.DataFrame = field(default_factory=pd.DataFrame)  # children not FINISHED
+    client: Any = None
+
+    @property
+    def parent_id(self) -> str:
+        return self.parent_run.info.run_id
+
+    @property
+    def preset(self) -> str | None:
+        return self.parent_run.data.tags.get("preset")
+
+    @property
+    def seeds(self) -> list:
+        return sorted(self.runs["seed"].dropna().unique().tolist())
+
+    def describe(self) -> str:
+        """One line naming the store, the parent run and what it contains."""
+        t = self.parent_run.data.tags
+        commit = t.get("git_commit") or t.get("git.commit") or t.get("mlflow.source.git.commit")
+        s = (f"spec `{self.spec}`, parent run `{self.parent_id}` (preset "
+             f"`{self.preset or '?'}`{', commit ' + commit[:10] if commit else ''}), "
+             f"{len(self.runs)} finished trials over {self.runs['arm'].nunique()} arms × "
+             f"{len(self.seeds)} seeds")
+        if len(self.failed):
+            s += f"; {len(self.failed)} trials not finished (excluded)"
+        return s
+
+    def metric_keys(self, prefix: str = "") -> list[str]:
+        cols = [c[len("metrics."):] for c in self.runs.columns if c.startswith("metrics.")]
+        return sorted(c for c in cols if c.startswith(prefix))
+
+    def column(self, name: str) -> pd.Series:
+        """A metrics.* or params.* column by bare name; NaN when absent."""
+        for c in (f"metrics.{name}", f"params.{name}", name):
+            if c in self.runs.columns:
+                return self.runs[c]
+        return pd.Series([math.nan] * len(self.runs), index=self.runs.index, dtype=float)
+
+    def trained_stages(self) -> pd.Series:
+        """Per trial, the training stages it ran, e.g. ('stage1', 'stage2'): the runner's
+        `stages` tag (or param), else the stages of its logged `train/<stage>/*` metrics."""
+        pat = re.compile(r"^metrics\.train/(stage\d)/")
+        out = []
+        for _, row in self.runs.iterrows():
+            raw = row.get("tags.stages", row.get("params.stages"))
+            st = re.findall(r"stage\d", raw) if isinstance(raw, str) else []
+            if not st:
+                st = sorted({m.group(1) for c in row.index if (m := pat.match(c))
+                             and pd.notna(row[c])})
+            out.append(tuple(st))
+        return pd.Series(out, index=self.runs.index, dtype=object)
+
+    def history(self, key: str) -> pd.DataFrame:
+        """Long table run_id, arm, seed, step, value of a metric's full history."""
+        frames = []
+        for _, r in self.runs.iterrows():
+            hist = self.client.get_metric_history(r["run_id"], key)
+            if hist:
+                frames.append(pd.DataFrame({
+                    "run_id": r["run_id"], "arm": r["arm"], "seed": r["seed"],
+                    "step": [m.step for m in hist], "value": [m.value for m in hist]}))
+        if not frames:
+            return pd.DataFrame(columns=["run_id", "arm", "seed", "step", "value"])
+        return pd.concat(frames, ignore_index=True).sort_values(["run_id", "step"]).reset_index(
+            drop=True)
+
+    def artifact_text(self, run_id: str, path: str) -> str | None:
+        """Text of a run's artifact, or None when it is absent."""
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                local = self.client.download_artifacts(run_id, path, d)
+            except Exception:  # noqa: BLE001 — absent artifact
+                return None
+            return Path(local).read_text()
+
+    def eval_json(self, run_id: str) -> dict:
+        text = self.artifact_text(run_id, "eval.json")
+        return json.loads(text) if text else {}
+
+    def unavailable(self) -> dict[str, str]:
+        """metric -> why it is unavailable, merged over the trials' eval.json artifacts."""
+        out: dict[str, str] = {}
+        tagged = [c for c in self.runs.columns if c.startswith("tags.eval_unavailable.")]
+        for c in tagged:  # the runner copies eval.json's `unavailable` into tags
+            vals = self.runs[c].dropna()
+            if len(vals):
+                out[c[len("tags.eval_unavailable."):]] = str(vals.iloc[0])
+        if not tagged:
+            for rid in self.runs["run_id"]:
+                out.update(self.eval_json(rid).get("unavailable", {}) or {})
+        return out
+
+    def why_missing(self, metric: str) -> str:
+        """Why `eval/<metric>*` has no values: the evaluator's reason, else the config's."""
+        why = self.unavailable().get(metric)
+        if why:
+            return why
+        requested = " ".join(map(str, self.column("eval.metrics").dropna().unique()))
+        if requested and metric not in requested:
+            return f"not among the metrics these trials evaluate (eval.metrics = {requested})"
+        return "not logged by these trials"
+
+    def trace(self, run_id: str) -> pd.DataFrame:
+        """The Figure-4a per-step trace of one trial: trace.csv, else the `trace/*` metrics."""
+        text = self.artifact_text(run_id, "trace.csv")
+        if text:
+            from io import StringIO
+
+            return pd.read_csv(StringIO(text))
+        keys = [k for k in self.client.get_run(run_id).data.metrics if k.startswith("trace/")]
+        cols = {}
+        for k in keys:
+            for m in self.client.get_metric_history(run_id, k):
+                cols.setdefault(m.step, {})[k[len("trace/"):]] = m.value
+        df = pd.DataFrame.from_dict(cols, orient="index").sort_index()
+        return df.rename_axis("step").reset_index()
+
+    def traces(self) -> pd.DataFrame:
+        """All trials' traces stacked, with run_id, arm, seed columns."""
+        frames = []
+        for _, r in self.runs.iterrows():
+            t = self.trace(r["run_id"])
+            if len(t):
+                frames.append(t.assign(run_id=r["run_id"], arm=r["arm"], seed=r["seed"]))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_campaign(spec: str, tracking_uri: str | None = None, parent: str = "latest") -> Campaign:
+    """The trials of the latest (or a chosen) parent run of `spec`. Raises RunsNotFound."""
+    client, uri = client_for(tracking_uri)
+    if not client.search_experiments() and parent in (None, "latest"):
+        raise RunsNotFound(spec, uri, "the store holds no experiments at all")
+    _, prun = find_parent(client, uri, spec, parent or "latest")
+    children = _search_all(client, [prun.info.experiment_id],
+                           filter_string=f"tags.`{PARENT_ID_TAG}` = '{prun.info.run_id}'")
+    df = runs_frame(children)
+    if df.empty:
+        raise RunsNotFound(spec, uri, f"parent run {prun.info.run_id} has no trials")
+    done = df[df["status"] == "FINISHED"].reset_index(drop=True)
+    failed = df[df["status"] != "FINISHED"].reset_index(drop=True)
+    if done.empty:
+        raise RunsNotFound(spec, uri, f"none of the {len(df)} trials of parent run "
+                           f"{prun.info.run_id} has finished (statuses: "
+                           f"{', '.join(sorted(set(df['status'])))})")
+    return Campaign(spec=spec, tracking_uri=uri, experiment_id=prun.info.experiment_id,
+                    parent_run=prun, runs=done, failed=failed, client=client)
+
+
+def load_campaigns(specs: dict[str, str], tracking_uri: str | None = None) -> dict[str, Campaign]:
+    """{spec: parent} -> {spec: Campaign}; one RunsNotFound naming every missing spec."""
+    out, missing, details, uri = {}, [], [], resolve_uri(tracking_uri)
+    for spec, parent in specs.items():
+        try:
+            out[spec] = load_campaign(spec, tracking_uri, parent)
+        except RunsNotFound as e:
+            missing.append(spec)
+            details.extend(line for line in str(e).splitlines() if not line.startswith("no runs"))
+            uri = e.tracking_uri
+    if missing:
+        raise RunsNotFound(missing, uri, "\n".join(dict.fromkeys(details)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation metrics
+# --------------------------------------------------------------------------------------------
+
+
+def eval_key(metric: str, steps: int | None = None) -> str:
+    return f"eval/{metric}_s{steps}" if steps is not None else f"eval/{metric}"
+
+
+def eval_steps(camp: Campaign, metric: str | None = None) -> list[int]:
+    """Decode-step counts S that appear in `eval/<metric>_s<S>` keys (any metric if None)."""
+    pat = re.compile(r"^eval/(.+)_s(\d+)$")
+    found = set()
+    for k in camp.metric_keys("eval/"):
+        m = pat.match(k)
+        if m and (metric is None or m.group(1) == metric) and camp.column(k).notna().any():
+            found.add(int(m.group(2)))
+    return sorted(found)
+
+
+def has_metric(camp: Campaign, key: str) -> bool:
+    s = camp.column(key)
+    return bool(s.notna().any()) and bool(pd.to_numeric(s, errors="coerce").notna().any())
+
+
+def choose_steps(camp: Campaign, preferred: int = 8) -> int | None:
+    """The paper's S=8 when evaluated, else the largest S evaluated."""
+    steps = eval_steps(camp)
+    if not steps:
+        return None
+    return preferred if preferred in steps else max(steps)
+
+
+def choose_metric(camp: Campaign, steps: int | None, order: Iterable[str] = PROXY_ORDER
+                  ) -> tuple[str, str]:
+    """(metric, mlflow key) of the first metric in `order` that the campaign has values for."""
+    for m in order:
+        for key in ([eval_key(m, steps)] if steps is not None else []) + [eval_key(m)]:
+            if has_metric(camp, key):
+                return m, key
+    raise RunsNotFound(camp.spec, camp.tracking_uri,
+                       f"the trials of parent run {camp.parent_id} logged none of the metrics "
+                       f"{', '.join(order)} (looked for eval/<metric>_s{steps})")
+
+
+def fmt_num(x: Any) -> str:
+    """A number for a Markdown cell: 1.0 stays '1.0', 0.25 stays '0.25'; '—' for missing."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float) and x == int(x):
+        return f"{x:.1f}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def metric_label(metric: str) -> str:
+    return METRICS.get(metric, (None, metric))[1]
+
+
+def higher_is_better(metric: str) -> bool:
+    return METRICS.get(metric, (False, metric))[0]
+
+
+def unavailable_note(camp: Campaign, metric: str, chosen: str) -> str:
+    """Caption sentence when `chosen` stands in for `metric` (e.g. rFID offline)."""
+    if chosen == metric:
+        return ""
+    why = camp.why_missing(metric)
+    return (f"{metric_label(metric)} is unavailable ({why.rstrip('.')}); "
+            f"{metric_label(chosen)} is reported as a proxy "
+            f"({'higher' if higher_is_better(chosen) else 'lower'} is better), so our numbers "
+            f"are not on the paper's scale.")
+
+
+# --------------------------------------------------------------------------------------------
+# Paper numbers and outputs
+# --------------------------------------------------------------------------------------------
+
+
+def paper_results() -> dict:
+    import yaml
+
+    return yaml.safe_load(PAPER_RESULTS.read_text())
+
+
+def out_dir_for(name: str, out_dir: str | os.PathLike | None) -> Path:
+    d = Path(out_dir) if out_dir else ANALYSIS_DIR / "out" / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+class Outputs:
+    """Collects a notebook's tables, figures and reading; writes `manifest.json` for render.py.
+
+    Tables: `<name>.csv` + `<name>.md`. Figures: `<name>.png` + `<name>.axes.json` (title and
+    axis labels of every axes, line labels) so tests can check them without parsing images.
+    """
+
+    def __init__(self, notebook: str, out_dir: str | os.PathLike | None):
+        self.notebook = notebook
+        self.dir = out_dir_for(notebook, out_dir)
+        self.manifest: dict[str, Any] = {"notebook": notebook, "campaigns": {}, "tables": [],
+                                         "figures": [], "reading": ""}
+
+    def campaign(self, camp: Campaign) -> None:
+        self.manifest["campaigns"][camp.spec] = {
+            "parent_run_id": camp.parent_id, "experiment_id": camp.experiment_id,
+            "tracking_uri": camp.tracking_uri, "trials": len(camp.runs),
+            "seeds": [int(s) if isinstance(s, (int, float)) and not math.isnan(s) else s
+                      for s in camp.seeds]}
+        self._write()
+
+    def table(self, name: str, df: pd.DataFrame, caption: str = "",
+              md: pd.DataFrame | None = None) -> str:
+        """CSV of `df` (numbers) and Markdown of `md` (formatted; defaults to `df`) + caption."""
+        df.to_csv(self.dir / f"{name}.csv", index=False)
+        md = (df if md is None else md).to_markdown(index=False, disable_numparse=True)
+        text = md + (f"\n\n{caption}\n" if caption else "\n")
+        (self.dir / f"{name}.md").write_text(text)
+        self.manifest["tables"].append({"name": name, "csv": f"{name}.csv", "md": f"{name}.md",
+                                        "rows": len(df), "columns": list(map(str, df.columns))})
+        self._write()
+        return text
+
+    def figure(self, name: str, fig) -> Path:
+        path = self.dir / f"{name}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        axes = []
+        for ax in fig.get_axes():
+            if not ax.get_visible() or not ax.has_data():
+                continue
+            axes.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(),
+                         "ylabel": ax.get_ylabel(),
+                         "lines": [ln.get_label() for ln in ax.get_lines()
+                                   if not ln.get_label().startswith("_")]})
+        (self.dir / f"{name}.axes.json").write_text(json.dumps({"axes": axes}, indent=1))
+        self.manifest["figures"].append({"name": name, "png": f"{name}.png",
+                                         "axes": f"{name}.axes.json"})
+        self._write()
+        return path
+
+    def reading(self, text: str) -> str:
+        self.manifest["reading"] = text
+        (self.dir / "reading.md").write_text(text + "\n")
+        self._write()
+        return text
+
+    def _write(self) -> None:
+        (self.dir / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
