@@ -5,6 +5,10 @@ teacher, counted on the `meta` device) and wall-clock times of: encode (images -
 decoder pass (logits for an all-masked grid), and S-step decoding (`SFTok.generate`), at batch
 size B with random weights (speed does not depend on the weights).
 
+Then, unless `--no-train`, training-step throughput (images/s) per stage (0 = teacher,
+1-3 = SFTok stages) at each preset's own batch size (`sftok.train.benchmark`); paper presets
+only on a GPU (`--train-presets` to choose).
+
     python scripts/benchmark.py                      # all presets
     python scripts/benchmark.py --presets smoke tiny --batch 8 --device cuda
 """
@@ -60,6 +64,11 @@ def main() -> None:
     ap.add_argument("--big-reps", type=int, default=1,
                     help="repetitions for models over 50M parameters on CPU (no warm-up)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--no-train", action="store_true", help="skip the training throughput table")
+    ap.add_argument("--train-presets", nargs="+", default=None, choices=list(PRESETS),
+                    help="presets for the training table (default: smoke tiny small on CPU, "
+                         "all on GPU)")
+    ap.add_argument("--train-steps", type=int, default=5, help="timed steps per stage")
     args = ap.parse_args()
     device = torch.device(args.device)
     amp = args.dtype == "bf16"
@@ -88,6 +97,21 @@ def main() -> None:
               + f" {t_enc:9.4f} {t_dec:9.4f} {steps:3d} {t_gen:9.4f}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    if not args.no_train:
+        train_table(args, device)
+
+
+def train_table(args: argparse.Namespace, device: torch.device) -> None:
+    """Training-step throughput per stage and preset (random weights and images)."""
+    from sftok.train.benchmark import benchmark_training, format_table
+
+    default = list(PRESETS) if device.type == "cuda" else ["smoke", "tiny", "small"]
+    rows = []
+    for name in args.train_presets or default:
+        rows += benchmark_training(get_preset(name), steps=args.train_steps, device=str(device))
+    print("\ntraining throughput (fp32 on CPU; the preset's precision on GPU)")
+    print(format_table(rows), flush=True)
 
 
 def time_preset(name: str, device: torch.device, batch: int, steps: int, reps: int,
