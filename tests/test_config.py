@@ -68,3 +68,12 @@ def test_flatten_gives_dotted_keys():
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(KeyError, match="smoke"):
         get_preset("huge")
+
+
+def test_exponent_floats_from_yaml_are_numbers():
+    # PyYAML (YAML 1.1) reads `1e-4` as a string; float fields must still accept it.
+    cfg = override(get_preset("smoke"), {"train.stage2.optim.lr": "1e-4",
+                                         "train.stage1.optim.end_lr": "2E-5"})
+    assert cfg.train.stage2.optim.lr == 1e-4 and cfg.train.stage1.optim.end_lr == 2e-5
+    with pytest.raises(ConfigError, match="expected a number"):
+        override(get_preset("smoke"), {"train.stage2.optim.lr": "fast"})
