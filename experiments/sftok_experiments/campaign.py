@@ -1,0 +1,436 @@
+"""One invocation of a spec: MLflow parent run, stage-0 teacher, Ray Tune trials, summary.
+
+    plan = expand(spec, path, preset=..., seeds=..., sets=...)      # validated, no compute yet
+    result = run_campaign(plan, Options(resume=True))
+    sys.exit(result.exit_code)
+
+Resume (`Options.resume`): the latest parent run of the same campaign (tag `sftok.campaign`,
+a hash of the spec content, preset and resolved trials) is reused; trials whose child run is
+FINISHED are skipped; the others reuse their child run and their work directory
+(`<campaign dir>/trials/<key>/<stage>/`), where `train_stage` continues from its last periodic
+checkpoint. So nothing finished is re-run and no child run is duplicated. (A fresh Tuner per
+invocation, rather than `Tuner.restore`, keeps this independent of Ray's experiment state files
+and of pickled callbacks.)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftok_experiments import EXPERIMENTS_DIR, ROOT
+from sftok_experiments import tracking as trk
+from sftok_experiments.expand import Plan, describe
+
+
+@dataclass
+class Options:
+    tracking: str | None = None  # store dir or URI; default ./mlruns
+    ray_address: str | None = None  # attach to an existing Ray cluster
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    resume: bool = False
+    work_dir: str | None = None  # campaign dirs (trial work dirs, Ray storage); default ./runs
+    cache_dir: str | None = None  # teacher cache etc.; default ./.cache
+    max_failures: int | None = None  # default: the spec's
+    trial_fn: Callable[[dict], None] | None = None  # default: trial.run_trial
+    prepare_teacher: bool = True  # stage 0 in the driver before the trials
+    echo: Callable[..., None] = print
+
+
+@dataclass
+class TrialSummary:
+    key: str
+    arm: str
+    seed: int
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+    run_id: str | None = None
+    note: str = ""
+
+
+@dataclass
+class CampaignResult:
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    campaign_dir: Path
+    trials: list[TrialSummary]
+    wall_s: float
+    interrupted: bool = False
+    setup_error: str | None = None  # e.g. the teacher could not be trained / loaded
+
+    @property
+    def ok(self) -> bool:
+        return (not self.interrupted and self.setup_error is None
+                and all(t.status == "FINISHED" for t in self.trials))
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+
+
+def _pythonpath() -> str:
+    parts = [str(EXPERIMENTS_DIR), str(ROOT)]
+    old = os.environ.get("PYTHONPATH")
+    return os.pathsep.join(parts + ([old] if old else []))
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Start (or attach to) Ray so workers can import this package; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ["PYTHONPATH"] = _pythonpath()  # local workers inherit it from the raylet
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"],
+                                                "SFTOK_PROGRESS": "0"}}
+    if address:
+        # Other nodes may not have this checkout: ship the orchestration package with the job.
+        runtime_env = {"py_modules": [str(EXPERIMENTS_DIR / "sftok_experiments")],
+                       "env_vars": {"SFTOK_PROGRESS": "0"}}
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
+                 logging_level="WARNING")
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                 object_store_memory=200 * 1024 ** 2, runtime_env=runtime_env,
+                 logging_level="WARNING", log_to_driver=True)
+    return True
+
+
+def _optuna_searcher(search: dict, points: list[dict], rewards: list[float]):
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalMetricOptuna(OptunaSearch):
+        """Training reports carry train/* only; tell Optuna the final eval metric alone."""
+
+        def on_trial_result(self, trial_id, result):
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    kwargs: dict[str, Any] = {"metric": search["metric"], "mode": search["mode"]}
+    if points:
+        kwargs.update(points_to_evaluate=points, evaluated_rewards=rewards)
+    return FinalMetricOptuna(**kwargs)
+
+
+def _search_space(search: dict) -> dict:
+    from ray import tune
+
+    space = {}
+    for k, dist in search["space"].items():
+        kind, v = next((kk, vv) for kk, vv in dist.items() if vv is not None)
+        space[k] = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+                    "randint": lambda a: tune.randint(*a), "choice": tune.choice}[kind](v)
+    return space
+
+
+# --------------------------------------------------------------------------------------------
+# The campaign
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: str, echo) -> None:
+    """Stage 0 once per campaign (per distinct teacher), in the driver, before the trials."""
+    from sftok.train import get_teacher, teacher_cache_key, teacher_info
+
+    seen = set()
+    for t in todo:
+        key = teacher_cache_key(t.config)
+        if key in seen:
+            continue
+        seen.add(key)
+        t0 = time.time()
+        echo(f"[{trk._now()}] teacher (stage 0) {key}: preparing under {cache}", flush=True)
+
+        total = t.config.train.teacher.steps
+        last_echo = [time.time()]
+
+        def cb(step: int, metrics: dict[str, float], total: int = total,
+               last_echo: list = last_echo) -> None:
+            trk.log_metrics(client, parent_id, {f"train/stage0/{k}": v for k, v in metrics.items()
+                                                if isinstance(v, (int, float))}, step)
+            # A console line every ~30 s (and at the end) while the driver trains stage 0.
+            if "loss" in metrics and (time.time() - last_echo[0] > 30 or step >= total):
+                last_echo[0] = time.time()
+                shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "psnr")
+                                  if k in metrics)
+                echo(f"[{trk._now()}] teacher step {step}/{total}  {shown}", flush=True)
+
+        get_teacher(t.config, cache, callback=cb)
+        echo(f"[{trk._now()}] teacher ready in {time.time() - t0:.1f}s", flush=True)
+        trk.set_tags(client, parent_id, {f"teacher.{len(seen) - 1}": key})
+        if t.config.teacher.source == "train" and (cache / key / "teacher.json").exists():
+            try:
+                client.log_text(parent_id, json.dumps(teacher_info(cache / key), indent=1),
+                                f"teacher/{key}.json")
+            except Exception:  # noqa: BLE001 — informational
+                pass
+
+
+def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
+    opts = opts or Options()
+    echo = opts.echo
+    t_start = time.time()
+    spec = plan.spec
+    uri, artifact_root = trk.resolve_store(opts.tracking)
+    client = trk.client_for(uri)
+    exp_id = trk.get_experiment(client, spec.name, artifact_root,
+                                {"spec": spec.name, "reproduces": spec.reproduces})
+    campaign = plan.campaign_hash
+
+    parent = trk.find_resumable_parent(client, exp_id, campaign) if opts.resume else None
+    existing: dict[str, Any] = {}
+    if opts.resume and parent is None:
+        echo("--resume: no earlier invocation of this campaign in the store; starting afresh",
+             flush=True)
+    if parent is not None:
+        parent_id = parent.info.run_id
+        campaign_dir = Path(parent.data.tags.get("sftok.campaign_dir", ""))
+        existing = trk.children_of(client, exp_id, parent_id)
+        client.update_run(parent_id, status="RUNNING")
+        n = int(parent.data.tags.get("resumed", "0")) + 1
+        trk.set_tags(client, parent_id, {"resumed": n, f"command.resume{n}": trk.command_line()})
+        echo(f"resuming parent run {parent_id} ({sum(r.info.status == 'FINISHED' for r in existing.values())}"
+             f" of {len(existing)} recorded trials finished)", flush=True)
+    else:
+        commit, dirty = trk.git_commit()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        tags = {"sftok.role": trk.PARENT_ROLE, "spec": spec.name, "preset": plan.preset,
+                "git_commit": commit, "git_dirty": str(dirty).lower(),
+                "command": trk.command_line(), trk.CAMPAIGN_TAG: campaign,
+                "reproduces": spec.reproduces, "report": spec.report or "",
+                "spec_file": str(plan.spec_path), "n_trials": str(len(plan.trials))}
+        if plan.cli_overrides:
+            tags["overrides"] = " ".join(f"{k}={v}" for k, v in plan.cli_overrides.items())
+        run = client.create_run(exp_id, run_name=f"{spec.name}-{plan.preset}-{stamp}", tags=tags)
+        parent_id = run.info.run_id
+        root = Path(opts.work_dir).expanduser().resolve() if opts.work_dir else ROOT / "runs"
+        campaign_dir = root / spec.name / parent_id
+        trk.set_tags(client, parent_id, {"sftok.campaign_dir": str(campaign_dir)})
+        try:
+            client.log_artifact(parent_id, str(plan.spec_path))
+            client.log_text(parent_id, json.dumps([t.to_payload() for t in plan.trials],
+                                                  indent=1), "plan.json")
+        except Exception as e:  # noqa: BLE001
+            echo(f"warning: could not log the spec artifacts: {e}", flush=True)
+    campaign_dir.mkdir(parents=True, exist_ok=True)
+    echo(f"MLflow: {uri} — experiment '{spec.name}', parent run {parent_id}", flush=True)
+
+    finished = {k: r for k, r in existing.items() if r.info.status == "FINISHED"}
+    summaries: dict[str, TrialSummary] = {}
+    search = plan.search
+    if search:
+        todo = plan.trials
+        remaining = max(0, search["num_samples"] - len(finished))
+        for k, r in finished.items():
+            summaries[k] = _summary_from_run(k, r, "finished earlier")
+    else:
+        todo = [t for t in plan.trials if t.key not in finished]
+        remaining = len(todo)
+        for t in plan.trials:
+            if t.key in finished:
+                summaries[t.key] = _summary_from_run(t.key, finished[t.key], "finished earlier")
+    if finished:
+        echo(f"skipping {len(finished)} finished trial(s): {', '.join(sorted(finished))}",
+             flush=True)
+
+    cache = Path(opts.cache_dir).expanduser().resolve() if opts.cache_dir else ROOT / ".cache"
+    interrupted = False
+    tracker = None
+    started_ray = False
+    setup_error = None
+    try:
+        if remaining and opts.prepare_teacher:
+            import torch
+
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            try:
+                _prepare_teachers(plan, todo, cache / "teachers", client, parent_id, echo)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 — reported, recorded, exit non-zero
+                setup_error = f"{type(e).__name__}: {e}"
+                echo(f"error: stage 0 (teacher) failed, no trial started: {setup_error}",
+                     file=sys.stderr, flush=True)
+                trk.set_tags(client, parent_id, {"error": setup_error})
+        if remaining and setup_error is None:
+            started_ray = init_ray(opts.ray_address)
+            tracker = _run_tuner(plan, opts, todo, remaining, finished, client, exp_id,
+                                 parent_id, existing, campaign_dir, cache, echo)
+    except KeyboardInterrupt:
+        interrupted = True
+        echo("interrupted: finish later with --resume", flush=True)
+    except Exception as e:  # noqa: BLE001 — the driver itself failed: record it, exit non-zero
+        import traceback
+
+        setup_error = f"{type(e).__name__}: {e}"
+        echo(traceback.format_exc(), file=sys.stderr, flush=True)
+        trk.set_tags(client, parent_id, {"error": setup_error[:5000]})
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    if tracker is not None:
+        for rec in tracker.records.values():
+            summaries[rec.key] = TrialSummary(rec.key, rec.arm, rec.seed, rec.status,
+                                              dict(rec.metrics), rec.error, rec.seconds,
+                                              rec.run_id)
+    for t in plan.trials if not search else []:
+        summaries.setdefault(t.key, TrialSummary(t.key, t.arm, t.seed, "NOT RUN"))
+    # Children still RUNNING (driver interrupted mid-trial) are closed as KILLED.
+    for s in summaries.values():
+        if s.status in ("RUNNING", "PENDING") and s.run_id:
+            client.set_terminated(s.run_id, status="KILLED")
+            s.status = "KILLED"
+    interrupted = interrupted or any(s.status == "KILLED" for s in summaries.values())
+    order = {t.key: i for i, t in enumerate(plan.trials)}
+    trials = sorted(summaries.values(), key=lambda s: (order.get(s.key, len(order)), s.key))
+    result = CampaignResult(parent_id, exp_id, uri, campaign_dir, trials, time.time() - t_start,
+                            interrupted, setup_error)
+    table = summary_table(result)
+    echo(table, flush=True)
+    n_fin = sum(t.status == "FINISHED" for t in trials)
+    n_fail = sum(t.status == "FAILED" for t in trials)
+    trk.set_tags(client, parent_id, {"n_finished": n_fin, "n_failed": n_fail,
+                                     "wall_s": f"{result.wall_s:.1f}"})
+    try:
+        client.log_text(parent_id, table + "\n", "summary.txt")
+    except Exception:  # noqa: BLE001
+        pass
+    status = "FINISHED" if result.ok else (
+        "KILLED" if interrupted and not n_fail and not setup_error else "FAILED")
+    client.set_terminated(parent_id, status=status)
+    if not result.ok:
+        bad = [t for t in trials if t.status != "FINISHED"]
+        echo(f"{len(bad)} of {len(trials)} trial(s) did not finish: "
+             + "; ".join(f"{t.key}: {t.status}{' — ' + t.error if t.error else ''}"
+                         for t in bad), file=sys.stderr, flush=True)
+        if interrupted:
+            echo(f"continue with: python experiments/run.py {plan.spec_path} --resume "
+                 "(same preset/seeds/--set)", file=sys.stderr, flush=True)
+    return result
+
+
+def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id, existing,
+               campaign_dir, cache, echo):
+    from ray import tune
+
+    from sftok_experiments.trial import run_trial
+
+    spec = plan.spec
+    cpus = float(opts.cpus_per_trial)
+    runtime = {"work_root": str(campaign_dir / "trials"), "teacher_cache": str(cache / "teachers"),
+               "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus))}
+    tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
+                                existing={k: r for k, r in existing.items()
+                                          if r.info.status != "FINISHED"}, echo=echo)
+    trainable = tune.with_resources(opts.trial_fn or run_trial,
+                                    {"cpu": cpus, "gpu": float(opts.gpus_per_trial)})
+    if plan.search:
+        search = plan.search
+        points, rewards = [], []
+        for r in finished.values():
+            vals = {k: _param_value(r.data.params.get(k)) for k in search["space"]}
+            if search["metric"] in r.data.metrics and None not in vals.values():
+                points.append(vals)
+                rewards.append(r.data.metrics[search["metric"]])
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train reports lack the metric
+        param_space = {"trial": todo[0].to_payload(), "runtime": runtime,
+                       "search": _search_space(search)}
+        tune_config = tune.TuneConfig(search_alg=_optuna_searcher(search, points, rewards),
+                                      num_samples=remaining,
+                                      max_concurrent_trials=opts.max_concurrent,
+                                      trial_dirname_creator=lambda t: f"search-{t.trial_id}")
+    else:
+        param_space = {"trial": tune.grid_search([t.to_payload() for t in todo]),
+                       "runtime": runtime}
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=opts.max_concurrent,
+                                      trial_dirname_creator=lambda t: t.config["trial"]["key"])
+    max_failures = spec.max_failures if opts.max_failures is None else opts.max_failures
+    # Our tracker prints one line per trial event; silence Ray's own tables.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    run_config = tune.RunConfig(
+        name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=str(campaign_dir / "ray"),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=[tracker], verbose=0)
+    echo(f"[{trk._now()}] {remaining} trial(s) on Ray: {cpus:g} CPU / "
+         f"{opts.gpus_per_trial:g} GPU each, max concurrent "
+         f"{opts.max_concurrent or 'unlimited'}, retries {max_failures}", flush=True)
+    tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                       run_config=run_config)
+    tuner.fit()
+    return tracker
+
+
+def _param_value(v: str | None):
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+def _summary_from_run(key: str, run, note: str) -> TrialSummary:
+    t = run.data.tags
+    return TrialSummary(key, t.get("arm", "?"), int(t.get("seed", -1)), run.info.status,
+                        {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")},
+                        t.get("error"), 0.0, run.info.run_id, note)
+
+
+def summary_table(result: CampaignResult) -> str:
+    """The final table: arm, seed, status, key eval metrics (largest S), time."""
+    keys = trk.summary_metric_keys([t.metrics for t in result.trials])
+    head = ["arm", "seed", "status"] + [k.removeprefix("eval/") for k in keys] + ["time"]
+    rows = []
+    for t in result.trials:
+        status = t.status + (f" ({t.note})" if t.note else "")
+        rows.append([t.arm, str(t.seed), status]
+                    + [f"{t.metrics[k]:.4f}" if k in t.metrics else "-" for k in keys]
+                    + [f"{t.seconds:.0f}s" if t.seconds else "-"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+    out = [f"summary: {len(result.trials)} trial(s), wall {result.wall_s:.0f}s, parent run "
+           f"{result.parent_run_id}", line(head), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def dry_run(plan: Plan) -> str:
+    return describe(plan)
+
+
+__all__ = [
+    "CampaignResult",
+    "Options",
+    "TrialSummary",
+    "dry_run",
+    "init_ray",
+    "run_campaign",
+    "summary_table",
+]

@@ -1,0 +1,169 @@
+"""The command line of `python experiments/run.py` (see `--help`)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from sftok_experiments.spec import SpecError, list_specs, load_spec
+
+USAGE = """\
+python experiments/run.py SPEC [--preset NAME] [--seeds N] [--set key=value ...]
+                          [--data imagenet=PATH] [--tracking-uri URI] [--ray-address ADDR]
+                          [--cpus-per-trial N] [--gpus-per-trial F] [--max-concurrent N]
+                          [--resume] [--dry-run]
+python experiments/run.py --list
+python experiments/run.py ui [--tracking-uri URI] [--port 5000] [--print]
+python experiments/run.py snapshot [--remote NAME]"""
+
+EPILOG = """\
+SPEC is a spec name (experiments/specs/NAME.yaml) or a path to a YAML spec.
+Examples:
+  python experiments/run.py ablation_replace_ratio                 # Table 4, tiny preset, CPU
+  python experiments/run.py ablation_replace_ratio --preset smoke --seeds 1
+  python experiments/run.py step_sweep --set train.stage2.steps=600 --dry-run
+  python experiments/run.py ablation_replace_ratio --preset sftok-b --data imagenet=/data/imagenet \\
+      --gpus-per-trial 1 --cpus-per-trial 8 --ray-address auto
+  python experiments/run.py ablation_replace_ratio --resume         # continue an interrupted run
+Every trial is a child run of the invocation's parent run in MLflow (store ./mlruns by default:
+SQLite mlruns/mlflow.db + mlruns/artifacts/); browse it with `python experiments/run.py ui`."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="experiments/run.py", usage=USAGE, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Run an SFTok experiment spec: Ray Tune trials "
+                                            "tracked in MLflow.")
+    p.add_argument("spec", nargs="?", help="spec name or path")
+    p.add_argument("--list", action="store_true", help="list the shipped specs and exit")
+    p.add_argument("--preset", help="preset (default: the spec's): smoke, tiny, small, "
+                                    "sftok-b, sftok-l")
+    p.add_argument("--seeds", type=int, help="run seeds 0..N-1 (default: the spec's seeds)")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[],
+                   help="override any config field, e.g. train.stage2.steps=100 (repeatable)")
+    p.add_argument("--data", action="append", metavar="NAME=PATH", default=[],
+                   help="dataset: imagenet=/path (image folder with train/ val/) or a "
+                        "webdataset pattern with .tar; 'embedded' for the built-in photos")
+    p.add_argument("--tracking-uri", help="MLflow store: a directory (default ./mlruns) or URI")
+    p.add_argument("--ray-address", help="attach to an existing Ray cluster (e.g. auto)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--max-concurrent", type=int, help="max trials running at once")
+    p.add_argument("--max-failures", type=int, help="retries of a crashed trial (default: spec)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest invocation of the same campaign: skip finished "
+                        "trials, continue the others from their checkpoints")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    p.add_argument("--work-dir", help="campaign working dirs (default ./runs)")
+    p.add_argument("--cache-dir", help="teacher / FID-statistics cache (default ./.cache)")
+    # Tests and plugins: a replacement trial function, "path/to/file.py:function" or "mod:fn".
+    p.add_argument("--trial-fn", help=argparse.SUPPRESS)
+    p.add_argument("--no-teacher", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _load_trial_fn(ref: str):
+    target, _, name = ref.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target).resolve()
+        mod_name = f"_sftok_trial_fn_{path.stem}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(module)  # workers need not import the file
+    else:
+        module = importlib.import_module(target)
+    return getattr(module, name)
+
+
+def cmd_ui(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="experiments/run.py ui")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--print", action="store_true", help="print the command only")
+    a = p.parse_args(argv)
+    from sftok_experiments.tracking import resolve_store
+
+    uri, artifacts = resolve_store(a.tracking_uri)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1"]
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
+    print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+    if a.print:
+        return 0
+    print(f"MLflow UI on http://127.0.0.1:{a.port} (Ctrl-C to stop)", flush=True)
+    try:
+        return subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_snapshot(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="experiments/run.py snapshot")
+    p.add_argument("--store", default="mlruns")
+    p.add_argument("--remote", help="DVC remote to push to")
+    a = p.parse_args(argv)
+    from sftok_experiments.dvc import snapshot
+
+    return snapshot(a.store, a.remote)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ui":
+        return cmd_ui(argv[1:])
+    if argv and argv[0] == "snapshot":
+        return cmd_snapshot(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name in list_specs():
+            try:
+                spec, _ = load_spec(name)
+                print(f"{name:<24} {spec.reproduces:<22} {spec.description}")
+            except SpecError as e:
+                print(f"{name:<24} INVALID: {e}")
+        return 0
+    if not args.spec:
+        build_parser().print_usage(sys.stderr)
+        print("error: give a SPEC (or --list)", file=sys.stderr)
+        return 2
+
+    from sftok_experiments.expand import describe, expand, parse_data, parse_set
+
+    # Everything below until run_campaign is validation: no Ray, no training.
+    try:
+        spec, path = load_spec(args.spec)
+        plan = expand(spec, path, preset=args.preset, seeds=args.seeds,
+                      sets=parse_set(args.sets), data=parse_data(args.data))
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(describe(plan))
+        return 0
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        print("error: --cpus-per-trial must be > 0 and --gpus-per-trial >= 0", file=sys.stderr)
+        return 2
+
+    from sftok_experiments.campaign import Options, run_campaign
+
+    print(describe(plan), flush=True)
+    opts = Options(tracking=args.tracking_uri, ray_address=args.ray_address,
+                   cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                   max_concurrent=args.max_concurrent, resume=args.resume,
+                   work_dir=args.work_dir, cache_dir=args.cache_dir,
+                   max_failures=args.max_failures, prepare_teacher=not args.no_teacher)
+    if args.trial_fn:
+        opts.trial_fn = _load_trial_fn(args.trial_fn)
+    os.environ.setdefault("SFTOK_PROGRESS", "0")
+    result = run_campaign(plan, opts)
+    return result.exit_code

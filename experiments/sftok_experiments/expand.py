@@ -1,0 +1,236 @@
+"""A spec (+ CLI options) -> trials: arms x seeds, each with a resolved `ExperimentConfig`.
+
+Resolution order of one trial's config (later wins):
+  preset -> spec `overrides` -> spec `evaluation` -> named arm `overrides` -> grid values
+  -> `--data` -> `--set` -> the arm's `stage_steps` budgets -> `seed`.
+`stage_steps` is computed from the config just before it (so `--set train.stage1.steps=...`
+also moves the budget of a "same total steps" arm).
+
+Everything here is pure and fast: it runs (and fails, naming file and field) before Ray starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftok.config import ConfigError, ExperimentConfig, override, to_dict
+from sftok.presets import PRESETS, get_preset
+from sftok_experiments.spec import STAGES, NamedArm, Spec, SpecError
+
+
+@dataclass
+class Trial:
+    """One arm x seed (or, with `search:`, the template every Optuna sample starts from)."""
+
+    key: str  # unique within the campaign, filesystem-safe: "<arm>_s<seed>"
+    arm: str
+    seed: int
+    stages: list[str]
+    config: ExperimentConfig
+    arm_values: dict[str, Any] = field(default_factory=dict)  # the arm's own overrides
+
+    def to_payload(self) -> dict[str, Any]:
+        """JSON-safe form that travels to the Ray trial (no store paths inside)."""
+        return {"key": self.key, "arm": self.arm, "seed": self.seed, "stages": list(self.stages),
+                "config": to_dict(self.config), "arm_values": self.arm_values}
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    spec_path: Path
+    preset: str
+    trials: list[Trial]
+    search: dict[str, Any] | None = None  # the spec's search block (dumped) when present
+    cli_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def campaign_hash(self) -> str:
+        """Identifies the campaign for `--resume`: same spec content, preset and trials."""
+        blob = json.dumps({"spec": self.spec.model_dump(mode="json"), "preset": self.preset,
+                           "trials": [t.to_payload() for t in self.trials]}, sort_keys=True,
+                          default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` items -> {key: value}; values stay strings, which `override` parses as
+    YAML scalars and checks against the field's type."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SpecError("--set", item, "expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def parse_data(items: list[str] | None) -> dict[str, Any]:
+    """`--data imagenet=PATH` (image folder or webdataset shards) / `--data embedded`.
+
+    A folder path goes to `data.path` (an ImageNet root with train/ and val/ inside is enough,
+    `sftok.data` finds both); `PATH` with `.tar` in it selects webdataset shards, optionally
+    `TRAIN_PATTERN,VAL_PATTERN`.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if item == "embedded":
+            out.update({"data.source": "embedded", "data.path": None, "data.val_path": None})
+            continue
+        if "=" not in item or not item.split("=", 1)[1]:
+            raise SpecError("--data", item, "expected NAME=PATH (e.g. imagenet=/data/imagenet) "
+                            "or 'embedded'")
+        path = item.split("=", 1)[1]
+        if ".tar" in path:
+            train, _, val = path.partition(",")
+            out.update({"data.source": "webdataset", "data.path": train,
+                        "data.val_path": val or None})
+        else:
+            out.update({"data.source": "folder", "data.path": str(Path(path).expanduser())})
+    return out
+
+
+def _label_value(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "x".join(_label_value(x) for x in v)
+    return str(v)
+
+
+def _grid_labels(keys: list[str]) -> dict[str, str]:
+    """Short names for grid fields: the last path component unless two fields share it."""
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    counts = {s: list(short.values()).count(s) for s in short.values()}
+    return {k: (s if counts[s] == 1 else k) for k, s in short.items()}
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", s)
+
+
+def _apply(cfg: ExperimentConfig, overrides: dict[str, Any], file: Path, where: str
+           ) -> ExperimentConfig:
+    try:
+        return override(cfg, overrides)
+    except ConfigError as e:
+        field = e.field
+        # Name the spec field the override came from, plus the config path inside it.
+        raise SpecError(file, f"{where}.{field}" if where else field,
+                        str(e).split(": ", 1)[-1]) from None
+
+
+def _stage_steps(cfg: ExperimentConfig, arm: NamedArm, file: Path, where: str
+                 ) -> dict[str, int]:
+    out = {}
+    for stage, budget in arm.stage_steps.items():
+        if isinstance(budget, int):
+            steps = budget
+        else:
+            steps = sum(getattr(cfg.train, s).steps for s in budget)
+        if steps < 1:
+            raise SpecError(file, f"{where}.stage_steps.{stage}", "budget must be >= 1 step")
+        out[f"train.{stage}.steps"] = steps
+    return out
+
+
+def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int | None = None,
+           sets: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> Plan:
+    """All trials of a spec; raises SpecError (file + field) on any bad override."""
+    preset = preset or spec.preset
+    if preset not in PRESETS:
+        where = "--preset" if preset != spec.preset else "preset"
+        raise SpecError(spec_path if where == "preset" else "--preset", where,
+                        f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    sets = dict(sets or {})
+    data = dict(data or {})
+    seed_list = list(range(seeds)) if seeds else spec.seed_list()
+
+    base = get_preset(preset)
+    base = _apply(base, spec.overrides, spec_path, "overrides")
+    base = _apply(base, spec.evaluation.overrides(), spec_path, "evaluation")
+
+    named: list[NamedArm | None] = list(spec.arms.named) or [None]
+    grid_keys = list(spec.arms.grid)
+    labels = _grid_labels(grid_keys)
+    combos = list(itertools.product(*(spec.arms.grid[k] for k in grid_keys))) or [()]
+
+    if spec.search is not None and (spec.arms.named or spec.arms.grid):
+        raise SpecError(spec_path, "search", "a search spec has no arms (the searcher picks "
+                        "the values); move fixed choices to `overrides`")
+
+    trials: list[Trial] = []
+    for i, arm in enumerate(named):
+        where_arm = f"arms.named[{i}]"
+        for combo in combos:
+            cfg = base
+            arm_values: dict[str, Any] = {}
+            parts = []
+            if arm is not None:
+                cfg = _apply(cfg, arm.overrides, spec_path, f"{where_arm}.overrides")
+                arm_values.update(arm.overrides)
+                parts.append(arm.name)
+            grid_over = dict(zip(grid_keys, combo))
+            if grid_over:
+                for k, v in grid_over.items():
+                    cfg = _apply(cfg, {k: v}, spec_path, "arms.grid")
+                arm_values.update(grid_over)
+                parts.extend(f"{labels[k]}={_label_value(v)}" for k, v in grid_over.items())
+            cfg = _apply(cfg, data, "--data", "") if data else cfg
+            cfg = _apply(cfg, sets, "--set", "") if sets else cfg
+            if arm is not None and arm.stage_steps:
+                steps = _stage_steps(cfg, arm, spec_path, where_arm)
+                cfg = _apply(cfg, steps, spec_path, f"{where_arm}.stage_steps")
+                arm_values.update(steps)
+            stages = list(arm.stages) if arm is not None and arm.stages else list(spec.stages)
+            label = ",".join(parts) or ("search" if spec.search else "base")
+            for seed in (seed_list[:1] if spec.search else seed_list):
+                tcfg = _apply(cfg, {"seed": seed}, spec_path, "seeds")
+                trials.append(Trial(key=_safe(f"{label}_s{seed}"), arm=label, seed=seed,
+                                    stages=stages, config=tcfg, arm_values=arm_values))
+
+    keys = [t.key for t in trials]
+    if len(set(keys)) != len(keys):
+        raise SpecError(spec_path, "arms", "two arms produce the same label")
+
+    search = None
+    if spec.search is not None:
+        # Check each dimension is a real config field by applying a representative value.
+        for k, dist in spec.search.space.items():
+            _, v = dist.kind()
+            sample = v[0]
+            _apply(trials[0].config, {k: sample}, spec_path, "search.space")
+        search = spec.search.model_dump(mode="json")
+    for t in trials:
+        for s in t.stages:
+            assert s in STAGES
+    return Plan(spec=spec, spec_path=spec_path, preset=preset, trials=trials, search=search,
+                cli_overrides=sets)
+
+
+def describe(plan: Plan) -> str:
+    """Human-readable listing of the trials (what `--dry-run` prints)."""
+    spec = plan.spec
+    lines = [f"spec {spec.name} ({plan.spec_path}) — reproduces: {spec.reproduces or '-'}",
+             f"preset {plan.preset}; {len(plan.trials)} trial(s); campaign {plan.campaign_hash}"]
+    if plan.cli_overrides:
+        lines.append("--set " + " ".join(f"{k}={v}" for k, v in plan.cli_overrides.items()))
+    if plan.search:
+        s = plan.search
+        lines.append(f"search: Optuna, {s['num_samples']} samples, {s['mode']} {s['metric']} "
+                     f"over {', '.join(s['space'])}")
+    w = max(len(t.key) for t in plan.trials)
+    for t in plan.trials:
+        steps = " + ".join(f"{s}:{getattr(t.config.train, s).steps}" for s in t.stages)
+        extra = ", ".join(f"{k}={v}" for k, v in t.arm_values.items()
+                          if not k.endswith(".steps"))
+        lines.append(f"  {t.key:<{w}}  arm={t.arm} seed={t.seed} stages=[{steps}]"
+                     + (f"  ({extra})" if extra else ""))
+    if spec.report:
+        lines.append(f"report: {spec.report}")
+    return "\n".join(lines)

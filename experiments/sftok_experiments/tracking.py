@@ -1,0 +1,420 @@
+"""The single MLflow writer (DESIGN §2): everything a campaign logs goes through the driver.
+
+Layout: one experiment per spec; one parent run per invocation (tags `spec`, `preset`,
+`git_commit`, `command`, `sftok.role=parent`, `sftok.campaign=<hash>`); one child run per
+trial (`mlflow.parentRunId`, `sftok.role=trial`, `arm`, `seed`, `trial_key`, `ray_trial_id`;
+params = the flattened resolved config). Metrics `train/<stage>/<name>` (step = global
+optimiser step), `eval/<name>` (step 0), `trace/<name>` (step = decode step i). Artifacts
+`config.json`, `eval.json`, `trace.csv`, `grids/recon_s<S>.png`, `checkpoint/`.
+
+`MlflowTracker` is a `tune.Callback`: Ray calls it in the driver for every trial event, so
+trials on any node only need `tune.report` (metrics) and their checkpoint (artifacts), and
+concurrent trials never race on the SQLite store. Resume: existing children are found by the
+tag `trial_key` under the parent and reused, never duplicated; metric points at steps already
+logged are skipped (a retried trial re-reports the steps after its last checkpoint).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sftok_experiments import ROOT
+
+PARENT_ROLE = "parent"
+TRIAL_ROLE = "trial"
+CAMPAIGN_TAG = "sftok.campaign"
+KEY_TAG = "trial_key"
+PARENT_ID_TAG = "mlflow.parentRunId"
+
+
+# --------------------------------------------------------------------------------------------
+# Store
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_store(tracking: str | None) -> tuple[str, str | None]:
+    """(tracking URI, artifact root or None). Default: ./mlruns (mlflow.db + artifacts/).
+
+    A plain directory is a store of the same layout; a URI (sqlite:, http:, file:, ...) is used
+    as given with the server's / MLflow's default artifact location.
+    """
+    if tracking is None:
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or str(ROOT / "mlruns")
+    if "://" in tracking or tracking.startswith(("sqlite:", "databricks")):
+        m = tracking.removeprefix("sqlite:///")
+        if tracking.startswith("sqlite:///"):
+            store = Path(m).parent
+            store.mkdir(parents=True, exist_ok=True)
+            return tracking, (store / "artifacts").resolve().as_uri()
+        return tracking, None
+    store = Path(tracking).expanduser().resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    (store / "artifacts").mkdir(exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
+
+
+def client_for(uri: str):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    # SQLite schema migrations log at INFO on first use; keep the console for trial events.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_experiment(client, name: str, artifact_root: str | None, tags: dict[str, str]) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    loc = f"{artifact_root}/{name}" if artifact_root else None
+    return client.create_experiment(name, artifact_location=loc, tags=tags)
+
+
+def git_commit() -> tuple[str, bool]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return sha or "unknown", dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def _search_all(client, exp_id: str, filter_string: str, order_by=None) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string=filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_resumable_parent(client, exp_id: str, campaign: str):
+    """The latest parent run of this campaign (same spec content, preset and trials)."""
+    runs = _search_all(client, exp_id, f"tags.`{CAMPAIGN_TAG}` = '{campaign}' and "
+                                       f"tags.`sftok.role` = '{PARENT_ROLE}'",
+                       order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def children_of(client, exp_id: str, parent_id: str) -> dict[str, Any]:
+    """trial_key -> latest child run under the parent."""
+    runs = _search_all(client, exp_id, f"tags.`{PARENT_ID_TAG}` = '{parent_id}'",
+                       order_by=["attributes.start_time ASC"])
+    return {r.data.tags[KEY_TAG]: r for r in runs if KEY_TAG in r.data.tags}
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, _param_str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+
+def _param_str(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+    return s[:6000]
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i:i + 1000], synchronous=True)
+
+
+def set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, tags=items[i:i + 100], synchronous=True)
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
+
+
+# --------------------------------------------------------------------------------------------
+# The tune.Callback
+# --------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+def _trace_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class TrialRecord:
+    def __init__(self, key: str, arm: str, seed: int, run_id: str | None = None):
+        self.key, self.arm, self.seed, self.run_id = key, arm, seed, run_id
+        self.status = "PENDING"
+        self.metrics: dict[str, float] = {}
+        self.error: str | None = None
+        self.last_step: dict[str, int] = {}  # metric key -> last logged step
+        self.got_final = False
+        self.started = None
+        self.seconds = 0.0
+        self.retries = 0
+
+
+def _make_tracker_class():
+    from ray import tune
+
+    class MlflowTracker(tune.Callback):
+        """Creates a child run per trial and logs params/tags/metrics/artifacts (driver only)."""
+
+        def __init__(self, client, experiment_id: str, parent_id: str, spec_name: str,
+                     preset: str, existing: dict[str, Any] | None = None,
+                     template_config=None, echo=print):
+            self.client = client
+            self.exp_id = experiment_id
+            self.parent_id = parent_id
+            self.spec_name = spec_name
+            self.preset = preset
+            self.existing = dict(existing or {})  # key -> MLflow run (from an earlier invocation)
+            self.records: dict[str, TrialRecord] = {}  # by ray trial id
+            self.template_config = template_config
+            self.echo = echo
+
+        # Ray pickles the run config (tuner.pkl, for Tuner.restore); the store client and the
+        # console are driver-only and are not part of that state.
+        def __getstate__(self):
+            state = dict(self.__dict__)
+            state["client"] = None
+            state["echo"] = None
+            return state
+
+        # -- helpers -------------------------------------------------------------------------
+        def _key(self, trial) -> str:
+            if trial.config.get("search"):
+                return f"search-{trial.trial_id}"
+            return trial.config["trial"]["key"]
+
+        def _record(self, trial) -> TrialRecord:
+            rec = self.records.get(trial.trial_id)
+            if rec is None:
+                p = trial.config["trial"]
+                arm = p["arm"]
+                if trial.config.get("search"):  # an Optuna sample: label it by its values
+                    arm = ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}"
+                                   for k, v in trial.config["search"].items())
+                rec = TrialRecord(self._key(trial), arm, p["seed"])
+                self.records[trial.trial_id] = rec
+            return rec
+
+        def _line(self, rec: TrialRecord, what: str) -> None:
+            self.echo(f"[{_now()}] trial {rec.key:<24} {what}", flush=True)
+
+        def _open_run(self, trial, rec: TrialRecord) -> None:
+            from sftok.config import flatten, to_dict
+            from sftok_experiments.trial import resolved_config
+
+            payload = trial.config["trial"]
+            prev = self.existing.get(rec.key)
+            if prev is not None:  # resumed: reuse the child, drop points already logged
+                rec.run_id = prev.info.run_id
+                self.client.update_run(rec.run_id, status="RUNNING")
+                if "error" in prev.data.tags:  # the earlier attempt's error no longer applies
+                    self.client.delete_tag(rec.run_id, "error")
+                for k in prev.data.metrics:
+                    if k.startswith("train/"):
+                        hist = self.client.get_metric_history(rec.run_id, k)
+                        if hist:
+                            rec.last_step[k] = max(m.step for m in hist)
+                set_tags(self.client, rec.run_id, {"ray_trial_id": trial.trial_id,
+                                                   "resumed": "true"})
+                return
+            cfg = resolved_config(trial.config)
+            tags = {PARENT_ID_TAG: self.parent_id, "sftok.role": TRIAL_ROLE, "arm": rec.arm,
+                    "seed": str(rec.seed), KEY_TAG: rec.key, "spec": self.spec_name,
+                    "preset": self.preset, "ray_trial_id": trial.trial_id,
+                    "stages": ",".join(payload["stages"])}
+            for k, v in (payload.get("arm_values") or {}).items():
+                tags[f"arm.{k}"] = v
+            for k, v in (trial.config.get("search") or {}).items():
+                tags[f"search.{k}"] = v
+            run = self.client.create_run(self.exp_id, run_name=rec.key, tags=tags)
+            rec.run_id = run.info.run_id
+            params = flatten(to_dict(cfg))
+            params["stages"] = ",".join(payload["stages"])
+            params["arm"] = rec.arm
+            log_params(self.client, rec.run_id, params)
+
+        # -- Ray Tune hooks ------------------------------------------------------------------
+        def on_trial_start(self, iteration, trials, trial, **info):
+            rec = self._record(trial)
+            if rec.run_id is None:
+                self._open_run(trial, rec)
+            rec.status = "RUNNING"
+            rec.started = rec.started or time.time()
+            self._line(rec, f"started   arm={rec.arm} seed={rec.seed} run={rec.run_id[:8]}")
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            rec = self._record(trial)
+            rec.retries += 1
+            self._line(rec, f"crashed, retrying from its last checkpoint "
+                            f"(retry {rec.retries}): {_error_summary(trial)}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            rec = self._record(trial)
+            if rec.run_id is None:
+                self._open_run(trial, rec)
+            event = result.get("event")
+            if event == "train":
+                step = int(result.get("global_step", 0))
+                m = {k: v for k, v in result.items() if k.startswith("train/")
+                     and isinstance(v, (int, float)) and step > rec.last_step.get(k, -1)}
+                for k in m:
+                    rec.last_step[k] = step
+                if m:
+                    log_metrics(self.client, rec.run_id, m, step)
+            elif event == "stage_done":
+                self._line(rec, f"{result.get('stage')} done (global step "
+                                f"{result.get('global_step')})")
+            elif event == "final":
+                m = {k: v for k, v in result.items() if k.startswith("eval/")
+                     and isinstance(v, (int, float))}
+                log_metrics(self.client, rec.run_id, m, 0)
+                rec.metrics.update(m)
+                rec.got_final = True
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            rec = self._record(trial)
+            if rec.run_id is None:
+                self._open_run(trial, rec)
+            rec.seconds = time.time() - (rec.started or time.time())
+            if not rec.got_final:
+                # Stopped before its final report (e.g. the campaign was interrupted).
+                rec.status = "KILLED"
+                self.client.set_terminated(rec.run_id, status="KILLED")
+                self._line(rec, "stopped before finishing (resume with --resume)")
+                return
+            try:
+                self._log_artifacts(trial, rec)
+            except Exception as e:  # noqa: BLE001 — a logging problem must not hide the result
+                self._line(rec, f"warning: could not log artifacts: {e}")
+                set_tags(self.client, rec.run_id, {"artifact_error": str(e)})
+            rec.status = "FINISHED"
+            self.client.set_terminated(rec.run_id, status="FINISHED")
+            self._line(rec, f"finished in {rec.seconds:.0f}s  " + _short_metrics(rec.metrics))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            rec = self._record(trial)
+            if rec.run_id is None:
+                self._open_run(trial, rec)
+            rec.seconds = time.time() - (rec.started or time.time())
+            text = _error_text(trial)
+            rec.error = _error_summary(trial)
+            rec.status = "FAILED"
+            set_tags(self.client, rec.run_id, {"error": rec.error})
+            try:
+                self.client.log_text(rec.run_id, text, "error.txt")
+            except Exception:  # noqa: BLE001
+                pass
+            self.client.set_terminated(rec.run_id, status="FAILED")
+            self._line(rec, f"FAILED: {rec.error}")
+
+        # -- artifacts -----------------------------------------------------------------------
+        def _log_artifacts(self, trial, rec: TrialRecord) -> None:
+            ckpt = trial.checkpoint
+            if ckpt is None:
+                return
+            with ckpt.as_directory() as d:
+                d = Path(d)
+                for name in ("config.json", "eval.json", "trace.csv"):
+                    if (d / name).exists():
+                        self.client.log_artifact(rec.run_id, str(d / name))
+                for sub in ("grids", "checkpoint"):
+                    if (d / sub).is_dir():
+                        self.client.log_artifacts(rec.run_id, str(d / sub), sub)
+                if (d / "trace.csv").exists():
+                    for row in _trace_rows(d / "trace.csv"):
+                        step = int(float(row.pop("step")))
+                        vals = {}
+                        for k, v in row.items():
+                            try:
+                                vals[f"trace/{k}"] = float(v)
+                            except (TypeError, ValueError):
+                                continue
+                        log_metrics(self.client, rec.run_id, vals, step)
+                if (d / "eval.json").exists():
+                    un = json.loads((d / "eval.json").read_text()).get("unavailable") or {}
+                    if un:
+                        set_tags(self.client, rec.run_id,
+                                 {f"eval_unavailable.{k}": v for k, v in un.items()})
+
+    return MlflowTracker
+
+
+def MlflowTracker(*args, **kwargs):
+    return _make_tracker_class()(*args, **kwargs)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text()
+    err = trial.get_error() if hasattr(trial, "get_error") else None
+    if err is not None:
+        return "".join(traceback.format_exception(err))
+    return "unknown error"
+
+
+def _error_summary(trial) -> str:
+    text = _error_text(trial).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # The last line of a traceback names the exception; Ray wraps it in RayTaskError(...).
+    for ln in reversed(lines):
+        s = ln.strip()
+        if ("Error" in s or "Exception" in s) and not s.startswith(("File ", "ray.")):
+            return s[:500]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+KEY_METRICS = ("psnr", "ssim", "lpips", "rfid")
+
+
+def _short_metrics(metrics: dict[str, float]) -> str:
+    keys = summary_metric_keys([metrics])
+    return "  ".join(f"{k.removeprefix('eval/')}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def summary_metric_keys(all_metrics: list[dict[str, float]]) -> list[str]:
+    """eval/<m>_s<S> at the largest S present for the key metrics, then token_top1."""
+    present = set().union(*[set(m) for m in all_metrics]) if all_metrics else set()
+    out = []
+    for m in KEY_METRICS:
+        steps = [int(k.rsplit("_s", 1)[1]) for k in present
+                 if k.startswith(f"eval/{m}_s") and k.rsplit("_s", 1)[1].isdigit()]
+        if steps:
+            out.append(f"eval/{m}_s{max(steps)}")
+    if "eval/token_top1" in present:
+        out.append("eval/token_top1")
+    return out

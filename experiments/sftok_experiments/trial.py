@@ -1,0 +1,218 @@
+"""The Ray Tune trial: stage pipeline (train_stage) -> evaluate -> artifacts, reported back.
+
+A trial never touches the MLflow store (DESIGN §2, one writer): it sends training metrics with
+`tune.report` and its artifacts (config.json, eval.json, trace.csv, grids/, checkpoint/) as the
+directory of its final `tune.Checkpoint`, which Ray persists to the run's storage; the driver's
+`tracking.MlflowTracker` logs both.
+
+Report protocol (shared with the test trial functions, see `report_train` / `report_final`):
+- `{"event": "train", "stage": s, "global_step": n, "train/<s>/<name>": v, ...}`
+- `{"event": "stage_done", "stage": s, "global_step": n}` + a checkpoint holding the finished
+  stages (so a retry on another node skips them)
+- `{"event": "final", "eval/<name>": v, ...}` + a checkpoint holding the artifacts.
+
+Resumability: stage outputs live in `runtime.work_root/<trial key>/<stage>/` — the same
+directory on a retry (`FailureConfig`) and on `--resume` — and `train_stage(resume=True)`
+continues from its last periodic checkpoint there (a finished stage is never retrained).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FINAL_EVENT = "final"
+STAGE_DONE = "stage_done"
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting helpers (also used by the fake trial functions of the tests)
+# --------------------------------------------------------------------------------------------
+
+
+def _quiet_ray_logs() -> None:
+    import logging
+
+    # "Checkpoint successfully created at ..." on every report would drown the event lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
+def report_train(stage: str, global_step: int, metrics: dict[str, float]) -> None:
+    from ray import tune
+
+    out: dict[str, Any] = {"event": "train", "stage": stage, "global_step": int(global_step)}
+    out.update({f"train/{stage}/{k}": float(v) for k, v in metrics.items()
+                if isinstance(v, (int, float))})
+    tune.report(out)
+
+
+def report_stage_done(stage: str, global_step: int, snapshot: Path | None = None) -> None:
+    from ray import tune
+
+    _quiet_ray_logs()
+    ckpt = tune.Checkpoint.from_directory(str(snapshot)) if snapshot else None
+    tune.report({"event": STAGE_DONE, "stage": stage, "global_step": int(global_step)},
+                checkpoint=ckpt)
+
+
+def report_final(metrics: dict[str, float], artifacts: Path) -> None:
+    """Last report of a successful trial: eval metrics + the artifacts directory."""
+    from ray import tune
+
+    _quiet_ray_logs()
+    out: dict[str, Any] = {"event": FINAL_EVENT}
+    out.update({f"eval/{k}": float(v) for k, v in metrics.items()})
+    tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(artifacts)))
+
+
+def trial_key(config: dict[str, Any]) -> str:
+    """The trial's key: the expanded one, or `search-<ray trial id>` for an Optuna sample."""
+    if config.get("search"):
+        from ray import tune
+
+        return f"search-{tune.get_context().get_trial_id()}"
+    return config["trial"]["key"]
+
+
+def resolved_config(config: dict[str, Any]):
+    """The trial's ExperimentConfig (an Optuna sample's values applied on the template)."""
+    from sftok.config import ExperimentConfig, from_dict, override
+
+    cfg = from_dict(ExperimentConfig, config["trial"]["config"])
+    if config.get("search"):
+        cfg = override(cfg, dict(config["search"]))
+    return cfg
+
+
+def write_artifacts(out: Path, cfg_dict: dict[str, Any], payload: dict[str, Any],
+                    metrics: dict[str, float], unavailable: dict[str, str],
+                    trace: list[dict], grids: dict[int, Any], checkpoint: Path | None) -> Path:
+    """The artifact layout of a child run (docs/architecture.md)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(
+        {"config": cfg_dict, "stages": payload["stages"], "arm": payload["arm"],
+         "seed": payload["seed"], "arm_values": payload.get("arm_values", {})}, indent=1))
+    (out / "eval.json").write_text(json.dumps(
+        {"metrics": metrics, "unavailable": unavailable}, indent=1, default=float))
+    if trace:
+        cols = list(trace[0])
+        with open(out / "trace.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(trace)
+    if grids:
+        from PIL import Image
+
+        (out / "grids").mkdir(exist_ok=True)
+        for s, arr in grids.items():
+            Image.fromarray(arr).save(out / "grids" / f"recon_s{s}.png")
+    if checkpoint is not None:
+        shutil.copytree(checkpoint, out / "checkpoint")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The real trial
+# --------------------------------------------------------------------------------------------
+
+
+def _restore_from_ray_checkpoint(work: Path) -> None:
+    """A retry on another node: bring back the finished stages from the last Ray checkpoint."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        for stage_dir in Path(d).iterdir():
+            final = stage_dir / "final"
+            if final.is_dir() and not (work / stage_dir.name / "final").exists():
+                (work / stage_dir.name).mkdir(parents=True, exist_ok=True)
+                shutil.copytree(final, work / stage_dir.name / "final")
+
+
+def _snapshot(work: Path, stages: list[str], tmp: Path) -> Path:
+    snap = tmp / f"snapshot-{len(stages)}"
+    for s in stages:
+        shutil.copytree(work / s / "final", snap / s / "final")
+    return snap
+
+
+def _load_tokenizer(ckpt_dir: Path, device):
+    from sftok.checkpoint import load_model
+
+    model = load_model(ckpt_dir)
+    if isinstance(model, tuple):  # (module, cfg)
+        model = model[0]
+    return model.to(device).eval()
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: config = {"trial": payload, "runtime": {...}[, "search"]}."""
+    import torch
+
+    from sftok.config import to_dict
+
+    runtime = config["runtime"]
+    cpus = max(1, int(runtime.get("cpus", 1)))
+    torch.set_num_threads(cpus)  # intra-op threads = the CPUs Ray gave this trial
+    os.environ.setdefault("SFTOK_PROGRESS", "0")  # no progress bars inside Ray workers
+
+    from sftok.data import build_datasets, val_batches
+    from sftok.evaluate import evaluate
+    from sftok.train import get_teacher, train_stage
+    from sftok.train.loop import resolve_device
+
+    payload = config["trial"]
+    cfg = resolved_config(config)
+    key = trial_key(config)
+    work_root = runtime.get("work_root")
+    if work_root:
+        work = Path(work_root) / key
+    else:  # no shared work dir: the Ray trial directory (retries rely on Ray checkpoints)
+        from ray import tune
+
+        work = Path(tune.get_context().get_trial_dir()) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    _restore_from_ray_checkpoint(work)
+
+    device = resolve_device(cfg.device)
+    teacher = get_teacher(cfg, Path(runtime["teacher_cache"]))
+    teacher = teacher.to(device)
+
+    tmp = Path(tempfile.mkdtemp(prefix="sftok-trial-"))
+    try:
+        init, offset, done = None, 0, []
+        for stage in payload["stages"]:
+            def callback(step: int, metrics: dict[str, float], _stage: str = stage) -> None:
+                report_train(_stage, step, metrics)
+
+            res = train_stage(cfg, stage, teacher, work / stage, init=init, callback=callback,
+                              resume=True, step_offset=offset)
+            offset += res.steps
+            init = res.checkpoint
+            done.append(stage)
+            report_stage_done(stage, offset, _snapshot(work, done, tmp))
+
+        tokenizer = _load_tokenizer(init, device)
+        _, val = build_datasets(cfg.data)
+        images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images)
+        result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
+                          cache_dir=runtime.get("eval_cache"), progress=False,
+                          decode_cfg=cfg.decode, dataset_key=_dataset_key(cfg))
+        art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, result.metrics,
+                              result.unavailable, result.trace, result.grids, init)
+        report_final(result.metrics, art)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _dataset_key(cfg) -> str:
+    d = cfg.data
+    return f"{d.source}-{d.path or 'embedded'}-{d.image_size}-{d.val_crops_per_image}-{d.seed}-" \
+           f"{cfg.eval.max_images}"

@@ -1,0 +1,391 @@
+"""The experiment runner end to end: Ray Tune trials -> MLflow runs (issue 5).
+
+One Ray session and one MLflow store per module (Ray start-up and SQLite schema creation cost
+seconds). The orchestration tests inject fake trial functions that speak the runner's report
+protocol (`sftok_experiments.trial.report_*`); the smoke test runs the real pipeline
+(teacher -> stage 1 -> stage 2 -> evaluate) of `ablation_replace_ratio --preset smoke --seeds 1`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+import ray.cloudpickle  # noqa: E402
+from sftok_experiments.campaign import Options, init_ray, run_campaign  # noqa: E402
+from sftok_experiments.expand import expand  # noqa: E402
+from sftok_experiments.spec import load_spec  # noqa: E402
+
+# Fake trial functions below are shipped to Ray workers by value (workers cannot import tests/).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    started = init_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlruns")
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    from sftok_experiments.tracking import client_for, resolve_store
+
+    return client_for(resolve_store(str(store))[0])
+
+
+def fake_spec(tmp_path: Path, name: str, **extra) -> Path:
+    doc = {"name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
+           "arms": {"grid": {"train.stage2.replace_ratio": [0.5, 0.8, 1.0]}}, "seeds": 1,
+           "max_failures": 0}
+    doc.update(extra)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def plan_for(spec_path, **kw):
+    spec, path = load_spec(str(spec_path))
+    return expand(spec, path, **kw)
+
+
+def make_fake(log_dir: Path, fail_ratio: float | None = None, sleep_ratio: float | None = None):
+    """A trial function: 3 train reports per stage, stage checkpoints, artifacts, eval metrics."""
+    log_dir = str(log_dir)
+
+    def fake_trial(config):
+        import tempfile
+
+        import numpy as np
+        from sftok_experiments.trial import (
+            report_final,
+            report_stage_done,
+            report_train,
+            resolved_config,
+            trial_key,
+            write_artifacts,
+        )
+
+        from sftok.config import to_dict
+
+        key = trial_key(config)
+        cfg = resolved_config(config)
+        ratio = cfg.train.stage2.replace_ratio
+        Path(log_dir, f"{key}.{time.time_ns()}").write_text("ran")
+        if fail_ratio is not None and ratio == fail_ratio:
+            raise ValueError(f"injected failure at replace_ratio={ratio}")
+        if sleep_ratio is not None and ratio == sleep_ratio:
+            time.sleep(300)
+        step = 0
+        for stage in config["trial"]["stages"]:
+            for _ in range(3):
+                step += 1
+                report_train(stage, step, {"loss": 1.0 / step, "ce": 2.0 / step})
+            report_stage_done(stage, step)
+        metrics = {"psnr_s1": 10 + ratio, "psnr_s4": 12 + ratio, "token_top1": ratio / 2}
+        out = Path(tempfile.mkdtemp()) / "artifacts"
+        write_artifacts(out, to_dict(cfg), config["trial"], metrics, {"rfid": "no weights"},
+                        [{"step": 1, "kl_gt_all": 1.0, "top1_gt_all": 0.2},
+                         {"step": 2, "kl_gt_all": 0.5, "top1_gt_all": 0.4}],
+                        {1: np.zeros((8, 8, 3), np.uint8)}, None)
+        report_final(metrics, out)
+
+    return fake_trial
+
+
+def runs_of(client, spec_name: str):
+    exp = client.get_experiment_by_name(spec_name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sftok.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def ran(log_dir: Path) -> list[str]:
+    return sorted(p.name.rsplit(".", 1)[0] for p in log_dir.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration with fake trials
+# --------------------------------------------------------------------------------------------
+
+
+def test_campaign_logs_parent_children_metrics_artifacts(ray_session, store, client, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    plan = plan_for(fake_spec(tmp_path, "fake_ok"))
+    res = run_campaign(plan, Options(tracking=str(store), work_dir=str(tmp_path / "runs"),
+                                     trial_fn=make_fake(logs), prepare_teacher=False))
+    assert res.exit_code == 0, res
+    parents, children = runs_of(client, "fake_ok")
+    assert len(parents) == 1 and len(children) == 3
+    p = parents[0]
+    assert p.info.status == "FINISHED"
+    for tag in ("spec", "preset", "git_commit", "command", "sftok.campaign"):
+        assert p.data.tags.get(tag), tag
+    assert p.data.tags["preset"] == "smoke"
+    arms = sorted(c.data.tags["arm"] for c in children)
+    assert arms == ["replace_ratio=0.5", "replace_ratio=0.8", "replace_ratio=1.0"]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert c.data.tags["mlflow.parentRunId"] == p.info.run_id
+        assert c.data.tags["seed"] == "0" and c.data.tags["sftok.role"] == "trial"
+        ratio = float(c.data.tags["arm"].split("=")[1])
+        assert float(c.data.params["train.stage2.replace_ratio"]) == ratio
+        assert c.data.params["preset"] == "smoke" and "tokenizer.encoder.width" in c.data.params
+        assert c.data.metrics["eval/psnr_s4"] == pytest.approx(12 + ratio)
+        hist = client.get_metric_history(c.info.run_id, "train/stage2/loss")
+        assert [m.step for m in hist] == [4, 5, 6]  # global optimiser step
+        trace = client.get_metric_history(c.info.run_id, "trace/kl_gt_all")
+        assert sorted((m.step, m.value) for m in trace) == [(1, 1.0), (2, 0.5)]
+        arts = {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert {"config.json", "eval.json", "trace.csv", "grids"} <= arts
+        assert [a.path for a in client.list_artifacts(c.info.run_id, "grids")] == \
+            ["grids/recon_s1.png"]
+        assert c.data.tags["eval_unavailable.rfid"] == "no weights"
+    assert ran(logs) == sorted(t.key for t in plan.trials)
+
+
+def test_failed_trial_is_recorded_and_resume_reruns_only_it(ray_session, store, client,
+                                                             tmp_path, capsys):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    plan = plan_for(fake_spec(tmp_path, "fake_fail"))
+    opts = dict(tracking=str(store), work_dir=str(tmp_path / "runs"), prepare_teacher=False)
+    res = run_campaign(plan, Options(trial_fn=make_fake(logs, fail_ratio=0.8), **opts))
+    assert res.exit_code != 0
+    out = capsys.readouterr()
+    assert "FAILED" in out.out and "injected failure" in out.err
+    parents, children = runs_of(client, "fake_fail")
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    status = {c.data.tags["arm"]: c.info.status for c in children}
+    assert status == {"replace_ratio=0.5": "FINISHED", "replace_ratio=0.8": "FAILED",
+                      "replace_ratio=1.0": "FINISHED"}
+    failed = next(c for c in children if c.info.status == "FAILED")
+    assert "injected failure" in failed.data.tags["error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
+
+    # Resume: only the failed trial runs again, into its existing child run.
+    for f in logs.iterdir():
+        f.unlink()
+    res = run_campaign(plan, Options(trial_fn=make_fake(logs), resume=True, **opts))
+    assert res.exit_code == 0
+    assert ran(logs) == ["replace_ratio=0.8_s0"]
+    parents, children = runs_of(client, "fake_fail")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 3
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert failed.info.run_id in {c.info.run_id for c in children}
+    assert "error" not in next(c for c in children
+                               if c.info.run_id == failed.info.run_id).data.tags
+    # Without --resume a new invocation is a new parent run.
+    res = run_campaign(plan, Options(trial_fn=make_fake(logs), **opts))
+    assert res.exit_code == 0
+    parents, children = runs_of(client, "fake_fail")
+    assert len(parents) == 2 and len(children) == 6
+
+
+def make_crashing(log_dir: Path, work_root: Path):
+    """Crashes once after stage 1 (its Ray checkpoint holds stage1/final); the retry must
+    restore stage 1 from that checkpoint into a fresh work dir and train only stage 2."""
+    log_dir, work_root = str(log_dir), str(work_root)
+
+    def crashing_trial(config):
+        import shutil
+        import tempfile
+
+        from sftok_experiments.trial import (
+            _restore_from_ray_checkpoint,
+            _snapshot,
+            report_final,
+            report_stage_done,
+            report_train,
+            trial_key,
+        )
+
+        key = trial_key(config)
+        work = Path(work_root) / key
+        attempt = len(list(Path(log_dir).glob(f"{key}.attempt*")))
+        Path(log_dir, f"{key}.attempt{attempt}").write_text("")
+        shutil.rmtree(work, ignore_errors=True)  # as if the retry ran on another node
+        work.mkdir(parents=True)
+        _restore_from_ray_checkpoint(work)
+        step, done = 0, []
+        for stage in config["trial"]["stages"]:
+            if (work / stage / "final").is_dir():
+                step += 3
+                done.append(stage)
+                continue
+            Path(log_dir, f"{key}.trained-{stage}").write_text("")
+            for _ in range(3):
+                step += 1
+                report_train(stage, step, {"loss": 1.0 / step})
+            (work / stage / "final").mkdir(parents=True)
+            (work / stage / "final" / "model.safetensors").write_text("weights")
+            done.append(stage)
+            report_stage_done(stage, step, _snapshot(work, done, Path(tempfile.mkdtemp())))
+            if attempt == 0:
+                raise RuntimeError("simulated crash after stage 1")
+        out = Path(tempfile.mkdtemp()) / "artifacts"
+        out.mkdir()
+        (out / "eval.json").write_text("{}")
+        report_final({"psnr_s1": 1.0}, out)
+
+    return crashing_trial
+
+
+def test_crashed_trial_retries_from_its_checkpoint(ray_session, store, client, tmp_path,
+                                                   capsys):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = fake_spec(tmp_path, "fake_retry", max_failures=1,
+                     arms={"grid": {"train.stage2.replace_ratio": [1.0]}})
+    res = run_campaign(plan_for(path), Options(
+        tracking=str(store), work_dir=str(tmp_path / "runs"), prepare_teacher=False,
+        trial_fn=make_crashing(logs, tmp_path / "work")))
+    assert res.exit_code == 0
+    assert "retrying from its last checkpoint" in capsys.readouterr().out
+    names = sorted(p.name for p in logs.iterdir())
+    key = "replace_ratio=1.0_s0"
+    assert names == sorted([f"{key}.attempt0", f"{key}.attempt1", f"{key}.trained-stage1",
+                            f"{key}.trained-stage2"])  # stage 1 trained once
+    _, children = runs_of(client, "fake_retry")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    hist = client.get_metric_history(children[0].info.run_id, "train/stage1/loss")
+    assert [m.step for m in hist] == [1, 2, 3]  # no duplicated points
+
+
+def test_optuna_search(ray_session, store, client, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = fake_spec(tmp_path, "fake_search", arms={}, search={
+        "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.0]},
+                  "train.stage2.optim.lr": {"loguniform": [1e-4, 1e-2]}},
+        "metric": "eval/psnr_s4", "mode": "max", "num_samples": 3})
+    res = run_campaign(plan_for(path), Options(tracking=str(store), work_dir=str(tmp_path),
+                                               trial_fn=make_fake(logs), max_concurrent=2,
+                                               prepare_teacher=False))
+    assert res.exit_code == 0
+    parents, children = runs_of(client, "fake_search")
+    assert len(parents) == 1 and len(children) == 3
+    for c in children:
+        assert c.info.status == "FINISHED"
+        ratio = float(c.data.params["train.stage2.replace_ratio"])
+        assert 0.5 <= ratio <= 1.0
+        assert float(c.data.tags["search.train.stage2.replace_ratio"]) == pytest.approx(ratio)
+        assert c.data.metrics["eval/psnr_s4"] == pytest.approx(12 + ratio)
+
+
+def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, client, tmp_path):
+    """Kill the driver (SIGKILL) mid-campaign, then --resume: nothing finished re-runs and no
+    child run is duplicated. The first invocation is a real `experiments/run.py` process that
+    attaches to this module's Ray cluster with --ray-address."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    spec_path = fake_spec(tmp_path, "fake_interrupt")
+    fn_file = tmp_path / "slow_trial.py"
+    fn_file.write_text(textwrap.dedent(f"""
+        import importlib.util, sys
+        from pathlib import Path
+        spec = importlib.util.spec_from_file_location("runner_tests", {str(Path(__file__))!r})
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["runner_tests"] = mod
+        spec.loader.exec_module(mod)
+        slow_trial = mod.make_fake(Path({str(logs)!r}), sleep_ratio=1.0)
+    """))
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), str(spec_path),
+           "--tracking-uri", str(store), "--work-dir", str(tmp_path / "runs"),
+           "--ray-address", address, "--trial-fn", f"{fn_file}:slow_trial", "--no-teacher",
+           "--max-concurrent", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name("fake_interrupt")
+            if exp is not None:
+                kids = [r for r in client.search_runs([exp.experiment_id])
+                        if "mlflow.parentRunId" in r.data.tags]
+                if sum(r.info.status == "FINISHED" for r in kids) == 2 and len(kids) == 3:
+                    break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("campaign did not reach 2 finished trials in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group
+        proc.wait()
+    parents, children = runs_of(client, "fake_interrupt")
+    assert len(parents) == 1 and parents[0].info.status == "RUNNING"
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED", "RUNNING"]
+
+    for f in logs.iterdir():
+        f.unlink()
+    res = run_campaign(plan_for(spec_path), Options(
+        tracking=str(store), work_dir=str(tmp_path / "runs"), trial_fn=make_fake(logs),
+        resume=True, prepare_teacher=False))
+    assert res.exit_code == 0
+    assert ran(logs) == ["replace_ratio=1.0_s0"]
+    parents, children = runs_of(client, "fake_interrupt")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    keys = [c.data.tags["trial_key"] for c in children]
+    assert sorted(keys) == ["replace_ratio=0.5_s0", "replace_ratio=0.8_s0",
+                            "replace_ratio=1.0_s0"]
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+# --------------------------------------------------------------------------------------------
+# The real thing: ablation_replace_ratio --preset smoke --seeds 1
+# --------------------------------------------------------------------------------------------
+
+
+def test_smoke_end_to_end(ray_session, store, client, tmp_path):
+    from sftok_experiments.cli import main
+
+    rc = main(["ablation_replace_ratio", "--preset", "smoke", "--seeds", "1",
+               "--tracking-uri", str(store), "--work-dir", str(tmp_path / "runs"),
+               "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    parents, children = runs_of(client, "ablation_replace_ratio")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["spec"] == "ablation_replace_ratio"
+    assert sorted(c.data.tags["arm"] for c in children) == [
+        "replace_ratio=0.5", "replace_ratio=0.8", "replace_ratio=1.0"]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        evals = {k for k in c.data.metrics if k.startswith("eval/")}
+        assert {"eval/psnr_s8", "eval/ssim_s8", "eval/psnr_s1", "eval/token_top1"} <= evals
+        assert any(k.startswith("train/stage1/") for k in c.data.metrics)
+        assert any(k.startswith("train/stage2/") for k in c.data.metrics)
+        assert any(k.startswith("trace/") for k in c.data.metrics)
+        arts = {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert {"config.json", "eval.json", "trace.csv", "grids", "checkpoint"} <= arts
+        ck = {a.path for a in client.list_artifacts(c.info.run_id, "checkpoint")}
+        assert "checkpoint/model.safetensors" in ck
+    # Stage 0 ran once, in the driver, and is logged on the parent run.
+    assert any(k.startswith("train/stage0/") for k in parents[0].data.metrics)
