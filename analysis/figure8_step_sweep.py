@@ -42,9 +42,7 @@ from IPython.display import Image, Markdown, display
 
 SPEC = "step_sweep"
 WANTED = ["rfid", "is", "psnr", "ssim", "lpips"]
-out = md.Outputs("figure8_step_sweep", out_dir)
-camp = md.load_campaign(SPEC, tracking_uri, parent)
-out.campaign(camp)
+camp, out = md.open_notebook("figure8_step_sweep", SPEC, tracking_uri, parent, out_dir)
 display(Markdown(camp.describe()))
 paper_is = {int(k): v for k, v in md.paper_results()["figure8_step_sweep"]["inception_score"].items()}
 

@@ -372,6 +372,17 @@ def load_campaign(spec: str, tracking_uri: str | None = None, parent: str = "lat
                     parent_run=prun, runs=done, failed=failed, client=client)
 
 
+def open_notebook(notebook: str, spec: str, tracking_uri: str | None = None,
+                  parent: str = "latest", out_dir: str | os.PathLike | None = None
+                  ) -> tuple[Campaign, Outputs]:
+    """A single-spec notebook's set-up: the campaign it reads and its Outputs, with the
+    campaign recorded in the manifest. Raises RunsNotFound (naming the spec to run)."""
+    out = Outputs(notebook, out_dir)
+    camp = load_campaign(spec, tracking_uri, parent)
+    out.campaign(camp)
+    return camp, out
+
+
 def load_campaigns(specs: dict[str, str], tracking_uri: str | None = None) -> dict[str, Campaign]:
     """{spec: parent} -> {spec: Campaign}; one RunsNotFound naming every missing spec."""
     out, missing, details, uri = {}, [], [], resolve_uri(tracking_uri)

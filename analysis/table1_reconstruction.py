@@ -41,9 +41,7 @@ from IPython.display import Markdown, display
 
 SPEC = "reconstruction"
 METRICS = ["rfid", "is", "psnr", "ssim", "lpips"]
-out = md.Outputs("table1_reconstruction", out_dir)
-camp = md.load_campaign(SPEC, tracking_uri, parent)
-out.campaign(camp)
+camp, out = md.open_notebook("table1_reconstruction", SPEC, tracking_uri, parent, out_dir)
 display(Markdown(camp.describe()))
 
 # %% [markdown]

@@ -40,9 +40,7 @@ import stats
 from IPython.display import Markdown, display
 
 SPEC = "ablation_sfvr_warmup"
-out = md.Outputs("table3_sfvr_warmup", out_dir)
-camp = md.load_campaign(SPEC, tracking_uri, parent)
-out.campaign(camp)
+camp, out = md.open_notebook("table3_sfvr_warmup", SPEC, tracking_uri, parent, out_dir)
 display(Markdown(camp.describe()))
 
 # %% [markdown]

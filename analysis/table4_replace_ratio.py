@@ -41,9 +41,7 @@ import stats
 from IPython.display import Markdown, display
 
 SPEC = "ablation_replace_ratio"
-out = md.Outputs("table4_replace_ratio", out_dir)
-camp = md.load_campaign(SPEC, tracking_uri, parent)
-out.campaign(camp)
+camp, out = md.open_notebook("table4_replace_ratio", SPEC, tracking_uri, parent, out_dir)
 display(Markdown(camp.describe()))
 
 # %% [markdown]

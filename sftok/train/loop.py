@@ -176,6 +176,8 @@ class LoopTask:
     """One stage's trainable state and its training step. Subclasses fill the attributes.
 
     model: the module exported as the stage's model.safetensors (EMA weights if `ema`).
+    optimizer, scaler: the model's; adversary: an optional `Adversary` (discriminator with its
+    own optimiser and scaler) for the GAN terms.
     modules(): name -> module whose state dict is checkpointed ("model" must be included).
     optimizers(), scalers(): name -> optimiser / GradScaler, checkpointed.
     step(batches, step): one optimiser step on `grad_accum` micro-batches; `step` is 0-based
@@ -184,17 +186,29 @@ class LoopTask:
 
     name: str
     model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
     ema: EMA | None = None
+    adversary: Any = None
     generator: torch.Generator
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
+        out = {"model": self.model}
+        if self.adversary is not None:
+            out.update(self.adversary.modules())
+        return out
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {}
+        out = {"model": self.optimizer}
+        if self.adversary is not None:
+            out["discriminator"] = self.adversary.optimizer
+        return out
 
     def scalers(self) -> dict[str, torch.amp.GradScaler]:
-        return {}
+        out = {"model": self.scaler}
+        if self.adversary is not None:
+            out["discriminator"] = self.adversary.scaler
+        return out
 
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
         raise NotImplementedError

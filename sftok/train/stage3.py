@@ -100,24 +100,6 @@ class PixelTask(LoopTask):
         if s.compile:
             compile_children(self.model)
 
-    def modules(self) -> dict[str, nn.Module]:
-        out = {"model": self.model}
-        if self.adversary is not None:
-            out.update(self.adversary.modules())
-        return out
-
-    def optimizers(self):
-        out = {"model": self.optimizer}
-        if self.adversary is not None:
-            out["discriminator"] = self.adversary.optimizer
-        return out
-
-    def scalers(self):
-        out = {"model": self.scaler}
-        if self.adversary is not None:
-            out["discriminator"] = self.adversary.scaler
-        return out
-
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
         s, model = self.scfg, self.model
         lr = lr_at(step, s.steps, s.optim)

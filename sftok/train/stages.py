@@ -111,12 +111,6 @@ class TokenTask(LoopTask):
         if s.compile:
             compile_children(self.model)
 
-    def optimizers(self):
-        return {"model": self.optimizer}
-
-    def scalers(self):
-        return {"model": self.scaler}
-
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
         s, model = self.scfg, self.model
         lr = lr_at(step, s.steps, s.optim)

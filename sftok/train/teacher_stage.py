@@ -189,22 +189,7 @@ class TeacherTask(LoopTask):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def modules(self) -> dict[str, nn.Module]:
-        out = {"model": self.model, "usage": self.usage}
-        if self.adversary is not None:
-            out.update(self.adversary.modules())
-        return out
-
-    def optimizers(self):
-        out = {"model": self.optimizer}
-        if self.adversary is not None:
-            out["discriminator"] = self.adversary.optimizer
-        return out
-
-    def scalers(self):
-        out = {"model": self.scaler}
-        if self.adversary is not None:
-            out["discriminator"] = self.adversary.scaler
-        return out
+        return {**super().modules(), "usage": self.usage}
 
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
         t = self.tcfg
