@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sftok.train import checkpointing as ckpt
 from sftok.train.ema import EMA
+from sftok.train.optim import lr_at, set_lr
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -211,7 +212,14 @@ class LoopTask:
         return out
 
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: each stage's task defines its update
+
+    def begin_step(self, step: int, steps: int, optim_cfg) -> float:
+        """Set the model optimiser's learning rate for `step` of `steps` and clear gradients."""
+        lr = lr_at(step, steps, optim_cfg)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
 
     def export_module(self) -> nn.Module:
         """The module to export: the model with EMA weights loaded when EMA is on."""

@@ -39,7 +39,7 @@ from sftok.train.loop import (
 )
 from sftok.train.losses import load_lpips, lpips_loss
 from sftok.train.masking import build_proxy_inputs, sample_mask
-from sftok.train.optim import build_optimizer, lr_at, set_lr
+from sftok.train.optim import build_optimizer
 
 TRAINABLE_PREFIXES = ("decoder.", "pixel_decoder.")
 
@@ -102,9 +102,7 @@ class PixelTask(LoopTask):
 
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
         s, model = self.scfg, self.model
-        lr = lr_at(step, s.steps, s.optim)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.begin_step(step, s.steps, s.optim)
         gan_on = self.adversary is not None and step >= s.gan_start
         n = len(batches)
         acc: dict[str, float] = {}

@@ -45,7 +45,7 @@ from sftok.train.loop import (
 )
 from sftok.train.losses import weighted_ce
 from sftok.train.masking import build_proxy_inputs, sample_mask
-from sftok.train.optim import build_optimizer, lr_at, set_lr
+from sftok.train.optim import build_optimizer
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -113,9 +113,7 @@ class TokenTask(LoopTask):
 
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
         s, model = self.scfg, self.model
-        lr = lr_at(step, s.steps, s.optim)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.begin_step(step, s.steps, s.optim)
         n = len(batches)
         acc = {"loss": 0.0, "ce": 0.0, "quant_loss": 0.0}
         ce_m = ce_v = 0.0

@@ -43,7 +43,7 @@ from sftok.train.loop import (
     to_images,
 )
 from sftok.train.losses import load_lpips, lpips_loss
-from sftok.train.optim import build_optimizer, lr_at, set_lr
+from sftok.train.optim import build_optimizer
 
 # Bump when the teacher training code changes what it produces: old cache entries are ignored.
 TEACHER_FORMAT = 1
@@ -193,9 +193,7 @@ class TeacherTask(LoopTask):
 
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
         t = self.tcfg
-        lr = lr_at(step, t.steps, t.optim)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.begin_step(step, t.steps, t.optim)
         gan_on = self.adversary is not None and step >= t.gan_start
         n = len(batches)
         sums: dict[str, float] = {}
