@@ -16,6 +16,8 @@ nearest code in eval mode; `sinkhorn` reproduces the reference. Training always 
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +64,19 @@ def _st_output(z: Tensor, z_code: Tensor, ids: Tensor, commitment: float,
                        losses={"commitment": commit, "codebook": book}, z=z)
 
 
+def _float32(forward):
+    """Run a quantizer's forward in float32 even under autocast, as the reference does: ids and
+    the commitment/codebook losses are sensitive to bf16 rounding (at Q = 8192 a few percent of
+    the ids change), and training would assign ids differently from fp32 evaluation."""
+
+    @functools.wraps(forward)
+    def wrapped(self, z: Tensor) -> QuantOutput:
+        with torch.autocast(z.device.type, enabled=False):
+            return forward(self, z.float())
+
+    return wrapped
+
+
 class VectorQuantizer(nn.Module):
     """`vq`: l2-normalised nearest code (no Sinkhorn, no shared linear). z B×K×C -> QuantOutput."""
 
@@ -80,8 +95,9 @@ class VectorQuantizer(nn.Module):
         """ids B×K -> B×K×C normalised codes."""
         return F.normalize(self.embedding(ids), dim=-1)
 
+    @_float32
     def forward(self, z: Tensor) -> QuantOutput:
-        z = F.normalize(z.float(), dim=-1)
+        z = F.normalize(z, dim=-1)
         b, k, c = z.shape
         with torch.no_grad():
             ids = torch.cdist(z.reshape(b * k, c), self.codebook()).argmin(dim=-1).view(b, k)
@@ -126,9 +142,9 @@ class OptVQQuantizer(nn.Module):
         plan = sinkhorn(dist - dist.min(), self.cfg.sinkhorn_iters, self.cfg.sinkhorn_epsilon)
         return plan.argmax(dim=-1)
 
+    @_float32
     def forward(self, z: Tensor) -> QuantOutput:
-        # The reference runs its quantizer in float32 even under autocast.
-        z = F.normalize(z.float(), dim=-1)
+        z = F.normalize(z, dim=-1)
         b, k, c = z.shape
         use_sinkhorn = self.training or self.cfg.assign_at_inference == "sinkhorn"
         with torch.no_grad():

@@ -121,3 +121,20 @@ def test_nearest_ids_do_not_depend_on_batch():
     together = q(z).ids
     alone = torch.cat([q(z[i:i + 1]).ids for i in range(6)])
     assert not torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("kind", ["vq", "optvq"])
+@pytest.mark.parametrize("training", [True, False])
+def test_quantizer_runs_in_float32_under_autocast(kind, training):
+    # bf16 autocast must not reach the assignment: ids, z_q and losses equal the fp32 ones.
+    torch.manual_seed(0)
+    q = build_quantizer(QuantizerConfig(kind=kind, codebook_size=2048), token_size=32)
+    q.train(training)
+    z = torch.randn(8, 32, 32)
+    ref = q(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(z)
+    assert torch.equal(out.ids, ref.ids)
+    assert out.z_q.dtype == torch.float32
+    torch.testing.assert_close(out.z_q, ref.z_q)
+    torch.testing.assert_close(out.loss, ref.loss)
