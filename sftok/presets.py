@@ -16,18 +16,19 @@ from sftok.config import (DataConfig, DecoderConfig, EncoderConfig, EvalConfig,
 
 
 def _stages(steps1: int, steps2: int, steps3: int, batch: int, optim: OptimConfig,
-            ema: float, precision: str = "fp32", log_every: int = 10, ckpt_every: int = 500,
+            ema: float, accum: int = 1, precision: str = "fp32", log_every: int = 10,
+            ckpt_every: int = 500,
             stage3_batch: int | None = None, stage3_accum: int = 1, gan_start: int = 20_000,
             discriminator: str = "patchgan", lpips_weight: float = 1.0) -> TrainConfig:
-    common = dict(batch_size=batch, optim=optim, ema_decay=ema, precision=precision,
-                  log_every=log_every, ckpt_every=ckpt_every)
+    common = dict(batch_size=batch, grad_accum=accum, optim=optim, ema_decay=ema,
+                  precision=precision, log_every=log_every, ckpt_every=ckpt_every)
     s3_optim = dataclasses.replace(optim, betas=(0.9, 0.999))  # paper Table 6, stage 3
     return dict(
         stage1=StageConfig(steps=steps1, replacement="none", **common),
         stage2=StageConfig(steps=steps2, replacement="sfvr", replace_ratio=1.0, **common),
         stage3=StageConfig(steps=steps3, replacement="none",
-                           **{**common, "optim": s3_optim, "batch_size": stage3_batch or batch},
-                           grad_accum=stage3_accum, gan_start=gan_start,
+                           **{**common, "optim": s3_optim, "batch_size": stage3_batch or batch,
+                              "grad_accum": stage3_accum}, gan_start=gan_start,
                            discriminator=discriminator, lpips_weight=lpips_weight),
     )
 
@@ -112,6 +113,10 @@ def _paper(decoder: DecoderConfig, name: str) -> ExperimentConfig:
     # Paper Table 6: ViT-B/16 encoder, 64 tokens of 32 dims, OptVQ with 8192 codes, MaskGIT-VQGAN
     # f16 teacher (1024 codes), AdamW lr 1e-4 betas (0.9, 0.99) wd 1e-4, 10k warm-up, cosine to
     # 1e-5, batch 32 x 8 GPUs; stage 1 200k + stage 2 800k, stage 3 1M steps at 8 x 8 x 2.
+    # On one GPU the effective batches are kept with gradient accumulation over micro-batches
+    # of the paper's per-GPU size: 32 x 8 = 256 (stages 1-2) and 8 x 16 = 128 (stage 3). The
+    # micro-batch matters beyond memory: OptVQ's Sinkhorn balances codes over the token
+    # vectors of one forward pass, which in the reference is one GPU's 32 images.
     return ExperimentConfig(
         preset=name,
         data=DataConfig(source="folder", image_size=256, num_workers=8),
@@ -122,8 +127,8 @@ def _paper(decoder: DecoderConfig, name: str) -> ExperimentConfig:
             quantizer=QuantizerConfig(kind="optvq", codebook_size=8192),
             decoder=decoder),
         train=TrainConfig(**_stages(
-            200_000, 800_000, 1_000_000, batch=256, ema=0.999, precision="bf16", log_every=100,
-            ckpt_every=5000, stage3_batch=64, stage3_accum=2, gan_start=20_000,
+            200_000, 800_000, 1_000_000, batch=32, accum=8, ema=0.999, precision="bf16",
+            log_every=100, ckpt_every=5000, stage3_batch=8, stage3_accum=16, gan_start=20_000,
             discriminator="dino",
             optim=OptimConfig(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4,
                               warmup_steps=10_000, end_lr=1e-5))),

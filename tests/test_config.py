@@ -27,6 +27,10 @@ def test_paper_presets_follow_table6():
         assert (tok.quantizer.kind, tok.quantizer.codebook_size) == ("optvq", 8192)
         assert cfg.teacher.codebook_size == 1024 and proxy_grid(cfg) == 16
         assert cfg.train.stage1.steps == 200_000 and cfg.train.stage2.steps == 800_000
+        for st in (cfg.train.stage1, cfg.train.stage2):  # 32 per GPU x 8 GPUs
+            assert (st.batch_size, st.batch_size * st.grad_accum) == (32, 256)
+        s3 = cfg.train.stage3  # 8 per GPU x 8 GPUs x 2 accumulation
+        assert (s3.batch_size, s3.batch_size * s3.grad_accum) == (8, 128)
     assert (b.tokenizer.decoder.width, b.tokenizer.decoder.depth) == (768, 12)
     assert (l.tokenizer.decoder.width, l.tokenizer.decoder.depth) == (1024, 24)
 
