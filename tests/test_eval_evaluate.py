@@ -203,3 +203,41 @@ def test_corrupt_inception_file_is_reported(offline, monkeypatch):
                  _cfg(metrics=("rfid", "is", "ssim"), trace_steps=0), progress=False)
     assert r.unavailable["rfid"].startswith("could not load") and str(bad) in r.unavailable["is"]
     assert "ssim_s4" in r.metrics
+
+
+def test_cli_never_trains_a_missing_teacher(offline):
+    # Without --teacher-*, the CLI loads the cached teacher of the checkpoint's config; a missing
+    # one is an error (training a new one would silently change the codebook).
+    from sftok.checkpoint import save_model
+    from sftok.evaluate.__main__ import main
+
+    cfg, tok, _ = _smoke_models()
+    save_model(offline / "tok", tok, cfg)
+    cache = offline / "empty-cache"
+    with pytest.raises(SystemExit, match="(?s)teacher unavailable.*--teacher-weights"):
+        main([str(offline / "tok"), "--data", "embedded", "--device", "cpu",
+              "--cache-dir", str(cache), "--no-progress"])
+    assert not any((cache / "teachers").glob("teacher-*/teacher.json"))
+
+
+def test_cli_assignment_at_inference_and_fixed_architecture(offline, monkeypatch):
+    from sftok.checkpoint import save_model
+    from sftok.evaluate import __main__ as cli
+
+    cfg, tok, teacher = _smoke_models()
+    save_model(offline / "tok", tok, cfg)
+    save_model(offline / "teacher", teacher, cfg.teacher)
+    seen = {}
+
+    def fake_evaluate(tokenizer, *a, **k):  # capture what the CLI built, skip the work
+        seen["assign"] = tokenizer.quantize.cfg.assign_at_inference
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "evaluate", fake_evaluate)
+    base = [str(offline / "tok"), "--teacher-checkpoint", str(offline / "teacher"),
+            "--data", "embedded", "--device", "cpu", "--no-progress"]
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--assign-at-inference", "sinkhorn"])
+    assert seen["assign"] == "sinkhorn"
+    with pytest.raises(SystemExit, match="defined by the checkpoint"):
+        cli.main(base + ["--set", "tokenizer.encoder.width=64"])

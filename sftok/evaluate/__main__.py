@@ -33,6 +33,8 @@ import torch
 from sftok.config import ExperimentConfig, TokenizerConfig, override
 from sftok.evaluate.evaluate import KNOWN_METRICS, evaluate, format_table
 
+ASSIGN_KEY = "tokenizer.quantizer.assign_at_inference"
+
 
 def dataset_key(cfg: ExperimentConfig) -> str:
     """Key of the validation images for the FID reference-statistics cache (same formula as
@@ -86,7 +88,9 @@ def _load(args, device):
     if args.official:
         from sftok.official import import_official_sftok
 
-        tokenizer, tok_cfg = import_official_sftok(args.checkpoint, device=device)
+        tokenizer, tok_cfg = import_official_sftok(
+            args.checkpoint, device=device,
+            assign_at_inference=args.assign_at_inference or "nearest")
         cfg = get_preset(args.preset or "sftok-b")
         cfg = dataclasses.replace(cfg, tokenizer=tok_cfg)
         if not args.teacher_weights:
@@ -103,9 +107,17 @@ def _load(args, device):
         else:
             sys.exit(f"{args.checkpoint}: not a tokenizer checkpoint ({type(saved).__name__})")
     sets = dict(s.split("=", 1) for s in args.sets)
+    fixed = sorted(k for k in sets if k.startswith("tokenizer.") and k != ASSIGN_KEY)
+    if fixed:  # the architecture comes from the checkpoint; a --set there would be ignored
+        sys.exit(f"--set {', '.join(fixed)}: the tokenizer is defined by the checkpoint; only "
+                 f"{ASSIGN_KEY} (--assign-at-inference) can change at evaluation")
+    if args.assign_at_inference:
+        sets[ASSIGN_KEY] = args.assign_at_inference
     sets.update(_data_overrides(args.data))
     sets.setdefault("data.image_size", cfg.tokenizer.image_size)
     cfg = override(cfg, sets)
+    # Ids at inference: nearest code (batch-independent, our default) or the reference's Sinkhorn.
+    tokenizer.quantize.cfg = cfg.tokenizer.quantizer
 
     if args.teacher_weights:
         teacher = load_frozen_teacher(args.teacher_weights, cfg.tokenizer.image_size,
@@ -120,7 +132,7 @@ def _load(args, device):
         from sftok.train import get_teacher
 
         cfg = dataclasses.replace(cfg, device=str(device))
-        teacher = get_teacher(cfg, Path(args.cache_dir) / "teachers")
+        teacher = get_teacher(cfg, Path(args.cache_dir) / "teachers", train_if_missing=False)
     return tokenizer.to(device), teacher.to(device), cfg
 
 
@@ -150,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--official", action="store_true", help="CHECKPOINT is an official SFTok file")
     p.add_argument("--teacher-weights", help="teacher weights file in the official key layout")
     p.add_argument("--teacher-checkpoint", help="teacher checkpoint dir (save_model)")
+    p.add_argument("--assign-at-inference", choices=["nearest", "sinkhorn"],
+                   help="token ids at inference: nearest code (default; batch-independent) or "
+                        "Sinkhorn over the batch as the reference code does")
     p.add_argument("--preset", help="preset for data/eval settings (default: the checkpoint's "
                                     "config; sftok-b with --official)")
     p.add_argument("--data", help="embedded | NAME=PATH | PATH (image folder or .tar shards)")
@@ -169,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = _device(args.device)
-    tokenizer, teacher, cfg = _load(args, device)
+    from sftok.train import TeacherUnavailableError
+
+    try:
+        tokenizer, teacher, cfg = _load(args, device)
+    except TeacherUnavailableError as e:  # a clear message, not a traceback
+        sys.exit(f"teacher unavailable: {e}\nUse --teacher-weights FILE, --teacher-checkpoint "
+                 "DIR, or --cache-dir pointing at the cache the tokenizer was trained with.")
     ev = {"decode_steps": tuple(args.steps) if args.steps else None,
           "trace_steps": args.trace_steps, "max_images": args.max_images,
           "batch_size": args.batch_size, "metrics": tuple(args.metrics) if args.metrics else None}

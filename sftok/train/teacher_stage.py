@@ -80,7 +80,8 @@ def teacher_cache_key(cfg: ExperimentConfig) -> str:
     return f"teacher-{digest[:16]}"
 
 
-def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None) -> FrozenTeacher:
+def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None,
+                train_if_missing: bool = True) -> FrozenTeacher:
     """The frozen teacher of `cfg` (on cfg.device).
 
     source="pretrained": `cfg.teacher.weights`, else the Hugging Face file when online, else a
@@ -88,6 +89,9 @@ def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None) -> Frozen
     source="train": stage 0, trained once under cache_dir/teacher_cache_key(cfg) (a file lock
     serialises concurrent callers; a finished entry is loaded, never retrained). callback(step,
     metrics) receives the stage-0 metrics (`loss`, `l2`, `commit`, `psnr`, ...).
+    train_if_missing=False only loads (evaluation, trials of a campaign whose driver trained the
+    teacher): a missing entry raises `TeacherUnavailableError` instead of quietly training a
+    different teacher than the one the tokenizer was trained against.
     """
     device = resolve_device(cfg.device)
     if cfg.teacher.source == "pretrained":
@@ -97,6 +101,12 @@ def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None) -> Frozen
     entry = Path(cache_dir) / teacher_cache_key(cfg)
     with _locked(entry.with_suffix(".lock")):
         if not (entry / "teacher.json").exists():
+            if not train_if_missing:
+                raise TeacherUnavailableError(
+                    f"no trained teacher for this data + teacher config in {entry} (key "
+                    f"{entry.name}). Point to the cache the tokenizer was trained with, or give "
+                    "the teacher's weights explicitly; training a new one would give a "
+                    "different codebook.")
             train_teacher(cfg, entry, callback=callback)
     return load_cached_teacher(cfg, entry).to(device)
 
