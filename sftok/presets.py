@@ -10,27 +10,40 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from sftok.config import (DataConfig, DecoderConfig, EncoderConfig, EvalConfig,
-                          ExperimentConfig, OptimConfig, QuantizerConfig, StageConfig,
-                          TeacherConfig, TeacherTrainConfig, TokenizerConfig, TrainConfig)
+from sftok.config import (
+    DataConfig,
+    DecoderConfig,
+    EncoderConfig,
+    EvalConfig,
+    ExperimentConfig,
+    OptimConfig,
+    QuantizerConfig,
+    StageConfig,
+    TeacherConfig,
+    TeacherTrainConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 
 
 def _stages(steps1: int, steps2: int, steps3: int, batch: int, optim: OptimConfig,
             ema: float, accum: int = 1, precision: str = "fp32", log_every: int = 10,
             ckpt_every: int = 500,
             stage3_batch: int | None = None, stage3_accum: int = 1, gan_start: int = 20_000,
-            discriminator: str = "patchgan", lpips_weight: float = 1.0) -> TrainConfig:
-    common = dict(batch_size=batch, grad_accum=accum, optim=optim, ema_decay=ema,
-                  precision=precision, log_every=log_every, ckpt_every=ckpt_every)
+            discriminator: str = "patchgan", lpips_weight: float = 1.0
+            ) -> dict[str, StageConfig]:
+    """The three SFTok stages of a preset (keyword arguments of `TrainConfig`)."""
+    common = {"batch_size": batch, "grad_accum": accum, "optim": optim, "ema_decay": ema,
+              "precision": precision, "log_every": log_every, "ckpt_every": ckpt_every}
     s3_optim = dataclasses.replace(optim, betas=(0.9, 0.999))  # paper Table 6, stage 3
-    return dict(
-        stage1=StageConfig(steps=steps1, replacement="none", **common),
-        stage2=StageConfig(steps=steps2, replacement="sfvr", replace_ratio=1.0, **common),
-        stage3=StageConfig(steps=steps3, replacement="none",
-                           **{**common, "optim": s3_optim, "batch_size": stage3_batch or batch,
-                              "grad_accum": stage3_accum}, gan_start=gan_start,
-                           discriminator=discriminator, lpips_weight=lpips_weight),
-    )
+    return {
+        "stage1": StageConfig(steps=steps1, replacement="none", **common),
+        "stage2": StageConfig(steps=steps2, replacement="sfvr", replace_ratio=1.0, **common),
+        "stage3": StageConfig(steps=steps3, replacement="none",
+                              **{**common, "optim": s3_optim, "batch_size": stage3_batch or batch,
+                                 "grad_accum": stage3_accum}, gan_start=gan_start,
+                              discriminator=discriminator, lpips_weight=lpips_weight),
+    }
 
 
 def smoke() -> ExperimentConfig:

@@ -17,7 +17,6 @@ nearest code in eval mode; `sinkhorn` reproduces the reference. Training always 
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 
 import torch

@@ -5,8 +5,15 @@ import json
 
 import pytest
 
-from sftok.config import (ConfigError, ExperimentConfig, flatten, from_dict, override,
-                          proxy_grid, to_dict)
+from sftok.config import (
+    ConfigError,
+    ExperimentConfig,
+    flatten,
+    from_dict,
+    override,
+    proxy_grid,
+    to_dict,
+)
 from sftok.presets import PRESETS, get_preset
 
 
