@@ -189,6 +189,25 @@ def test_ema_update_rule():
     assert ema.shadow["weight"][0, 0].item() == pytest.approx(0.9 + (1 - 2 / 11) * 0.1)
 
 
+def test_ema_matches_per_tensor_rule_on_params_and_buffers():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = EMA(m, decay=0.9)
+    expected = {k: v.clone() for k, v in m.state_dict().items()}
+    for step in range(3):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        m.train()(torch.randn(8, 4))  # moves BatchNorm's running stats; bumps the int counter
+        w = 1.0 - min(0.9, (1.0 + step) / (10.0 + step))
+        for k, v in m.state_dict().items():
+            expected[k] = expected[k] + w * (v - expected[k]) if v.is_floating_point() else v.clone()
+        ema.update(m)
+    for k, v in expected.items():
+        torch.testing.assert_close(ema.shadow[k], v)
+    assert ema.shadow["1.num_batches_tracked"].item() == 3
+
+
 # ---- checkpoints -----------------------------------------------------------------------------
 
 
