@@ -200,11 +200,17 @@ for arm in arms:
         f"({'monotonically falling' if mono else 'not monotonically'}), top-1 agreement with the "
         f"final prediction from {tf[0]:.1%} to {tf[-1]:.1%} ({'rising' if rise else 'not rising'} "
         f"throughout); at the last step the prediction still has KL {q(arm, 'kl_gt_all', S):.3g} "
-        f"nats to the ground truth and agrees with it on {q(arm, 'top1_gt_all', S):.1%} of "
-        f"positions.")
-gap = all(q(a, "top1_gt_all", S) < 0.99 for a in arms)
-sentences.append(f"The paper's claim — \"{paper_claim}\" — is "
-                 f"{'consistent with' if gap else 'not borne out by'} these traces.")
+        f"nats to the ground truth and agrees with it on "
+        + ("an undetermined share (top1_gt_all not traced)" if np.isnan(q(arm, "top1_gt_all", S))
+           else f"{q(arm, 'top1_gt_all', S):.1%}") + " of positions.")
+final_top1 = [q(a, "top1_gt_all", S) for a in arms]
+if any(np.isnan(v) for v in final_top1):  # not traced: the claim cannot be checked
+    sentences.append(f"Whether the paper's claim — \"{paper_claim}\" — holds is undetermined: "
+                     f"the traces have no top1_gt_all at step {S} for every arm.")
+else:
+    gap = all(v < 0.99 for v in final_top1)
+    sentences.append(f"The paper's claim — \"{paper_claim}\" — is "
+                     f"{'consistent with' if gap else 'not borne out by'} these traces.")
 if len(arms) >= 2 and len(trace_camp.seeds) >= 1:
     final_gt = traces[traces["step"] == S]
     if "top1_gt_all" in final_gt:

@@ -122,42 +122,68 @@ display(Markdown(out.table("figure8", table, caption, md=md_table)))
 
 # %%
 def direction(metric, a, b, arm):
-    """'improves' / 'worsens' from S=a to S=b by the mean, with the paired CI when possible."""
+    """(verdict, paired diff, text) from S=a to S=b: verdict 'improves' / 'worsens' /
+    'unchanged' by the mean (the text adds the paired CI when possible), or 'undetermined'
+    when no seed has finite values at both step counts."""
     sub = long[(long["metric"] == metric) & (long["arm"] == arm)]
     p = stats.paired_diff(sub, "steps", "seed", "value", a, b)
-    good = p.diff.mean > 0 if md.higher_is_better(metric) else p.diff.mean < 0
+    if p.diff.n == 0:
+        return "undetermined", p, (f"is undetermined from {a} to {b} steps (no seed has finite "
+                                   f"values at both)")
     if p.diff.mean == 0:
-        return False, p, f"is unchanged (Δ 0 over {p.diff.n} seed(s))"
+        return "unchanged", p, f"is unchanged (Δ 0 over {p.diff.n} seed(s))"
+    good = p.diff.mean > 0 if md.higher_is_better(metric) else p.diff.mean < 0
     sig = ""
     if p.diff.n >= 2:
         sig = (f", 95% CI [{p.diff.low:+.3g}, {p.diff.high:+.3g}]"
                + ("" if p.excludes_zero else ", not distinguishable from 0"))
-    return good, p, f"{'improves' if good else 'worsens'} (Δ {p.diff.mean:+.3g}{sig})"
+    return ("improves" if good else "worsens"), p, \
+        f"{'improves' if good else 'worsens'} (Δ {p.diff.mean:+.3g}{sig})"
+
+
+def paper_claim(metric):
+    """Does `metric` improve from 1 to 8 steps in every arm that evaluated both?"""
+    have = [a for a in arms
+            if {1, 8} <= set(long[(long["arm"] == a) & (long["metric"] == metric)]["steps"])]
+    if not have:
+        return "is undetermined (S = 1 and S = 8 were not both evaluated)"
+    res = [direction(metric, 1, 8, a) for a in have]
+    if any(v == "undetermined" for v, _, _ in res):
+        return "is undetermined (no seed has finite values at both S = 1 and S = 8)"
+    if not all(v == "improves" for v, _, _ in res):
+        return "does not improve"
+    if all(p.excludes_zero for _, p, _ in res):
+        return "improves (paired CI excludes 0)"
+    return "mean improves but within seed noise (paired CI includes 0 or under 2 seeds)"
 
 
 sentences = []
 for arm in arms:
-    steps_av = sorted(set(long[long["arm"] == arm]["steps"]))
-    lo, mid = min(steps_av), (8 if 8 in steps_av else max(steps_av))
     parts = []
     for metric in present:
-        if lo == mid:
+        steps_av = sorted(set(long[(long["arm"] == arm) & (long["metric"] == metric)]["steps"]))
+        if len(steps_av) < 2:
             continue
+        lo, mid = min(steps_av), (8 if 8 in steps_av else max(steps_av))
         _, _, d1 = direction(metric, lo, mid, arm)
         s = f"{md.metric_label(metric)} {d1} from {lo} to {mid} steps"
         if 16 in steps_av and mid == 8:
-            _, p16, _ = direction(metric, 8, 16, arm)
-            base = abs(summary[(summary["arm"] == arm) & (summary["metric"] == metric)
-                               & (summary["steps"] == 8)]["mean"].iloc[0]) or 1.0
+            v16, p16, _ = direction(metric, 8, 16, arm)
+            base = summary[(summary["arm"] == arm) & (summary["metric"] == metric)
+                           & (summary["steps"] == 8)]["mean"]
+            base = (abs(float(base.iloc[0])) if len(base) else math.nan) or 1.0
             rel = abs(p16.diff.mean) / base
-            if p16.diff.n >= 2 and not p16.excludes_zero:
-                verdict = "marginal: its paired 95% CI includes 0"
-            elif rel < 0.01:
-                verdict = "marginal: under 1%"
+            if v16 == "undetermined" or math.isnan(rel):
+                s += ", and the change from 8 to 16 steps is undetermined (no finite values)"
             else:
-                verdict = "not marginal"
-            s += (f", and 16 steps changes it by {p16.diff.mean:+.3g} ({rel:.1%} of the 8-step "
-                  f"value; {verdict})")
+                if p16.diff.n >= 2 and not p16.excludes_zero:
+                    verdict = "marginal: its paired 95% CI includes 0"
+                elif rel < 0.01:
+                    verdict = "marginal: under 1%"
+                else:
+                    verdict = "not marginal"
+                s += (f", and 16 steps changes it by {p16.diff.mean:+.3g} ({rel:.1%} of the "
+                      f"8-step value; {verdict})")
         parts.append(s)
     if parts:
         sentences.append(f"`{arm}`: " + "; ".join(parts) + ".")
@@ -165,10 +191,10 @@ if "rfid" in present or "is" in present:
     claims = []
     for metric in ("rfid", "is"):
         if metric in present:
-            ok = all(direction(metric, 1, 8, a)[0] for a in arms
-                     if {1, 8} <= set(long[(long["arm"] == a) & (long["metric"] == metric)]["steps"]))
-            claims.append(f"{md.metric_label(metric)} {'improves' if ok else 'does not improve'} "
-                          f"from 1 to 8 steps as in the paper")
+            c = paper_claim(metric)
+            claims.append(f"{md.metric_label(metric)} from 1 to 8 steps {c}"
+                          + (" as in the paper" if c.startswith("improves") else
+                             " (the paper: it improves)"))
     sentences.append("Against the paper: " + "; ".join(claims) + ".")
 if missing:
     sentences.append(f"Not available here: {missing_note} — the paper's rFID/IS curve can only be "

@@ -8,7 +8,7 @@ NAME is a notebook of analysis/ (`table4_replace_ratio` or `analysis/table4_repl
 none = all of them. Each jupytext percent-format notebook is read (jupytext), its `parameters`
 cell is followed by an injected cell with `tracking_uri`, `parent`, `out_dir` and any
 `-p KEY=VALUE` (values parsed as YAML scalars), and it is executed with nbclient on an
-ipykernel of this interpreter (no kernelspec registration needed). Outputs go to DIR/NAME/ (default analysis/out/NAME/): the executed
+ipykernel of this interpreter (no kernelspec registration needed). Outputs go to DIR/NAME/ (default analysis/out/NAME/; emptied first): the executed
 `NAME.ipynb`, the tables (`.csv`, `.md`), the figures (`.png` + `.axes.json`), `reading.md` and
 `manifest.json`; then they are logged as artifacts `analysis/NAME/` of the parent run(s) the
 notebook read (skip with --no-log).
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,15 @@ def execute(name: str, params: dict, out: Path, timeout: int) -> tuple[str, str]
     return status, message
 
 
+def clear_outputs(out: Path) -> None:
+    """Remove a previous run's outputs of one notebook (out = DIR/NAME), so that a failed or
+    missing run does not leave the old tables and reading beside the new notebook."""
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    elif out.exists() or out.is_symlink():
+        out.unlink()
+
+
 def log_outputs(name: str, out: Path) -> list[str]:
     """Log out/ as artifacts `analysis/<name>/` of every parent run named in its manifest."""
     from mlflow.tracking import MlflowClient
@@ -167,10 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.parent:
             params["parent"] = args.parent
         t0 = time.time()
+        clear_outputs(out)
         status, message = execute(name, params, out, args.timeout)
         dt = time.time() - t0
         if status == "ok":
-            logged = [] if args.no_log else log_outputs(name, out)
+            try:
+                logged = [] if args.no_log else log_outputs(name, out)
+            except Exception as e:  # noqa: BLE001 — report, go on with the other notebooks
+                print(f"[render] {name}: ran ok in {dt:.1f}s -> {out}, but logging its outputs "
+                      f"to MLflow FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                results[name] = "error"
+                continue
             print(f"[render] {name}: ok in {dt:.1f}s -> {out}"
                   + (f" (logged to {', '.join(logged)})" if logged else ""))
         elif status == "missing":

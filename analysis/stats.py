@@ -31,10 +31,11 @@ class Interval:
     def high(self) -> float:
         return self.mean + self.half
 
-    def overlaps(self, other: Interval) -> bool:
-        """True when the intervals share a point (or either is undefined, n < 2)."""
+    def overlaps(self, other: Interval) -> bool | None:
+        """True when the intervals share a point; None (undetermined) when either is undefined
+        (n < 2), so that a missing interval is never read as overlap or separation."""
         if math.isnan(self.half) or math.isnan(other.half):
-            return True
+            return None
         return self.low <= other.high and other.low <= self.high
 
     def fmt(self, digits: int = 3) -> str:
@@ -75,7 +76,7 @@ class PairedDiff:
     b: str
     diff: Interval  # of (b - a) over common seeds
     seeds: tuple
-    p_value: float  # two-sided paired t-test; NaN when n < 2
+    p_value: float  # two-sided paired t-test; NaN when n < 2 or the differences are constant
 
     @property
     def excludes_zero(self) -> bool:
@@ -91,10 +92,9 @@ def paired_diff(df: pd.DataFrame, arm_col: str, seed_col: str, value: str, a, b,
     d = (vb.loc[common] - va.loc[common]).astype(float)
     d = d[np.isfinite(d)]
     iv = mean_ci(d.values, confidence)
-    p = math.nan
-    if iv.n >= 2:
-        p = float(_st.ttest_1samp(d.values, 0.0).pvalue) if iv.std > 0 else (
-            0.0 if iv.mean != 0 else 1.0)
+    p = math.nan  # undefined for n < 2 and for zero-variance differences (t = ±inf or 0/0)
+    if iv.n >= 2 and iv.std > 0:
+        p = float(_st.ttest_1samp(d.values, 0.0).pvalue)
     return PairedDiff(str(a), str(b), iv, tuple(sorted(d.index.tolist())), p)
 
 
@@ -108,8 +108,9 @@ def format_ci(mean: float, half: float, digits: int = 3) -> str:
 
 
 def format_p(p: float) -> str:
-    if math.isnan(p):
-        return "—"
+    """'<0.001', '0.042', or 'n/a' when the p-value is undefined (NaN)."""
+    if p is None or math.isnan(p):
+        return "n/a"
     return "<0.001" if p < 1e-3 else f"{p:.3f}"
 
 

@@ -126,6 +126,11 @@ sentences = [f"Measured by {label} at {S} decode steps over {len(camp.seeds)} se
                 "compared)" if metric != "rfid" else "") + ":"]
 names = {"vanilla": "vanilla", "sfvr": "SFVR"}
 for (a, b), r, pdiff in zip(pairs, pt.itertuples(), paper_diff):
+    if pd.isna(r.diff_mean):  # no common seed with a finite value in both arms
+        sentences.append(f"{b} vs {a}: the paper finds {b} {'better' if pdiff < 0 else 'worse'} "
+                         f"(Δ rFID {pdiff:+.2f}); ours is undetermined (no seed has a finite "
+                         f"{label} in both arms) — the paper's direction is undetermined.")
+        continue
     same = better(r.diff_mean) == (pdiff < 0)
     s = (f"{b} vs {a}: the paper finds {b} {'better' if pdiff < 0 else 'worse'} "
          f"(Δ rFID {pdiff:+.2f}); ours finds it {'better' if better(r.diff_mean) else 'worse'} "
@@ -142,11 +147,14 @@ missing = [f"{'warm-up + ' if w else ''}{names.get(st, st)}" for (st, w) in pape
 if missing:
     sentences.append(f"No arm of this run corresponds to {', '.join(missing)}.")
 if len(ivs) >= 2 and len(camp.seeds) >= 2:
-    ranked = sorted(ivs, key=lambda a: ivs[a].mean, reverse=hib)
-    overl = [f"{x}/{y}" for i, x in enumerate(ranked) for y in ranked[i + 1:]
-             if ivs[x].overlaps(ivs[y])]
+    ranked = sorted((a for a in ivs if ivs[a].n), key=lambda a: ivs[a].mean, reverse=hib)
+    pairs_r = [(x, y) for i, x in enumerate(ranked) for y in ranked[i + 1:]]
+    overl = [f"{x}/{y}" for x, y in pairs_r if ivs[x].overlaps(ivs[y]) is True]
+    undet = [f"{x}/{y}" for x, y in pairs_r if ivs[x].overlaps(ivs[y]) is None]
     sentences.append(f"Best to worst: {' > '.join(ranked)}; the per-arm 95% intervals "
-                     + (f"overlap for {', '.join(overl)}." if overl else "are disjoint."))
+                     + (f"overlap for {', '.join(overl)}" if overl else
+                        "are disjoint" if not undet else "are otherwise disjoint")
+                     + (f"; undetermined (n < 2) for {', '.join(undet)}" if undet else "") + ".")
 reading = " ".join(sentences)
 out.reading(reading)
 display(Markdown(reading))

@@ -117,13 +117,22 @@ if len(camp.seeds) < 2:
     sentences.append("With a single seed no confidence interval can be formed; the ordering "
                      "may be seed noise.")
 else:
-    overl = [f"{md.fmt_num(a)}/{md.fmt_num(b)}" for a, b in pairs if ivs[a].overlaps(ivs[b])]
+    overl = [f"{md.fmt_num(a)}/{md.fmt_num(b)}" for a, b in pairs
+             if ivs[a].overlaps(ivs[b]) is True]
+    undet = [f"{md.fmt_num(a)}/{md.fmt_num(b)}" for a, b in pairs
+             if ivs[a].overlaps(ivs[b]) is None]  # an arm with < 2 finite seeds: no interval
     sentences.append("The 95% intervals " + (
-        f"overlap for {', '.join(overl)}" if overl else "do not overlap for any pair") + "; "
+        f"overlap for {', '.join(overl)}" if overl else
+        "do not overlap for any pair" if not undet else
+        "do not overlap for any other pair" if len(undet) < len(pairs) else "")
+        + ("" if not undet else ("; " if overl or len(undet) < len(pairs) else "")
+           + f"are undetermined (n < 2) for {', '.join(undet)}") + "; "
         + "; ".join(
-            f"the paired difference {md.fmt_num(r.b)} − {md.fmt_num(r.a)} is {r.diff_mean:+.3g} "
-            f"[{r.ci_low:+.3g}, {r.ci_high:+.3g}] "
-            f"({'excludes' if r.excludes_zero else 'includes'} 0)"
+            f"the paired difference {md.fmt_num(r.b)} − {md.fmt_num(r.a)} is "
+            + (f"{r.diff_mean:+.3g} [{r.ci_low:+.3g}, {r.ci_high:+.3g}] "
+               f"({'excludes' if r.excludes_zero else 'includes'} 0)"
+               if r.n_common_seeds >= 2 else
+               f"{r.diff_mean:+.3g} (undetermined (n < 2): {r.n_common_seeds} common seed(s))")
             for r in pt.itertuples()) + ".")
     # Is the paper's ordering supported beyond seed noise? Each adjacent pair (paper order),
     # better minus worse, must have a paired CI on the better side of 0.

@@ -67,7 +67,7 @@ def _arms(spec: str) -> dict[str, dict]:
     return {"base": dict(base, q=0.2)}
 
 
-def _log_trial(client, exp_id, parent_id, spec, arm, seed, p, with_fid, rng):
+def _log_trial(client, exp_id, parent_id, spec, arm, seed, p, with_fid, rng, drop=None):
     from mlflow.entities import Metric, Param
 
     unavailable = {} if with_fid else {
@@ -111,6 +111,10 @@ def _log_trial(client, exp_id, parent_id, spec, arm, seed, p, with_fid, rng):
              "num_fixed": 16 * i // S}
         rows.append(r)
         metrics += [Metric(f"trace/{k}", float(v), t0, i) for k, v in r.items() if k != "step"]
+    if drop is not None:  # metrics this trial did not log (thin-data tests)
+        metrics = [m for m in metrics if not drop(spec, arm, seed, m.key)]
+        rows = [{k: v for k, v in r.items() if not drop(spec, arm, seed, f"trace/{k}")}
+                for r in rows]
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i:i + 900],
                          params=params if i == 0 else [], tags=[])
@@ -120,10 +124,11 @@ def _log_trial(client, exp_id, parent_id, spec, arm, seed, p, with_fid, rng):
     client.set_terminated(rid, "FINISHED")
 
 
-def build_store(root: Path, specs=tuple(md.SPECS), with_fid=(), seeds=SEEDS) -> str:
+def build_store(root: Path, specs=tuple(md.SPECS), with_fid=(), seeds=SEEDS, drop=None) -> str:
     """A SQLite MLflow store under `root` with one parent run per spec; returns its URI.
     `with_fid`: the specs whose trials measured rFID and IS (the others: unavailable, as
-    offline)."""
+    offline). `drop(spec, arm, seed, key)`: true for the metrics (and trace.csv columns,
+    `trace/<col>`) a trial does not log."""
     from mlflow.tracking import MlflowClient
 
     root.mkdir(parents=True, exist_ok=True)
@@ -140,7 +145,7 @@ def build_store(root: Path, specs=tuple(md.SPECS), with_fid=(), seeds=SEEDS) -> 
         for arm, p in _arms(spec).items():
             for seed in seeds:
                 _log_trial(client, exp_id, parent.info.run_id, spec, arm, seed, dict(p),
-                           spec in with_fid, rng)
+                           spec in with_fid, rng, drop)
         client.set_terminated(parent.info.run_id, "FINISHED")
     return uri
 
@@ -280,6 +285,25 @@ def test_paired_diff_matches_scipy():
     assert list(pt["n_common_seeds"]) == [5] and bool(pt["excludes_zero"][0])
 
 
+def test_stats_thin_data():
+    # One finished seed: no interval, so whether it overlaps another is undetermined (None).
+    one, two = stats.mean_ci([4.2]), stats.mean_ci([1.0, 2.0])
+    assert one.overlaps(two) is None and two.overlaps(one) is None
+    assert one.overlaps(one) is None and two.overlaps(stats.mean_ci([1.5, 2.5])) is True
+    # Zero-variance paired differences: the t-test is undefined, p is NaN and shown "n/a".
+    df = pd.DataFrame({"arm": ["A", "A", "B", "B"], "seed": [0, 1, 0, 1],
+                       "v": [1.0, 2.0, 1.5, 2.5]})
+    res = stats.paired_diff(df, "arm", "seed", "v", "A", "B")
+    assert res.diff.n == 2 and math.isclose(res.diff.mean, 0.5) and math.isnan(res.p_value)
+    assert stats.format_p(res.p_value) == "n/a" and stats.format_p(0.0004) == "<0.001"
+    same = stats.paired_diff(df.assign(v=[1.0, 2.0, 1.0, 2.0]), "arm", "seed", "v", "A", "B")
+    assert same.diff.mean == 0 and math.isnan(same.p_value)
+    assert stats.paired_table(df, "arm", "seed", "v", [("A", "B")])["p_value"].isna().all()
+    # One common seed: no interval, no p.
+    single = stats.paired_diff(df[df["seed"] == 0], "arm", "seed", "v", "A", "B")
+    assert single.diff.n == 1 and math.isnan(single.p_value) and not single.excludes_zero
+
+
 def test_load_campaign(store):
     camp = md.load_campaign("ablation_replace_ratio", store)
     assert len(camp.runs) == 9 and camp.seeds == [0, 1, 2]
@@ -340,9 +364,15 @@ def test_latest_parent_and_missing_runs(tmp_path):
     assert str(e.value).startswith("no runs for spec ablation_replace_ratio in store " + uri)
     assert "run `python experiments/run.py ablation_replace_ratio` first" in str(e.value)
 
-    # Through render.py: a clear message naming the spec(s) to run, exit 2, no traceback.
+    # Through render.py: a clear message naming the spec(s) to run, exit 2, no traceback;
+    # the outputs of an earlier run of the notebook are removed, not left beside the new one.
+    stale = tmp_path / "out" / "figure4_per_step"
+    stale.mkdir(parents=True)
+    for f in ("reading.md", "figure4a.csv", "manifest.json"):
+        (stale / f).write_text("from an earlier run")
     r = render(["figure4_per_step"], uri, tmp_path / "out", "--no-log")
     assert r.returncode == 2, r.stderr
+    assert [f.name for f in stale.iterdir()] == ["figure4_per_step.ipynb"]  # the new one only
     for spec in ("per_step_trace", "ablation_sfvr_warmup"):
         assert f"python experiments/run.py {spec}" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
@@ -351,6 +381,78 @@ def test_latest_parent_and_missing_runs(tmp_path):
                "--no-log")
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "nowhere").exists()  # reading must not create an empty store
+
+
+def test_render_log_failure_and_stale_outputs(store, tmp_path, monkeypatch, capsys):
+    """In-process, with execution stubbed: old outputs are removed before a notebook runs, and
+    a failure to log one notebook's outputs is reported and does not stop the others."""
+    import render as rd
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    seen = []
+
+    def fake_execute(name, params, out, timeout):
+        seen.append((name, out.exists()))
+        out.mkdir(parents=True)
+        (out / f"{name}.ipynb").write_text("{}")
+        return "ok", ""
+
+    def fake_log(name, out):
+        if name == "table3_sfvr_warmup":
+            raise RuntimeError("artifact store is read-only")
+        return ["spec:run"]
+
+    stale = tmp_path / "out" / "table3_sfvr_warmup"
+    stale.mkdir(parents=True)
+    (stale / "reading.md").write_text("old reading")
+    (stale / "table3.csv").write_text("old table")
+    monkeypatch.setattr(rd, "execute", fake_execute)
+    monkeypatch.setattr(rd, "log_outputs", fake_log)
+    rc = rd.main(["table3_sfvr_warmup", "table4_replace_ratio", "--tracking-uri", store,
+                  "--out", str(tmp_path / "out")])
+    cap = capsys.readouterr()
+    assert rc == 1, cap
+    assert seen == [("table3_sfvr_warmup", False), ("table4_replace_ratio", False)]
+    assert [p.name for p in stale.iterdir()] == ["table3_sfvr_warmup.ipynb"]
+    assert "[render] table3_sfvr_warmup:" in cap.err and "FAILED" in cap.err
+    assert "RuntimeError: artifact store is read-only" in cap.err
+    assert "[render] table4_replace_ratio: ok" in cap.out
+
+
+def test_readings_undetermined_on_thin_data(tmp_path):
+    """Readings on a store missing the data they need say "undetermined", not a verdict."""
+    def drop(spec, arm, seed, key):
+        return ((spec == "step_sweep" and key in ("eval/rfid_s1", "eval/rfid_s8"))
+                or (spec == "ablation_sfvr_warmup" and arm == "sfvr_warmup"
+                    and key == "eval/lpips_s8")
+                or (spec == "ablation_replace_ratio" and arm == "replace_ratio=0.5" and seed > 0
+                    and key == "eval/rfid_s8")
+                or (spec == "per_step_trace" and key == "trace/top1_gt_all"))
+
+    names = ["table3_sfvr_warmup", "table4_replace_ratio", "figure4_per_step",
+             "figure8_step_sweep"]
+    uri = build_store(tmp_path / "store", specs=("ablation_sfvr_warmup", "ablation_replace_ratio",
+                                                 "per_step_trace", "step_sweep"),
+                      with_fid=WITH_FID, drop=drop)
+    r = render(names, uri, tmp_path / "out", "--no-log")
+    assert r.returncode == 0, r.stdout + r.stderr
+    reading = {n: (tmp_path / "out" / n / "reading.md").read_text() for n in names}
+    # Table 3: the warm-up arm has no value, so its paired difference is NaN.
+    r3 = reading["table3_sfvr_warmup"]
+    assert "sfvr_warmup vs sfvr_no_warmup" in r3 and "ours is undetermined" in r3, r3
+    assert "ours finds it worse (Δ nan" not in r3 and "nan" not in r3, r3
+    # Table 4: ratio 0.5 has one finished seed: no interval, so no "overlap".
+    r4 = reading["table4_replace_ratio"]
+    assert "undetermined (n < 2) for 0.5/0.8, 0.5/1.0" in r4, r4
+    assert "overlap for 0.5" not in r4 and "[nan, nan]" not in r4, r4
+    # Figure 4: no top1_gt_all traced, so the paper's claim can be neither confirmed nor not.
+    r4f = reading["figure4_per_step"]
+    assert "is undetermined" in r4f and "not borne out" not in r4f and "nan" not in r4f, r4f
+    # Figure 8: rFID not evaluated at S = 1 and 8 -> undetermined; IS improves beyond noise.
+    r8 = reading["figure8_step_sweep"]
+    assert "rFID from 1 to 8 steps is undetermined (S = 1 and S = 8 were not both" in r8, r8
+    assert "IS from 1 to 8 steps improves (paired CI excludes 0) as in the paper" in r8, r8
+    assert "nan" not in r8, r8
 
 
 def test_render_all_notebooks(store, tmp_path):
