@@ -73,8 +73,10 @@ def plan_for(spec_path, **kw):
     return expand(spec, path, **kw)
 
 
-def make_fake(log_dir: Path, fail_ratio: float | None = None, sleep_ratio: float | None = None):
-    """A trial function: 3 train reports per stage, stage checkpoints, artifacts, eval metrics."""
+def make_fake(log_dir: Path, fail_ratio: float | None = None, sleep_ratio: float | None = None,
+              fail_first: bool = False):
+    """A trial function: 3 train reports per stage, stage checkpoints, artifacts, eval metrics.
+    `fail_first`: the first trial to start fails (with max_concurrent=1, exactly one)."""
     log_dir = str(log_dir)
 
     def fake_trial(config):
@@ -98,6 +100,13 @@ def make_fake(log_dir: Path, fail_ratio: float | None = None, sleep_ratio: float
         Path(log_dir, f"{key}.{time.time_ns()}").write_text("ran")
         if fail_ratio is not None and ratio == fail_ratio:
             raise ValueError(f"injected failure at replace_ratio={ratio}")
+        if fail_first:
+            try:
+                Path(log_dir, "failed-first").touch(exist_ok=False)
+            except FileExistsError:
+                pass
+            else:
+                raise ValueError("injected failure of the first trial")
         if sleep_ratio is not None and ratio == sleep_ratio:
             time.sleep(300)
         step = 0
@@ -298,6 +307,85 @@ def test_optuna_search(ray_session, store, client, tmp_path):
         assert 0.5 <= ratio <= 1.0
         assert float(c.data.tags["search.train.stage2.replace_ratio"]) == pytest.approx(ratio)
         assert c.data.metrics["eval/psnr_s4"] == pytest.approx(12 + ratio)
+
+
+def test_optuna_search_resume(ray_session, store, client, tmp_path):
+    """Resuming a search hands the finished samples to Optuna under Ray's `search/<field>`
+    names (bare names crashed with "Inconsistent parameters") and runs only the rest."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = fake_spec(tmp_path, "fake_search_resume", arms={}, search={
+        "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.0]},
+                  "train.stage2.optim.lr": {"loguniform": [1e-4, 1e-2]}},
+        "metric": "eval/psnr_s4", "mode": "max", "num_samples": 3})
+    opts = dict(tracking=str(store), work_dir=str(tmp_path), max_concurrent=1,
+                prepare_teacher=False)
+    res = run_campaign(plan_for(path), Options(trial_fn=make_fake(logs, fail_first=True),
+                                               **opts))
+    assert res.exit_code != 0
+    _, children = runs_of(client, "fake_search_resume")
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED", "FINISHED"]
+    res = run_campaign(plan_for(path), Options(trial_fn=make_fake(logs), resume=True, **opts))
+    assert res.exit_code == 0, res
+    parents, children = runs_of(client, "fake_search_resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sum(c.info.status == "FINISHED" for c in children) == 3
+
+
+def test_resume_without_a_campaign_exits_2(store, client, tmp_path, capsys):
+    """--resume that matches no campaign (e.g. a different --set) stops, listing the spec's
+    recent runs, instead of silently starting everything afresh."""
+    from sftok_experiments.cli import main
+    from sftok_experiments.tracking import get_experiment, resolve_store
+
+    path = fake_spec(tmp_path, "fake_noresume")
+    exp_id = get_experiment(client, "fake_noresume", resolve_store(str(store))[1], {})
+    old = client.create_run(exp_id, tags={"sftok.role": "parent", "sftok.campaign": "other",
+                                          "command": "run.py fake_noresume --set x=1"})
+    rc = main([str(path), "--resume", "--tracking-uri", str(store), "--no-teacher",
+               "--work-dir", str(tmp_path / "runs")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no earlier invocation of this campaign" in err
+    assert old.info.run_id in err and "run.py fake_noresume --set x=1" in err
+    parents, children = runs_of(client, "fake_noresume")
+    assert [p.info.run_id for p in parents] == [old.info.run_id] and not children
+
+
+def test_zero_gpu_trial_runs_on_cpu():
+    from sftok_experiments.trial import trial_device
+
+    assert trial_device("auto", 0) == "cpu"  # Ray 2.60 leaves CUDA_VISIBLE_DEVICES set
+    assert trial_device("auto", 0.0) == "cpu"
+    assert trial_device("auto", 0.5) == "auto" and trial_device("auto", 1) == "auto"
+    assert trial_device("cuda:1", 0) == "cuda:1"  # explicitly named: kept
+    assert trial_device("auto", None) == "auto"  # unknown (older payload): unchanged
+
+
+def test_worker_env_forwarded(monkeypatch):
+    from sftok_experiments import campaign
+
+    for k in campaign.FORWARDED_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SFTOK_LPIPS_WEIGHTS", "/w/lpips.pth")
+    monkeypatch.setenv("HF_HOME", "/hf")
+    assert campaign._forwarded_env() == {"SFTOK_LPIPS_WEIGHTS": "/w/lpips.pth", "HF_HOME": "/hf"}
+
+
+def test_search_warm_start_uses_ray_names():
+    from sftok_experiments.campaign import warm_start
+
+    class R:  # the bits of an MLflow run warm_start reads
+        def __init__(self, tags, params, metrics):
+            self.data = type("D", (), {"tags": tags, "params": params, "metrics": metrics})
+
+    search = {"space": {"a.b": {"uniform": [0, 1]}, "c": {"choice": ["x", "y"]}},
+              "metric": "eval/psnr_s8"}
+    done = {"k1": R({"search.a.b": "0.25", "search.c": "y"}, {"a.b": "0.25", "c": "y"},
+                    {"eval/psnr_s8": 3.0}),
+            "k2": R({"search.a.b": "0.5", "search.c": "x"}, {}, {})}  # no metric: left out
+    points, rewards = warm_start(search, done)
+    assert points == [{"search/a.b": 0.25, "search/c": "y"}] and rewards == [3.0]
 
 
 def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, client, tmp_path):

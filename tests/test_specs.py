@@ -98,6 +98,27 @@ def test_data_option():
     assert d["data.source"] == "webdataset" and d["data.val_path"].startswith("/s/val")
 
 
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    """Ray runs trials in their trial dir: file paths are resolved against the driver's cwd."""
+    from sftok_experiments.expand import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(_with(overrides={"data.val_path": "val/imgs"}), "s.yaml")
+    plan = expand(spec, Path("s.yaml"), data=parse_data(["imagenet=rel/path"]),
+                  sets=parse_set(["teacher.weights=rel.bin"]))
+    for t in plan.trials:
+        assert t.config.data.path == str(tmp_path / "rel" / "path")
+        assert t.config.data.val_path == str(tmp_path / "val" / "imgs")
+        assert t.config.teacher.weights == str(tmp_path / "rel.bin")
+    d = expand(spec, Path("s.yaml"), data=parse_data(["imagenet=sh/train-{0..9}.tar"])
+               ).trials[0].config.data
+    assert d.path == str(tmp_path / "sh" / "train-{0..9}.tar")
+    cfg = plan.trials[0].config
+    assert absolute_paths(cfg) == {}  # already absolute: unchanged
+    base = expand(parse_spec(GOOD, "g.yaml"), Path("g.yaml")).trials[0].config
+    assert absolute_paths(base) == {}  # embedded data, no weights file: nothing to resolve
+
+
 def test_campaign_hash_tracks_the_trials():
     spec, path = load_spec("ablation_replace_ratio")
     a = expand(spec, path, preset="smoke", seeds=1).campaign_hash
@@ -155,6 +176,48 @@ BAD = [
                                           "metric": "eval/psnr_s8", "mode": "max",
                                           "num_samples": 2}),
      "search.space.train.stage2.optim.lr.logunif", "unknown key"),
+    ("search reversed bounds", _with(arms={}, search={
+        "space": {"train.stage2.optim.lr": {"loguniform": [1e-2, 1e-4]}},
+        "metric": "eval/psnr_s1", "mode": "max", "num_samples": 2}), "search.space",
+     "low must be < high"),
+    ("search reversed randint", _with(arms={}, search={
+        "space": {"train.stage2.steps": {"randint": [5, 5]}},
+        "metric": "eval/psnr_s1", "mode": "max", "num_samples": 2}), "search.space",
+     "low must be < high"),
+    ("search empty choice", _with(arms={}, search={
+        "space": {"train.stage2.replacement": {"choice": []}},
+        "metric": "eval/psnr_s1", "mode": "max", "num_samples": 2}), "search.space",
+     "at least one value"),
+    ("search choice out of range", _with(arms={}, search={
+        "space": {"train.stage2.replace_ratio": {"choice": [0.5, 1.5]}},
+        "metric": "eval/psnr_s1", "mode": "max", "num_samples": 2}),
+     "search.space.train.stage2.replace_ratio", "[0, 1]"),
+    ("search bound out of range", _with(arms={}, search={
+        "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.2]}},
+        "metric": "eval/psnr_s1", "mode": "max", "num_samples": 2}),
+     "search.space.train.stage2.replace_ratio", "[0, 1]"),
+    ("search bad choice literal", _with(arms={}, search={
+        "space": {"train.stage2.replacement": {"choice": ["sfvr", "magic"]}},
+        "metric": "eval/psnr_s1", "mode": "max", "num_samples": 2}),
+     "search.space.train.stage2.replacement", "one of"),
+    ("search metric not evaluated", _with(arms={}, evaluation={"decode_steps": [1, 4]}, search={
+        "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.0]}},
+        "metric": "eval/psnr_s8", "mode": "max", "num_samples": 2}), "search.metric",
+     "not reported"),
+    ("search metric not measured", _with(arms={}, evaluation={"metrics": ["psnr"]}, search={
+        "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.0]}},
+        "metric": "eval/token_top1", "mode": "max", "num_samples": 2}), "search.metric",
+     "not reported"),
+    ("search train metric", _with(arms={}, search={
+        "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.0]}},
+        "metric": "train/stage2/loss", "mode": "min", "num_samples": 2}), "search.metric",
+     "eval metric"),
+    ("stage_steps outside the arm's pipeline", _with(arms={"named": [
+        {"name": "a", "stages": ["stage2"], "stage_steps": {"stage1": 5}}]}),
+     "arms.named[0].stage_steps.stage1", "not a stage of this arm"),
+    ("stage_steps outside the spec's pipeline", _with(arms={"named": [
+        {"name": "a", "stage_steps": {"stage3": 5}}]}),
+     "arms.named[0].stage_steps.stage3", "not a stage of this arm"),
     ("search mode", _with(arms={}, search={"space": {"train.stage2.optim.lr": {"uniform": [1, 2]}},
                                            "metric": "eval/psnr_s8", "mode": "maximise",
                                            "num_samples": 2}), "search.mode", ""),
@@ -198,6 +261,53 @@ def test_bad_spec_stops_the_cli_before_compute(tmp_path, monkeypatch, capsys):
     assert "unknown spec" in capsys.readouterr().err
     assert not store.exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_search_metric_reported_ok():
+    """An S-independent metric and any evaluated S are accepted."""
+    for metric in ("eval/token_top1", "eval/ssim_s4", "eval/psnr_s1"):
+        spec = parse_spec(_with(arms={}, search={
+            "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.0]},
+                      "train.stage2.steps": {"randint": [1, 3]}},
+            "metric": metric, "mode": "max", "num_samples": 2}), "s.yaml")
+        assert expand(spec, Path("s.yaml")).search["metric"] == metric
+
+
+@pytest.mark.parametrize("opt,item", [("--set", "train.stage2.replace_ratio=0.9"),
+                                      ("--set", "train.stage2.replacement=vanilla"),
+                                      ("--data", "embedded")])
+def test_cli_cannot_override_an_arm_variable(tmp_path, opt, item):
+    """--set / --data on a grid key or a named arm's override key would make the arms identical
+    while their labels differ: refused, naming the key."""
+    f = tmp_path / "arms.yaml"
+    f.write_text(yaml.safe_dump(_with(arms={
+        "grid": {"train.stage2.replace_ratio": [0.5, 1.0]},
+        "named": [{"name": "a", "overrides": {"train.stage2.replacement": "sfvr",
+                                              "data.source": "embedded"}}]})))
+    spec, path = load_spec(str(f))
+    with pytest.raises(SpecError) as ei:
+        if opt == "--set":
+            expand(spec, path, sets=parse_set([item]))
+        else:
+            expand(spec, path, data=parse_data([item]))
+    assert ei.value.file == opt and "arm variable" in str(ei.value)
+    assert ei.value.field in ("train.stage2.replace_ratio", "train.stage2.replacement",
+                              "data.source")
+    # Shipped spec, through the CLI: exit 2 before compute.
+    if opt == "--set" and "ratio" in item:
+        assert cli.main(["ablation_replace_ratio", "--set", item, "--dry-run"]) == 2
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--seeds", "0"], "--seeds: must be >= 1"), (["--seeds", "-1"], "--seeds: must be >= 1"),
+    (["--max-concurrent", "0"], "--max-concurrent must be >= 1")])
+def test_cli_rejects_bad_counts(argv, words, capsys):
+    assert cli.main(["ablation_replace_ratio", "--dry-run", *argv]) == 2
+    assert words in capsys.readouterr().err
+    if argv[0] == "--seeds":
+        spec, path = load_spec("ablation_replace_ratio")
+        with pytest.raises(SpecError):
+            expand(spec, path, seeds=int(argv[1]))
 
 
 def test_parse_spec_rejects_non_mapping():

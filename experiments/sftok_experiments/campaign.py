@@ -68,15 +68,16 @@ class CampaignResult:
     wall_s: float
     interrupted: bool = False
     setup_error: str | None = None  # e.g. the teacher could not be trained / loaded
+    usage_error: str | None = None  # nothing ran: e.g. --resume found no campaign to continue
 
     @property
     def ok(self) -> bool:
-        return (not self.interrupted and self.setup_error is None
+        return (not self.interrupted and self.setup_error is None and self.usage_error is None
                 and all(t.status == "FINISHED" for t in self.trials))
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.ok else 1
+        return 2 if self.usage_error else 0 if self.ok else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +91,15 @@ def _pythonpath() -> str:
     return os.pathsep.join(parts + ([old] if old else []))
 
 
+# Forwarded to the workers when set: on other nodes the raylet's environment lacks them.
+FORWARDED_ENV = ("SFTOK_INCEPTION_WEIGHTS", "SFTOK_LPIPS_WEIGHTS", "SFTOK_DINO_WEIGHTS",
+                 "TORCH_HOME", "HF_HOME")
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Start (or attach to) Ray so workers can import this package; True if we started it."""
     import ray
@@ -99,11 +109,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     os.environ["PYTHONPATH"] = _pythonpath()  # local workers inherit it from the raylet
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"],
-                                                "SFTOK_PROGRESS": "0"}}
+                                                "SFTOK_PROGRESS": "0", **_forwarded_env()}}
     if address:
         # Other nodes may not have this checkout: ship the orchestration package with the job.
         runtime_env = {"py_modules": [str(EXPERIMENTS_DIR / "sftok_experiments")],
-                       "env_vars": {"SFTOK_PROGRESS": "0"}}
+                       "env_vars": {"SFTOK_PROGRESS": "0", **_forwarded_env()}}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
                  logging_level="WARNING")
     else:
@@ -197,8 +207,18 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     parent = trk.find_resumable_parent(client, exp_id, campaign) if opts.resume else None
     existing: dict[str, Any] = {}
     if opts.resume and parent is None:
-        echo("--resume: no earlier invocation of this campaign in the store; starting afresh",
-             flush=True)
+        # A silent fresh start would redo hours of finished trials when e.g. one --set differs:
+        # stop, and show what the earlier invocations were run with.
+        msg = (f"--resume: no earlier invocation of this campaign ({campaign}: same spec "
+               f"content, preset, seeds and --set/--data) in {uri}")
+        recent = trk.recent_parents(client, exp_id)
+        lines = [f"  {r.info.run_id}  {_start(r)}  {r.data.tags.get('command', '?')}"
+                 for r in recent]
+        echo(msg + (";\nrecent runs of spec " + spec.name + ":\n" + "\n".join(lines) if lines
+                    else f"; spec {spec.name} has no earlier runs there"),
+             file=sys.stderr, flush=True)
+        return CampaignResult("", exp_id, uri, Path(), [], time.time() - t_start,
+                              usage_error=msg)
     if parent is not None:
         parent_id = parent.info.run_id
         campaign_dir = Path(parent.data.tags.get("sftok.campaign_dir", ""))
@@ -338,7 +358,8 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
     spec = plan.spec
     cpus = float(opts.cpus_per_trial)
     runtime = {"work_root": str(campaign_dir / "trials"), "teacher_cache": str(cache / "teachers"),
-               "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus))}
+               "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus)),
+               "gpus": float(opts.gpus_per_trial)}  # 0: the trial runs on CPU (trial_device)
     tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
                                 existing={k: r for k, r in existing.items()
                                           if r.info.status != "FINISHED"}, echo=echo)
@@ -346,12 +367,7 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
                                     {"cpu": cpus, "gpu": float(opts.gpus_per_trial)})
     if plan.search:
         search = plan.search
-        points, rewards = [], []
-        for r in finished.values():
-            vals = {k: _param_value(r.data.params.get(k)) for k in search["space"]}
-            if search["metric"] in r.data.metrics and None not in vals.values():
-                points.append(vals)
-                rewards.append(r.data.metrics[search["metric"]])
+        points, rewards = warm_start(search, finished)
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train reports lack the metric
         param_space = {"trial": todo[0].to_payload(), "runtime": runtime,
                        "search": _search_space(search)}
@@ -381,6 +397,29 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
                        run_config=run_config)
     tuner.fit()
     return tracker
+
+
+def warm_start(search: dict, finished: dict[str, Any]) -> tuple[list[dict], list[float]]:
+    """Earlier finished samples -> (points_to_evaluate, evaluated_rewards) for the searcher.
+
+    The search space sits under the `search` key of the Tuner's param_space and Ray's
+    OptunaSearch flattens it to `search/<field>`: the points must use those names, or Optuna
+    rejects them ("Inconsistent parameters") and a resumed search crashes.
+    """
+    points, rewards = [], []
+    for r in finished.values():
+        # The `search.<field>` tag is the sampled value verbatim; params may be the same value.
+        vals = {f"search/{k}": _param_value(r.data.tags.get(f"search.{k}",
+                                                            r.data.params.get(k)))
+                for k in search["space"]}
+        if search["metric"] in r.data.metrics and None not in vals.values():
+            points.append(vals)
+            rewards.append(r.data.metrics[search["metric"]])
+    return points, rewards
+
+
+def _start(run) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
 
 
 def _param_value(v: str | None):

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, help="retries of a crashed trial (default: spec)")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest invocation of the same campaign: skip finished "
-                        "trials, continue the others from their checkpoints")
+                        "trials, continue the others from their checkpoints (exit 2, listing "
+                        "the spec's recent runs, if there is none)")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--work-dir", help="campaign working dirs (default ./runs)")
     p.add_argument("--cache-dir", help="teacher / FID-statistics cache (default ./.cache)")
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                       sets=parse_set(args.sets), data=parse_data(args.data))
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        print("error: --max-concurrent must be >= 1", file=sys.stderr)
         return 2
     if args.dry_run:
         print(describe(plan))

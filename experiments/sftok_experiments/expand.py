@@ -3,6 +3,8 @@
 Resolution order of one trial's config (later wins):
   preset -> spec `overrides` -> spec `evaluation` -> named arm `overrides` -> grid values
   -> `--data` -> `--set` -> the arm's `stage_steps` budgets -> `seed`.
+Relative file paths (data.path, data.val_path, teacher.weights) are made absolute against the
+driver's working directory right after `--set`.
 `stage_steps` is computed from the config just before it (so `--set train.stage1.steps=...`
 also moves the budget of a "same total steps" arm).
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +98,28 @@ def parse_data(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+# Config fields that name files: made absolute in the driver, because Ray runs each trial with
+# its trial directory as the working directory (and maybe on another node).
+PATH_FIELDS = ("data.path", "data.val_path", "teacher.weights")
+
+
+def absolute_paths(cfg: ExperimentConfig, cwd: str | Path | None = None) -> dict[str, str]:
+    """{field: absolute path} for the relative (or ~) PATH_FIELDS of `cfg`; URLs / pipes kept."""
+    out = {}
+    for dotted in PATH_FIELDS:
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        if not node or "://" in node or node.startswith("pipe:"):
+            continue
+        p = Path(node).expanduser()
+        if not p.is_absolute():
+            p = Path(cwd or Path.cwd()) / p
+        if str(p) != node:
+            out[dotted] = os.path.normpath(p)
+    return out
+
+
 def _label_value(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)
@@ -139,6 +164,31 @@ def _stage_steps(cfg: ExperimentConfig, arm: NamedArm, file: Path, where: str
     return out
 
 
+# S-dependent (`<name>_s<S>`) and S-independent metrics of sftok.evaluate, by `eval.metrics` entry.
+_PER_S = ("psnr", "ssim", "lpips", "rfid", "is")
+_S_FREE = {"tokens": ("token_top1", "token_ce", "codebook_usage", "codebook_entropy")}
+
+
+def reported_metrics(cfg: ExperimentConfig) -> list[str]:
+    """The eval/* metric names a trial with this config reports."""
+    out = [f"eval/{n}_s{s}" for n in _PER_S if n in cfg.eval.metrics
+           for s in cfg.eval.decode_steps]
+    out.append("eval/num_images")
+    for n, names in _S_FREE.items():
+        if n in cfg.eval.metrics:
+            out += [f"eval/{m}" for m in names]
+    return out
+
+
+def _check_metric(metric: str, cfg: ExperimentConfig, spec_path: Path) -> None:
+    known = reported_metrics(cfg)
+    if metric not in known:
+        raise SpecError(spec_path, "search.metric",
+                        f"{metric} is not reported by this spec's evaluation (decode_steps "
+                        f"{list(cfg.eval.decode_steps)}, metrics {list(cfg.eval.metrics)}); "
+                        f"one of: {', '.join(known)}")
+
+
 def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int | None = None,
            sets: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> Plan:
     """All trials of a spec; raises SpecError (file + field) on any bad override."""
@@ -149,7 +199,9 @@ def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int
                         f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     sets = dict(sets or {})
     data = dict(data or {})
-    seed_list = list(range(seeds)) if seeds else spec.seed_list()
+    if seeds is not None and seeds < 1:  # 0 is not "the spec's seeds", -1 not a traceback
+        raise SpecError("--seeds", "", f"must be >= 1, got {seeds}")
+    seed_list = list(range(seeds)) if seeds is not None else spec.seed_list()
 
     base = get_preset(preset)
     base = _apply(base, spec.overrides, spec_path, "overrides")
@@ -163,6 +215,18 @@ def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int
     if spec.search is not None and (spec.arms.named or spec.arms.grid):
         raise SpecError(spec_path, "search", "a search spec has no arms (the searcher picks "
                         "the values); move fixed choices to `overrides`")
+
+    # An arm variable overridden from the command line would make the arms identical while
+    # their labels still claim different values: refuse it.
+    arm_keys = {k: "arms.grid" for k in grid_keys}
+    for i, arm in enumerate(spec.arms.named):
+        for k in arm.overrides:
+            arm_keys.setdefault(k, f"arms.named[{i}].overrides")
+    for src, given in (("--data", data), ("--set", sets)):
+        for k in given:
+            if k in arm_keys:
+                raise SpecError(src, k, f"is an arm variable of this spec ({arm_keys[k]}); "
+                                "overriding it would make the arms identical")
 
     trials: list[Trial] = []
     for i, arm in enumerate(named):
@@ -183,6 +247,8 @@ def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int
                 parts.extend(f"{labels[k]}={_label_value(v)}" for k, v in grid_over.items())
             cfg = _apply(cfg, data, "--data", "") if data else cfg
             cfg = _apply(cfg, sets, "--set", "") if sets else cfg
+            abs_paths = absolute_paths(cfg)
+            cfg = _apply(cfg, abs_paths, "--set", "") if abs_paths else cfg
             if arm is not None and arm.stage_steps:
                 steps = _stage_steps(cfg, arm, spec_path, where_arm)
                 cfg = _apply(cfg, steps, spec_path, f"{where_arm}.stage_steps")
@@ -200,11 +266,12 @@ def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int
 
     search = None
     if spec.search is not None:
-        # Check each dimension is a real config field by applying a representative value.
+        # Check each dimension is a real config field and that every value the searcher can
+        # pick (each choice, both bounds) passes the field's type / range checks.
         for k, dist in spec.search.space.items():
-            _, v = dist.kind()
-            sample = v[0]
-            _apply(trials[0].config, {k: sample}, spec_path, "search.space")
+            for sample in dist.extremes():
+                _apply(trials[0].config, {k: sample}, spec_path, "search.space")
+        _check_metric(spec.search.metric, trials[0].config, spec_path)
         search = spec.search.model_dump(mode="json")
     for t in trials:
         for s in t.stages:

@@ -122,12 +122,27 @@ class Dist(_Strict):
             raise ValueError("give exactly one of uniform, loguniform, randint, choice")
         return set_[0]
 
+    def check(self) -> None:
+        """Ranges the samplers accept: Ray/Optuna would only fail once the campaign started."""
+        kind, v = self.kind()
+        if kind == "choice" and not v:
+            raise ValueError("choice: needs at least one value")
+        if kind != "choice" and not v[0] < v[1]:
+            raise ValueError(f"{kind}: low must be < high, got {v}")
+
+    def extremes(self) -> list[Any]:
+        """The values to try through the config before compute: every choice / both bounds."""
+        kind, v = self.kind()
+        if kind == "choice":
+            return list(v)
+        return [v[0], v[1] - 1] if kind == "randint" else list(v)  # randint's high is excluded
+
 
 class Search(_Strict):
     """Optuna search through Ray Tune's OptunaSearch; each sample is one trial / child run."""
 
     space: dict[str, Dist]
-    metric: str  # a reported metric, e.g. eval/psnr_s8
+    metric: str  # an eval metric the spec's evaluation reports, e.g. eval/psnr_s8 (expand.py)
     mode: Literal["min", "max"]
     num_samples: Annotated[int, Field(ge=1)]
 
@@ -138,7 +153,7 @@ class Search(_Strict):
             raise ValueError("needs at least one dimension")
         for k, d in v.items():
             try:
-                d.kind()
+                d.check()
             except ValueError as e:
                 raise ValueError(f"{k}: {e}") from None
         return v
@@ -146,8 +161,9 @@ class Search(_Strict):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if not v.startswith(("eval/", "train/")):
-            raise ValueError("must be a reported metric name, e.g. eval/psnr_s8")
+        # Only the final report (eval/*) reaches the searcher (campaign.FinalMetricOptuna).
+        if not v.startswith("eval/"):
+            raise ValueError("must be a reported eval metric name, e.g. eval/psnr_s8")
         return v
 
 
@@ -237,6 +253,11 @@ def parse_spec(data: Any, file: str | Path) -> Spec:
                 _check_pipeline(arm.stages)
             except ValueError as e:
                 raise SpecError(file, f"arms.named[{i}].stages", str(e)) from None
+        pipeline = arm.stages or spec.stages
+        for stage in arm.stage_steps:  # a budget for a stage the arm never runs is a typo
+            if stage not in pipeline:
+                raise SpecError(file, f"arms.named[{i}].stage_steps.{stage}",
+                                f"not a stage of this arm (stages {list(pipeline)})")
     return spec
 
 

@@ -112,6 +112,12 @@ def find_resumable_parent(client, exp_id: str, campaign: str):
     return runs[0] if runs else None
 
 
+def recent_parents(client, exp_id: str, n: int = 5) -> list:
+    """The spec's latest parent runs (any campaign), newest first."""
+    return client.search_runs([exp_id], filter_string=f"tags.`sftok.role` = '{PARENT_ROLE}'",
+                              max_results=n, order_by=["attributes.start_time DESC"])
+
+
 def children_of(client, exp_id: str, parent_id: str) -> dict[str, Any]:
     """trial_key -> latest child run under the parent."""
     runs = _search_all(client, exp_id, f"tags.`{PARENT_ID_TAG}` = '{parent_id}'",

@@ -89,6 +89,20 @@ def resolved_config(config: dict[str, Any]):
     return cfg
 
 
+def trial_device(device: str, gpus: float | None) -> str:
+    """The device a trial runs on: "cpu" when Ray gave it no GPU and the config says "auto".
+
+    Ray >= 2.x no longer empties CUDA_VISIBLE_DEVICES for zero-GPU workers, so "auto" would put
+    every such trial on cuda:0 of a GPU node. Deciding from the trial's own GPU count does not
+    depend on Ray's env-var behaviour (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO) nor on how an
+    attached cluster's raylets were started. An explicitly named device is kept. `gpus` None:
+    unknown (an older payload), keep the config's device.
+    """
+    if device == "auto" and gpus is not None and float(gpus) == 0:
+        return "cpu"
+    return device
+
+
 def write_artifacts(out: Path, cfg_dict: dict[str, Any], payload: dict[str, Any],
                     metrics: dict[str, float], unavailable: dict[str, str],
                     trace: list[dict], grids: dict[int, Any], checkpoint: Path | None) -> Path:
@@ -170,6 +184,11 @@ def run_trial(config: dict[str, Any]) -> None:
 
     payload = config["trial"]
     cfg = resolved_config(config)
+    dev = trial_device(cfg.device, runtime.get("gpus"))
+    if dev != cfg.device:
+        from sftok.config import override
+
+        cfg = override(cfg, {"device": dev})  # train_stage / get_teacher read cfg.device
     key = trial_key(config)
     work_root = runtime.get("work_root")
     if work_root:
