@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -179,7 +180,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from sftok.data import build_datasets, val_batches
     from sftok.evaluate import evaluate
-    from sftok.train import get_teacher, train_stage
+    from sftok.train import TeacherUnavailableError, get_teacher, train_stage
     from sftok.train.loop import resolve_device
 
     payload = config["trial"]
@@ -201,7 +202,14 @@ def run_trial(config: dict[str, Any]) -> None:
     _restore_from_ray_checkpoint(work)
 
     device = resolve_device(cfg.device)
-    teacher = get_teacher(cfg, Path(runtime["teacher_cache"]))
+    # The driver trained (or loaded) the teacher before any trial: trials only load it. On a
+    # cluster whose nodes do not share --cache-dir this fails loudly instead of quietly
+    # training a different teacher (a different codebook) on every node.
+    try:
+        teacher = get_teacher(cfg, Path(runtime["teacher_cache"]), train_if_missing=False)
+    except TeacherUnavailableError as e:
+        raise TeacherUnavailableError(f"{e} (trial on {platform.node()}: put --cache-dir on "
+                                      "storage every Ray node can read)") from e
     teacher = teacher.to(device)
 
     tmp = Path(tempfile.mkdtemp(prefix="sftok-trial-"))
