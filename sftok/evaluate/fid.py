@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sftok.weights import find_weights
+
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "SFTOK_INCEPTION_WEIGHTS"
@@ -147,14 +149,8 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> tuple[Path 
     how = (f"set {INCEPTION_ENV}=/path/to/{INCEPTION_FILENAME} (or pass inception_weights=...), "
            f"or put the file in the torch hub cache as {hub_file} "
            f"(it is torch-fidelity's standard file, downloadable from {_inception_url()})")
-    for origin, p in (("inception_weights", path), (INCEPTION_ENV, os.environ.get(INCEPTION_ENV))):
-        if p:
-            if Path(p).is_file():
-                return Path(p), ""
-            return None, f"Inception-v3 FID weights not found at {origin}={p}; {how}"
-    if hub_file.is_file():
-        return hub_file, ""
-    return None, f"Inception-v3 FID weights not found (offline, no download attempted); {how}"
+    return find_weights("Inception-v3 FID weights", ("inception_weights", path), INCEPTION_ENV,
+                        hub_file, how)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sftok.weights import find_weights
+
 LPIPS_ENV = "SFTOK_LPIPS_WEIGHTS"
 # Smallest image side each backbone's pooling stack accepts (AlexNet: 16 px collapses to 0).
 MIN_SIZE = {"alex": 32, "vgg": 16}
@@ -34,14 +36,8 @@ def find_lpips_backbone(net: str = "alex", path: str | os.PathLike | None = None
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / fname
     how = (f"set {LPIPS_ENV}=/path/to/{fname} (or pass lpips_weights=...), or put the file in "
            f"the torch hub cache as {hub_file} (torchvision's {net} ImageNet weights, {url})")
-    for origin, p in (("lpips_weights", path), (LPIPS_ENV, os.environ.get(LPIPS_ENV))):
-        if p:
-            if Path(p).is_file():
-                return Path(p), ""
-            return None, f"LPIPS backbone weights not found at {origin}={p}; {how}"
-    if hub_file.is_file():
-        return hub_file, ""
-    return None, f"LPIPS backbone weights not found (offline, no download attempted); {how}"
+    return find_weights("LPIPS backbone weights", ("lpips_weights", path), LPIPS_ENV, hub_file,
+                        how)
 
 
 class LPIPSMetric:
