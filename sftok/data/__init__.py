@@ -26,6 +26,7 @@ __all__ = [
     "ShardDataset",
     "TrainStream",
     "build_datasets",
+    "build_val_dataset",
     "val_batches",
 ]
 
@@ -47,6 +48,28 @@ def _folder_roots(cfg: DataConfig) -> tuple[Path, Path]:
                                        f"data.val_path to the validation image folder")
 
 
+def build_val_dataset(cfg: DataConfig):
+    """The validation split alone (never scans training data), with evaluation preprocessing.
+
+    embedded: the held-out photos. folder: `val_path`, else `<path>/val` when it exists, else
+    `path` itself (a folder of validation images). webdataset: `val_path`, else `path`.
+    """
+    if cfg.source == "embedded":
+        return EmbeddedPhotos(VAL_PHOTOS, cfg.image_size, cfg.val_crops_per_image, cfg.seed)
+    if cfg.source not in _HOW:
+        raise ConfigError("data.source", f"unknown source {cfg.source!r}")
+    if cfg.path is None and cfg.val_path is None:
+        raise ConfigError("data.path", f"is required for data.source={cfg.source}: "
+                                       f"set it to {_HOW[cfg.source]}")
+    field = "data.val_path" if cfg.val_path is not None else "data.path"
+    if cfg.source == "webdataset":
+        return ShardDataset(cfg.val_path or cfg.path, cfg.image_size, train=False, field=field)
+    root = Path(cfg.val_path or cfg.path).expanduser()
+    if cfg.val_path is None and (root / "val").is_dir():
+        root = root / "val"
+    return ImageFolder(root, cfg.image_size, train=False, field=field)
+
+
 def build_datasets(cfg: DataConfig):
     """(train, val) datasets for `cfg.source`; errors name the config field to fix.
 
@@ -56,20 +79,19 @@ def build_datasets(cfg: DataConfig):
     """
     if cfg.source == "embedded":
         train = EmbeddedPhotos(TRAIN_PHOTOS, cfg.image_size, cfg.train_crops_per_image, cfg.seed)
-        val = EmbeddedPhotos(VAL_PHOTOS, cfg.image_size, cfg.val_crops_per_image, cfg.seed)
-        return train, val
+        return train, build_val_dataset(cfg)
+    if cfg.source not in _HOW:
+        raise ConfigError("data.source", f"unknown source {cfg.source!r}")
     if cfg.path is None:
         raise ConfigError("data.path", f"is required for data.source={cfg.source}: "
                                        f"set it to {_HOW[cfg.source]}")
     if cfg.source == "folder":
-        train_root, val_root = _folder_roots(cfg)
-        val_field = "data.val_path" if cfg.val_path is not None else "data.path"
-        return (ImageFolder(train_root, cfg.image_size, train=True, field="data.path"),
-                ImageFolder(val_root, cfg.image_size, train=False, field=val_field))
-    if cfg.source == "webdataset":
+        # Training needs its own split: an explicit val_path, or train/ and val/ under path.
+        train_root, _ = _folder_roots(cfg)
+        train = ImageFolder(train_root, cfg.image_size, train=True, field="data.path")
+    else:
         if cfg.val_path is None:
             raise ConfigError("data.val_path", "is required for data.source=webdataset: set it "
                                                "to the validation shards (a brace pattern)")
-        return (ShardDataset(cfg.path, cfg.image_size, train=True, seed=cfg.seed),
-                ShardDataset(cfg.val_path, cfg.image_size, train=False, field="data.val_path"))
-    raise ConfigError("data.source", f"unknown source {cfg.source!r}")
+        train = ShardDataset(cfg.path, cfg.image_size, train=True, seed=cfg.seed)
+    return train, build_val_dataset(cfg)

@@ -28,8 +28,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from sftok.config import ExperimentConfig, TokenizerConfig, override
 from sftok.evaluate.evaluate import KNOWN_METRICS, evaluate, format_table
 
@@ -54,30 +52,6 @@ def _data_overrides(item: str | None) -> dict:
         return {"data.source": "webdataset", "data.path": path, "data.val_path": path}
     path = str(Path(path).expanduser())
     return {"data.source": "folder", "data.path": path, "data.val_path": None}
-
-
-def val_dataset(cfg: ExperimentConfig):
-    """Only the validation split (never scans a training folder)."""
-    from sftok.config import ConfigError
-    from sftok.data import VAL_PHOTOS, EmbeddedPhotos, ImageFolder, ShardDataset
-
-    d = cfg.data
-    if d.source == "embedded":
-        return EmbeddedPhotos(VAL_PHOTOS, d.image_size, d.val_crops_per_image, d.seed)
-    if d.path is None and d.val_path is None:
-        raise ConfigError("data.path", "no validation data: pass --data PATH (or --data embedded)")
-    if d.source == "webdataset":
-        return ShardDataset(d.val_path or d.path, d.image_size, train=False, field="data.val_path")
-    root = Path(d.val_path or d.path).expanduser()
-    if d.val_path is None and (root / "val").is_dir():
-        root = root / "val"
-    return ImageFolder(root, d.image_size, train=False, field="data.val_path")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _load(args, device):
@@ -183,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    device = _device(args.device)
     from sftok.train import TeacherUnavailableError
+    from sftok.train.loop import resolve_device
+
+    device = resolve_device(args.device)
 
     try:
         tokenizer, teacher, cfg = _load(args, device)
@@ -197,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
         cfg.eval, **{k: v for k, v in ev.items() if v is not None}))
 
-    from sftok.data import val_batches
+    from sftok.data import build_val_dataset, val_batches
 
-    images = val_batches(val_dataset(cfg), cfg.eval.batch_size, cfg.eval.max_images,
+    images = val_batches(build_val_dataset(cfg.data), cfg.eval.batch_size, cfg.eval.max_images,
                          num_workers=cfg.data.num_workers)
     result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
                       cache_dir=Path(args.cache_dir) / "eval", inception_weights=args.inception_weights,
