@@ -179,7 +179,7 @@ def run_trial(config: dict[str, Any]) -> None:
     os.environ.setdefault("SFTOK_PROGRESS", "0")  # no progress bars inside Ray workers
 
     from sftok.data import build_datasets, val_batches
-    from sftok.evaluate import evaluate
+    from sftok.evaluate import dataset_key, evaluate
     from sftok.train import TeacherUnavailableError, get_teacher, train_stage
     from sftok.train.loop import resolve_device
 
@@ -231,15 +231,9 @@ def run_trial(config: dict[str, Any]) -> None:
         images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images)
         result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
                           cache_dir=runtime.get("eval_cache"), progress=False,
-                          decode_cfg=cfg.decode, dataset_key=_dataset_key(cfg))
+                          decode_cfg=cfg.decode, dataset_key=dataset_key(cfg))
         art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, result.metrics,
                               result.unavailable, result.trace, result.grids, init)
         report_final(result.metrics, art)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _dataset_key(cfg) -> str:
-    d = cfg.data
-    return f"{d.source}-{d.path or 'embedded'}-{d.image_size}-{d.val_crops_per_image}-{d.seed}-" \
-           f"{cfg.eval.max_images}"

@@ -29,17 +29,9 @@ import sys
 from pathlib import Path
 
 from sftok.config import ExperimentConfig, TokenizerConfig, override
-from sftok.evaluate.evaluate import KNOWN_METRICS, evaluate, format_table
+from sftok.evaluate.evaluate import KNOWN_METRICS, dataset_key, evaluate, format_table
 
 ASSIGN_KEY = "tokenizer.quantizer.assign_at_inference"
-
-
-def dataset_key(cfg: ExperimentConfig) -> str:
-    """Key of the validation images for the FID reference-statistics cache (same formula as
-    the experiment trials use, so both share cached statistics)."""
-    d = cfg.data
-    return (f"{d.source}-{d.path or 'embedded'}-{d.image_size}-{d.val_crops_per_image}-{d.seed}-"
-            f"{cfg.eval.max_images}")
 
 
 def _data_overrides(item: str | None) -> dict:

@@ -106,6 +106,17 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def dataset_key(cfg) -> str:
+    """Key of an ExperimentConfig's validation images for the FID reference-statistics cache.
+
+    One formula for every caller (the CLI and the experiment trials), so they share cached
+    statistics; the cache still checks a hash of the images before using an entry.
+    """
+    d = cfg.data
+    return (f"{d.source}-{d.path or 'embedded'}-{d.image_size}-{d.val_crops_per_image}-{d.seed}-"
+            f"{cfg.eval.max_images}")
+
+
 def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
              cache_dir: str | os.PathLike | None = None, inception_weights: str | None = None,
              progress: bool = True, *, decode_cfg: DecodeConfig | None = None,
