@@ -1,9 +1,10 @@
-"""evaluate() end to end on toy tokenizer / teacher fakes (and the real SFTok when present)."""
+"""evaluate() end to end on toy tokenizer / teacher fakes and on the real smoke-scale SFTok."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from test_eval_helpers import (
     SIZE,
     FakeTeacher,
@@ -112,7 +113,6 @@ def test_fid_is_through_wrapper_and_reference_cache(offline):
 
 def test_lpips_with_local_backbone_file(offline, monkeypatch):
     """The LPIPS path with a local backbone file (random weights stand in for ImageNet ones)."""
-    torchvision = pytest.importorskip("torchvision")
     w = offline / "alexnet.pth"
     torch.manual_seed(0)
     sd = torchvision.models.alexnet(weights=None).state_dict()
@@ -149,7 +149,6 @@ def _smoke_models():
 
 def test_real_sftok_smoke(offline):
     """Random-init smoke-scale SFTok + teacher through the contract (shapes and names only)."""
-    pytest.importorskip("sftok.tokenizer")
     cfg, tok, teacher = _smoke_models()
     x = torch.rand(6, 3, cfg.tokenizer.image_size, cfg.tokenizer.image_size)
     ev = EvalConfig(decode_steps=(1, 3), trace_steps=3, batch_size=4, grid_images=2,
@@ -166,7 +165,6 @@ def test_real_sftok_smoke(offline):
 
 
 def test_cli_on_saved_checkpoint(offline, capsys):
-    pytest.importorskip("sftok.checkpoint")
     from sftok.checkpoint import save_model
     from sftok.evaluate.__main__ import main
 

@@ -76,13 +76,17 @@ def test_trace_hand_computed():
 
 
 def test_trace_streams_over_batches():
+    # Different batches of different sizes: pooling must weight by positions, i.e. equal the
+    # trace of the concatenated batch (an average of per-batch means would not).
     res_a, gt_a = _decode(4, seed=0, batch=2)
-    res_b, gt_b = _decode(4, seed=0, batch=2)
+    res_b, gt_b = _decode(4, seed=1, batch=3)
     acc = TraceAccumulator()
     acc.update(res_a.trace, gt_a)
     acc.update(res_b.trace, gt_b)
-    # identical batches: the pooled means equal the single-batch means
-    for r_pooled, r_one in zip(acc.rows(), compute_trace(res_a.trace, gt_a)):
+    joined = [SimpleNamespace(**{f: torch.cat([getattr(sa, f), getattr(sb, f)])
+                                 for f in ("logits", "masked_before", "fixed_now", "ids_after")})
+              for sa, sb in zip(res_a.trace, res_b.trace)]
+    for r_pooled, r_one in zip(acc.rows(), compute_trace(joined, torch.cat([gt_a, gt_b]))):
         for k in TRACE_COLUMNS:
             assert r_pooled[k] == pytest.approx(r_one[k])
     with pytest.raises(ValueError):

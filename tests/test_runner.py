@@ -21,9 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
-ray = pytest.importorskip("ray")
-mlflow = pytest.importorskip("mlflow")
-
+import mlflow  # noqa: E402  (a broken install must fail here, not skip the suite)
+import ray  # noqa: E402
 import ray.cloudpickle  # noqa: E402
 from sftok_experiments.campaign import Options, init_ray, run_campaign  # noqa: E402
 from sftok_experiments.expand import expand  # noqa: E402

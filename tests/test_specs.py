@@ -154,13 +154,13 @@ BAD = [
      "unknown key"),
     ("unknown arm key", _with(arms={"named": [{"name": "a", "overides": {}}]}),
      "arms.named[0].overides", "unknown key"),
-    ("bad type", _with(seeds="three"), "seeds", ""),
+    ("bad type", _with(seeds="three"), "seeds", "valid integer"),
     ("bad type nested", _with(evaluation={"decode_steps": ["eight"]}),
      "evaluation.decode_steps[0]", "integer"),
     ("unknown stage", _with(stages=["stage1", "stage9"]), "stages[1]", "stage1"),
-    ("stage 0 is not a pipeline stage", _with(stages=["stage0", "stage1"]), "stages[0]", ""),
+    ("stage 0 is not a pipeline stage", _with(stages=["stage0", "stage1"]), "stages[0]", "'stage1'"),
     ("unknown arm stage", _with(arms={"named": [{"name": "a", "stages": ["stage4"]}]}),
-     "arms.named[0].stages[0]", ""),
+     "arms.named[0].stages[0]", "'stage1'"),
     ("stages out of order", _with(stages=["stage2", "stage1"]), "stages", "order"),
     ("unknown config field in grid", _with(arms={"grid": {"train.stage2.replace_ration": [1.0]}}),
      "arms.grid.train.stage2.replace_ration", "unknown field"),
@@ -220,7 +220,7 @@ BAD = [
      "arms.named[0].stage_steps.stage3", "not a stage of this arm"),
     ("search mode", _with(arms={}, search={"space": {"train.stage2.optim.lr": {"uniform": [1, 2]}},
                                            "metric": "eval/psnr_s8", "mode": "maximise",
-                                           "num_samples": 2}), "search.mode", ""),
+                                           "num_samples": 2}), "search.mode", "'min' or 'max'"),
 ]
 
 

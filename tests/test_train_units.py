@@ -40,7 +40,8 @@ def test_none_masks_everything():
 def test_random_mask_has_masked_and_visible_positions():
     m = sample_mask("vanilla", 256, 64, "arccos", _gen())
     counts = m.sum(1)
-    assert bool((counts >= 1).all()) and bool((counts <= 64).all())
+    assert bool((counts >= 1).all())  # every sample predicts something
+    assert bool((~m).any(1).float().mean() > 0.5)  # most samples keep visible positions
     # t ~ U(0,1): E[arccos(t)] = 1, so on average 1/(pi/2) = 2/pi ~ 0.637 of N is masked.
     assert abs(m.float().mean().item() - 2 / math.pi) < 0.05
 
