@@ -35,10 +35,20 @@ def ensure_env() -> Path:
     env = venv_dir()
     py = env / "bin" / "python"
     stamp = env / ".sftok-installed"
-    if not stamp.exists():
+    # The stamp holds the lock it was built from: a changed lock rebuilds even when the path
+    # does not change with it (SFTOK_VENV).
+    if not stamp.exists() or stamp.read_text() != LOCK.read_text():
+        if os.environ.get("SFTOK_VENV") and env.exists() and any(env.iterdir()) \
+                and not stamp.exists():
+            sys.exit(f"[dev] SFTOK_VENV={env} is a non-empty directory this script did not "
+                     "build; refusing to clear it. Point SFTOK_VENV at a new directory.")
         print(f"[dev] building environment in {env} (first run on this machine: several minutes)",
               flush=True)
-        venv.EnvBuilder(with_pip=True, clear=True).create(env)
+        try:
+            venv.EnvBuilder(with_pip=True, clear=True).create(env)
+        except subprocess.CalledProcessError:
+            sys.exit("[dev] could not create a virtualenv with pip: this Python lacks ensurepip "
+                     "(on Debian/Ubuntu: apt install python3.11-venv)")
         pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"]
         subprocess.run(pip + ["--upgrade", "pip"], check=True)
         subprocess.run(pip + ["-r", str(LOCK)], check=True)
@@ -63,10 +73,15 @@ def main(argv: list[str]) -> int:
     py = ensure_env()
     env = dict(os.environ, PATH=f"{py.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if cmd == "run":
-        args = [str(py), str(ROOT / "experiments" / "run.py")] + (rest or ["ablation_replace_ratio"])
+        if not rest or (rest[0].startswith("-") and rest[0] not in {"--list", "-h", "--help"}):
+            rest = ["ablation_replace_ratio", *rest]  # options alone apply to the default spec
+        args = [str(py), str(ROOT / "experiments" / "run.py"), *rest]
     elif cmd == "test":
         args = [str(py), "-m", "pytest"] + rest
     elif cmd == "exec":
+        if not rest:
+            print("usage: python dev.py exec CMD [ARGS...]", file=sys.stderr)
+            return 2
         args = rest
     else:
         print(f"unknown command {cmd!r}; see `python dev.py --help`", file=sys.stderr)
