@@ -102,7 +102,13 @@ class SFTok(nn.Module):
         Pixels come from the soft path when the tokenizer has a fine-tuned pixel decoder, else
         from the teacher's decoder on the final ids (then `teacher` is required).
         """
-        res = self.generate(self.encode(images).z_q, cfg, generator=generator)
+        return self.pixels_from_latent(self.encode(images).z_q, teacher, cfg, generator)
+
+    def pixels_from_latent(self, z_q: Tensor, teacher: FrozenTeacher | None, cfg: DecodeConfig,
+                           generator: torch.Generator | None = None) -> Tensor:
+        """z_q B×K×C -> S-step decode -> pixels B×3×H×W clamped to [0, 1] (see `reconstruct`);
+        lets a caller decode one encoding with several step counts."""
+        res = self.generate(z_q, cfg, generator=generator)
         if self.pixel_decoder is not None:
             return self.pixels_from_logits(res.last_logits).clamp(0.0, 1.0)
         if teacher is None:

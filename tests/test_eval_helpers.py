@@ -64,8 +64,11 @@ class FakeTokenizer(nn.Module):
         return decode(lambda ids: self.decoder_logits(ids, z_q), z_q.shape[0], N, self.mask_id,
                       cfg, generator=generator, trace=trace, device=z_q.device)
 
+    def pixels_from_latent(self, z_q, teacher, cfg, generator=None):
+        return teacher.decode_ids(self.generate(z_q, cfg, generator).ids)
+
     def reconstruct(self, images, teacher, cfg, generator=None):
-        return teacher.decode_ids(self.generate(self.encode(images).z_q, cfg, generator).ids)
+        return self.pixels_from_latent(self.encode(images).z_q, teacher, cfg, generator)
 
 
 def fake_images(n: int, seed: int = 0, size: int = SIZE) -> torch.Tensor:

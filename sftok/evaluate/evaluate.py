@@ -223,8 +223,8 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
 
                 need_gt = tokens is not None or trace_acc is not None
                 gt = teacher.encode_ids(x) if need_gt else None  # M_g, B×N
+                enc = tokenizer.encode(x)  # once per batch, shared by every step count S
                 if tokens is not None or trace_acc is not None:
-                    enc = tokenizer.encode(x)
                     if tokens is not None:
                         tokens.update_codes(enc.ids)
                         # step 1 of inference: every proxy position masked (DESIGN §1)
@@ -239,7 +239,8 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                 if take > 0:
                     grid_orig.append(x_u8[:take].cpu())
                 for s in steps:
-                    rec = tokenizer.reconstruct(x, teacher, decode_cfgs[s], generator=gens[s])
+                    rec = tokenizer.pixels_from_latent(enc.z_q, teacher, decode_cfgs[s],
+                                                       generator=gens[s])
                     rec_u8 = to_uint8(rec)
                     if "psnr" in wanted:
                         sums[s]["psnr"] += psnr(rec_u8, x_u8).sum().item()
