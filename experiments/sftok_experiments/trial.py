@@ -178,7 +178,7 @@ def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(cpus)  # intra-op threads = the CPUs Ray gave this trial
     os.environ.setdefault("SFTOK_PROGRESS", "0")  # no progress bars inside Ray workers
 
-    from sftok.data import build_datasets, val_batches
+    from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import dataset_key, evaluate
     from sftok.train import TeacherUnavailableError, get_teacher, train_stage
     from sftok.train.loop import resolve_device
@@ -227,7 +227,7 @@ def run_trial(config: dict[str, Any]) -> None:
             report_stage_done(stage, offset, _snapshot(work, done, tmp))
 
         tokenizer = _load_tokenizer(init, device)
-        _, val = build_datasets(cfg.data)
+        val = build_val_dataset(cfg.data)  # never scans the training data
         images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images)
         result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
                           cache_dir=runtime.get("eval_cache"), progress=False,

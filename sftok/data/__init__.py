@@ -26,6 +26,7 @@ __all__ = [
     "ShardDataset",
     "TrainStream",
     "build_datasets",
+    "build_train_dataset",
     "build_val_dataset",
     "val_batches",
 ]
@@ -36,13 +37,13 @@ _HOW = {
 }
 
 
-def _folder_roots(cfg: DataConfig) -> tuple[Path, Path]:
+def _train_root(cfg: DataConfig) -> Path:
     root = Path(cfg.path).expanduser()
     if cfg.val_path is not None:
-        return root, Path(cfg.val_path).expanduser()
+        return root
     # An ImageNet root with train/ and val/ inside: use both, so `imagenet=<root>` is enough.
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return root / "train", root / "val"
+        return root / "train"
     raise ConfigError("data.val_path", f"is required for data.source=folder unless data.path "
                                        f"({str(root)!r}) contains train/ and val/ folders; set "
                                        f"data.val_path to the validation image folder")
@@ -70,16 +71,10 @@ def build_val_dataset(cfg: DataConfig):
     return ImageFolder(root, cfg.image_size, train=False, field=field)
 
 
-def build_datasets(cfg: DataConfig):
-    """(train, val) datasets for `cfg.source`; errors name the config field to fix.
-
-    embedded: `EmbeddedPhotos` over TRAIN_PHOTOS / VAL_PHOTOS with cfg.train_crops_per_image /
-    cfg.val_crops_per_image crops each, seeded by cfg.seed. folder: `ImageFolder` (train with
-    random crops, val with centre crops). webdataset: `ShardDataset` over cfg.path / cfg.val_path.
-    """
+def build_train_dataset(cfg: DataConfig):
+    """The training split alone (with training augmentation); errors name the field to fix."""
     if cfg.source == "embedded":
-        train = EmbeddedPhotos(TRAIN_PHOTOS, cfg.image_size, cfg.train_crops_per_image, cfg.seed)
-        return train, build_val_dataset(cfg)
+        return EmbeddedPhotos(TRAIN_PHOTOS, cfg.image_size, cfg.train_crops_per_image, cfg.seed)
     if cfg.source not in _HOW:
         raise ConfigError("data.source", f"unknown source {cfg.source!r}")
     if cfg.path is None:
@@ -87,11 +82,18 @@ def build_datasets(cfg: DataConfig):
                                        f"set it to {_HOW[cfg.source]}")
     if cfg.source == "folder":
         # Training needs its own split: an explicit val_path, or train/ and val/ under path.
-        train_root, _ = _folder_roots(cfg)
-        train = ImageFolder(train_root, cfg.image_size, train=True, field="data.path")
-    else:
-        if cfg.val_path is None:
-            raise ConfigError("data.val_path", "is required for data.source=webdataset: set it "
-                                               "to the validation shards (a brace pattern)")
-        train = ShardDataset(cfg.path, cfg.image_size, train=True, seed=cfg.seed)
-    return train, build_val_dataset(cfg)
+        return ImageFolder(_train_root(cfg), cfg.image_size, train=True, field="data.path")
+    if cfg.val_path is None:
+        raise ConfigError("data.val_path", "is required for data.source=webdataset: set it "
+                                           "to the validation shards (a brace pattern)")
+    return ShardDataset(cfg.path, cfg.image_size, train=True, seed=cfg.seed)
+
+
+def build_datasets(cfg: DataConfig):
+    """(train, val) datasets for `cfg.source`: `build_train_dataset`, `build_val_dataset`.
+
+    embedded: `EmbeddedPhotos` over TRAIN_PHOTOS / VAL_PHOTOS with cfg.train_crops_per_image /
+    cfg.val_crops_per_image crops each, seeded by cfg.seed. folder: `ImageFolder` (train with
+    random crops, val with centre crops). webdataset: `ShardDataset` over cfg.path / cfg.val_path.
+    """
+    return build_train_dataset(cfg), build_val_dataset(cfg)

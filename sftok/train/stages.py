@@ -181,7 +181,7 @@ def train_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher, out_d
     callback(step_offset + step, metrics) every cfg.train.<stage>.log_every steps (metric names
     in docs/architecture.md). Raises NonFiniteLossError on a NaN/inf loss.
     """
-    from sftok.data import TrainStream, build_datasets
+    from sftok.data import TrainStream, build_train_dataset
 
     out_dir = Path(out_dir)
     if resume:
@@ -195,7 +195,7 @@ def train_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher, out_d
     device = resolve_device(cfg.device)
     teacher = teacher.to(device)
     task = build_stage_task(scfg, stage, teacher, device, init=init)
-    train_ds, _val = build_datasets(cfg.data)
+    train_ds = build_train_dataset(cfg.data)
     stream = TrainStream(train_ds, s.batch_size, seed=stage_seed(cfg, stage),
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     spec = LoopSpec(stage=stage, steps=s.steps, grad_accum=s.grad_accum,
