@@ -42,6 +42,7 @@ from sftok.evaluate.metrics import psnr, ssim, to_uint8
 from sftok.evaluate.perceptual import LPIPSMetric, find_lpips_backbone
 from sftok.evaluate.tokens import TokenAccumulator
 from sftok.evaluate.trace import TraceAccumulator
+from sftok.progress import progress_disabled
 
 KNOWN_METRICS = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
 # What loading a wrong or corrupt weights file raises (torch.load, load_state_dict, vassert).
@@ -198,10 +199,8 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
 
     from tqdm.auto import tqdm
 
-    # progress=False, or SFTOK_PROGRESS=0 (as the training loop), silences the bar
-    flag = os.environ.get("SFTOK_PROGRESS", "").lower()
     bar = tqdm(total=cfg.max_images, unit="img", desc="evaluate",
-               disable=not progress or flag in ("0", "false", "no"))
+               disable=progress_disabled(progress))
     was_training = tokenizer.training
     tokenizer.eval()
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sftok.progress import progress_disabled
 from sftok.train import checkpointing as ckpt
 from sftok.train.ema import EMA
 from sftok.train.optim import lr_at, set_lr
@@ -252,10 +252,6 @@ class LoopResult:
     history: list[dict[str, float]] = field(default_factory=list)  # every logged window
 
 
-def _progress_disabled() -> bool | None:
-    flag = os.environ.get("SFTOK_PROGRESS")
-    return None if flag is None else flag in ("0", "false", "no")  # None: auto (TTY only)
-
 
 def read_final(out_dir: Path) -> LoopResult | None:
     """The finished stage in out_dir/final, if any (a completed stage is never retrained)."""
@@ -296,7 +292,7 @@ def run_loop(task: LoopTask, stream: Any, out_dir: Path, spec: LoopSpec,
 
     it: Iterator = iter(stream)
     bar = tqdm(total=spec.steps, initial=start, desc=spec.stage, dynamic_ncols=True,
-               disable=_progress_disabled(), leave=False)
+               disable=progress_disabled(), leave=False)
     window: dict[str, list[float]] = {}
     win_images, win_time = 0, 0.0
     metrics: dict[str, float] = history[-1] if history else {}
