@@ -99,10 +99,6 @@ def resolve_uri(tracking: str | os.PathLike | None = None) -> str:
     return f"sqlite:///{Path(tracking).expanduser().resolve() / 'mlflow.db'}"
 
 
-def default_tracking_uri() -> str:
-    return resolve_uri(None)
-
-
 def _sqlite_path(uri: str) -> Path | None:
     m = re.match(r"sqlite:///(.+)$", uri)
     return Path(m.group(1)) if m else None

@@ -26,7 +26,7 @@ from typing import Any
 
 from sftok_experiments import EXPERIMENTS_DIR, ROOT
 from sftok_experiments import tracking as trk
-from sftok_experiments.expand import Plan, describe
+from sftok_experiments.expand import Plan
 
 
 @dataclass
@@ -460,15 +460,10 @@ def summary_table(result: CampaignResult) -> str:
     return "\n".join(out)
 
 
-def dry_run(plan: Plan) -> str:
-    return describe(plan)
-
-
 __all__ = [
     "CampaignResult",
     "Options",
     "TrialSummary",
-    "dry_run",
     "init_ray",
     "run_campaign",
     "summary_table",

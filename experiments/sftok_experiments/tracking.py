@@ -194,7 +194,7 @@ def _make_tracker_class():
 
         def __init__(self, client, experiment_id: str, parent_id: str, spec_name: str,
                      preset: str, existing: dict[str, Any] | None = None,
-                     template_config=None, echo=print):
+                     echo=print):
             self.client = client
             self.exp_id = experiment_id
             self.parent_id = parent_id
@@ -202,7 +202,6 @@ def _make_tracker_class():
             self.preset = preset
             self.existing = dict(existing or {})  # key -> MLflow run (from an earlier invocation)
             self.records: dict[str, TrialRecord] = {}  # by ray trial id
-            self.template_config = template_config
             self.echo = echo
 
         # Ray pickles the run config (tuner.pkl, for Tuner.restore); the store client and the

@@ -10,8 +10,6 @@ Streaming: `TokenAccumulator` keeps sums and a Q-bin histogram, never the ids.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -71,7 +69,3 @@ class TokenAccumulator:
             out["codebook_usage"] = codebook_usage(self.counts)
             out["codebook_entropy"] = codebook_entropy(self.counts)
         return out
-
-
-def max_entropy_bits(codebook_size: int) -> float:
-    return math.log2(codebook_size)
