@@ -55,9 +55,11 @@ def ensure_env() -> Path:
         stamp.write_text(LOCK.read_text())
     # Editable install of this checkout, unless the environment already points at it (several
     # clones may share one environment; each run re-points it at the clone it is run from).
-    probe = subprocess.run([str(py), "-c", "import sftok, pathlib; "
+    # Isolated mode from a neutral directory: the checkout on sys.path via the current
+    # directory must not pass for an install (scripts such as experiments/run.py lack it).
+    probe = subprocess.run([str(py), "-I", "-c", "import sftok, pathlib; "
                             "print(pathlib.Path(sftok.__file__).resolve().parent.parent)"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, cwd=str(env))
     if probe.returncode != 0 or Path(probe.stdout.strip()) != ROOT:
         subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q",
                         "--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True,
