@@ -98,8 +98,17 @@ class DecodeConfig:
 
     steps: int = 8  # S
     schedule: Literal["arccos", "cosine", "linear", "square", "sqrt"] = "arccos"
-    temperature: float = 0.0  # Gumbel temperature tau; annealed as tau * (1 - r); 0 = argmax
-    confidence_noise: float = 0.0  # scale of Gumbel noise added to confidences
+    # tau, the paper's "randomize temperature" (Table 6: 1.0): Gumbel noise of scale tau*(1-r) at
+    # step r on the sampling *and* on the confidence used for re-masking, as the reference
+    # sampler does. 0 = argmax with a deterministic order (the golden decode).
+    temperature: float = 0.0
+    # Advanced: a separate scale for the confidence noise; None = `temperature` (the paper).
+    confidence_noise: float | None = None
+
+    @property
+    def confidence_scale(self) -> float:
+        """The Gumbel scale (before annealing) of the confidence noise."""
+        return self.temperature if self.confidence_noise is None else self.confidence_noise
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +161,13 @@ class StageConfig:
     quantizer_weight: float = 1.0
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema_decay: float = 0.999  # 0 disables EMA
+    # Autocast dtype of the training forward. fp16 gets a dynamic loss scaler (the paper's
+    # choice, Table 6); bf16 needs none (fp32's exponent range). See presets._paper.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # The SFVR step-1 pass (no grad; its argmax fills the visible positions) runs in float32
+    # with autocast off, as the reference's `generate_guided_mask` does (it sits outside the
+    # autocast wrapper): under bf16/fp16 near-tied logits can flip the argmax. False: autocast.
+    sfvr_pass_fp32: bool = True
     compile: bool = False
     log_every: int = 10
     ckpt_every: int = 500
@@ -163,6 +178,10 @@ class StageConfig:
     gan_start: int = 20_000
     lecam_weight: float = 0.001
     discriminator: Literal["patchgan", "dino"] = "patchgan"
+    # Stage 3 trains the decoder and the pixel decoder; the released code also trains the pixel
+    # codebook (`pixel_quantize`, the soft path's V×Z table) while encoder and quantizer stay
+    # frozen. The paper does not say; default = the released code.
+    train_pixel_codebook: bool = True
 
 
 @dataclass(frozen=True)
@@ -187,8 +206,9 @@ class TrainConfig:
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(replacement="none"))
     stage2: StageConfig = field(default_factory=StageConfig)
+    # Stage 3 input is guided like stage 2 (Table 6: "Guided Mask True, Single Step False").
     stage3: StageConfig = field(default_factory=lambda: StageConfig(
-        replacement="none", optim=OptimConfig(betas=(0.9, 0.999))))
+        replacement="sfvr", replace_ratio=1.0, optim=OptimConfig(betas=(0.9, 0.999))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +222,9 @@ class EvalConfig:
     trace_steps: int = 8  # S of the Figure-4a per-step trace
     batch_size: int = 32
     max_images: int | None = None  # None: the whole validation split
-    temperature: float = 0.0
+    # None: `ExperimentConfig.decode.temperature` (one knob, DecodeConfig); a number overrides
+    # it for evaluation only. Every decode draws from a generator seeded with `seed`.
+    temperature: float | None = None
     seed: int = 0
     metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
     grid_images: int = 8

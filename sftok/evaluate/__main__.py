@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "config; sftok-b with --official)")
     p.add_argument("--data", help="embedded | NAME=PATH | PATH (image folder or .tar shards)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. eval.temperature=1.0 (repeatable)")
+                   help="config override, e.g. decode.temperature=1.0 (repeatable)")
     p.add_argument("--steps", type=int, nargs="+", help="decode steps S (default: eval config)")
     p.add_argument("--trace-steps", type=int, help="S of the Figure-4a trace (0 = none)")
     p.add_argument("--max-images", type=int)
