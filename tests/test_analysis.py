@@ -64,6 +64,11 @@ def _arms(spec: str) -> dict[str, dict]:
     if spec == "per_step_trace":
         return {"replacement=vanilla": dict(base, **{"train.stage2.replacement": "vanilla"}, q=0.4),
                 "replacement=sfvr": dict(base, q=0.2)}
+    if spec == "step_sweep":  # the three-stage model (Figure 8) and stage 2 (Figure 7), tau 0/1
+        return {f"{m},temperature={t!r}": dict(base, **{"decode.temperature": t, "stages": st},
+                                               q=q + 0.02 * t)
+                for m, st, q in [("stage3", "stage1,stage2,stage3", 0.15),
+                                 ("stage2", "stage1,stage2", 0.2)] for t in (0.0, 1.0)}
     return {"base": dict(base, q=0.2)}
 
 
@@ -187,7 +192,9 @@ EXPECTED_TABLES = {
         "figure4b": (["arm", "warmup", "stage", "step", "n", "mean", "ci_low", "ci_high"], None),
         "figure4b_final": (["arm", "warmup", "n", "mean", "ci_low", "ci_high"], 3)},
     "figure8_step_sweep": {
-        "figure8": (["arm", "metric", "steps", "n", "mean", "ci_low", "ci_high", "paper"], None)},
+        "figure8": (["arm", "metric", "steps", "n", "mean", "ci_low", "ci_high", "paper"], None),
+        "figure8_temperature": (["model", "metric", "steps", "n_common_seeds", "diff_mean",
+                                 "ci_low", "ci_high", "p_value"], None)},
     "table1_reconstruction": {
         "table1": (["model", "source", "tokens", "codebook", "rfid_mean", "psnr_mean",
                     "ssim_mean", "lpips_mean"], None)},
@@ -450,7 +457,7 @@ def test_readings_undetermined_on_thin_data(tmp_path):
     assert "is undetermined" in r4f and "not borne out" not in r4f and "nan" not in r4f, r4f
     # Figure 8: rFID not evaluated at S = 1 and 8 -> undetermined; IS improves beyond noise.
     r8 = reading["figure8_step_sweep"]
-    assert "rFID from 1 to 8 steps is undetermined (S = 1 and S = 8 were not both" in r8, r8
+    assert "rFID from 1 to 8 steps is undetermined (no stage-3 arm evaluated both" in r8, r8
     assert "IS from 1 to 8 steps improves (paired CI excludes 0) as in the paper" in r8, r8
     assert "nan" not in r8, r8
 
@@ -492,6 +499,12 @@ def test_render_all_notebooks(store, tmp_path):
     axes = json.loads((tmp_path / "out/figure8_step_sweep/figure8.axes.json").read_text())["axes"]
     is_axes = next(a for a in axes if a["title"] == "IS")
     assert len(axes) == 5 and "paper (SFTok-B)" in is_axes["lines"]
+    # Figure 8 is the three-stage model; tau = 1 minus tau = 0, paired, per model / metric / S
+    ft = pd.read_csv(tmp_path / "out/figure8_step_sweep/figure8_temperature.csv")
+    assert set(ft["model"]) == {"stage 2", "stage 3"} and set(ft["n_common_seeds"]) == {3}
+    assert len(ft) == 2 * 5 * len(STEPS)
+    assert "Temperature (tau 1 − 0) at S = 8" in (
+        tmp_path / "out/figure8_step_sweep/reading.md").read_text()
     t1md = (tmp_path / "out/table1_reconstruction/table1.md").read_text()
     assert "rFID — Inception weights not found" in t1md
     t1 = pd.read_csv(tmp_path / "out/table1_reconstruction/table1.csv")
