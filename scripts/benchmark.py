@@ -11,6 +11,7 @@ only on a GPU (`--train-presets` to choose).
 
     python scripts/benchmark.py                      # all presets
     python scripts/benchmark.py --presets smoke tiny --batch 8 --device cuda
+    python scripts/benchmark.py --presets sftok-b --train-presets sftok-b sftok-l --json b.json
 """
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def main() -> None:
                     help="presets for the training table (default: smoke tiny small on CPU, "
                          "all on GPU)")
     ap.add_argument("--train-steps", type=int, default=5, help="timed steps per stage")
+    ap.add_argument("--json", metavar="PATH", help="also write the training rows as JSON "
+                    "(the input of analysis/table5_compute.py: -p benchmark_json=PATH)")
     args = ap.parse_args()
     device = torch.device(args.device)
     amp = args.dtype == "bf16"
@@ -112,6 +115,13 @@ def train_table(args: argparse.Namespace, device: torch.device) -> None:
         rows += benchmark_training(get_preset(name), steps=args.train_steps, device=str(device))
     print("\ntraining throughput (fp32 on CPU; the preset's precision on GPU)")
     print(format_table(rows), flush=True)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device_name": torch.cuda.get_device_name(device)
+                       if device.type == "cuda" else "cpu", "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 def time_preset(name: str, device: torch.device, batch: int, steps: int, reps: int,

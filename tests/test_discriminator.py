@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from sftok.config import OptimConfig
-from sftok.train import discriminator, dino_discriminator, losses
+from sftok.train import dino_discriminator, discriminator, losses
 from sftok.train.dino_discriminator import (
     DINO_TAPS,
     DinoDiscriminator,
