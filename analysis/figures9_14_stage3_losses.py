@@ -35,7 +35,6 @@ import sys
 sys.path[:0] = [p for p in (os.path.abspath("."), os.path.abspath("analysis"))
                 if os.path.exists(os.path.join(p, "mlflow_data.py"))]
 
-import math
 
 import matplotlib.pyplot as plt
 import mlflow_data as md
@@ -160,8 +159,7 @@ parts = []
 for r in table.itertuples():
     if not r.logged:
         continue
-    if r.first_step == r.last_step or any(map(lambda v: v is None or math.isnan(v),
-                                              (r.first_mean, r.last_mean))):
+    if r.first_step == r.last_step or any(pd.isna(v) for v in (r.first_mean, r.last_mean)):
         parts.append(f"{r.figure} ({r.curve}) has one logged value")
         continue
     trend = "falls" if r.last_mean < r.first_mean else "rises" if r.last_mean > r.first_mean \

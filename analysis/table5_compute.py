@@ -124,13 +124,13 @@ for i, r in table.iterrows():
         key = "stage12" if r["stages"] == "stage1+2" else "stage3"
         table.loc[i, "paper_gpu_hours"] = paper["compute"][paper_of[r["model"]]][key]
 md_table = table.assign(**{
-    "images/s": [md.fmt_num(round(v, 1)) if v == v and v is not None else "—"
+    "images/s": [md.fmt_num(round(v, 1)) if pd.notna(v) else "—"
                  for v in table["images_per_s"]],
-    "GPU-h (paper budget)": [f"{v:,.0f}" if v == v and v is not None else "—"
+    "GPU-h (paper budget)": [f"{v:,.0f}" if pd.notna(v) else "—"
                              for v in table["gpu_hours_paper_budget"]],
-    "h (preset budget)": [f"{v:.2f}" if v == v and v is not None else "—"
+    "h (preset budget)": [f"{v:.2f}" if pd.notna(v) else "—"
                           for v in table["hours_preset_budget"]],
-    "paper GPU-h": [f"{v:,.0f}" if v == v and v is not None else "—"
+    "paper GPU-h": [f"{v:,.0f}" if pd.notna(v) else "—"
                     for v in table["paper_gpu_hours"]]})[
     ["source", "model", "stages", "device", "images/s", "GPU-h (paper budget)",
      "h (preset budget)", "paper GPU-h"]]
@@ -147,7 +147,7 @@ parts = []
 for r in ours.itertuples():
     s = (f"`{r.model}` on {r.device}: {r.gpu_hours_paper_budget:,.0f} GPU-hours for "
          f"{r.stages} at the paper's budget")
-    if r.paper_gpu_hours == r.paper_gpu_hours and r.paper_gpu_hours is not None:
+    if pd.notna(r.paper_gpu_hours):
         s += (f" (paper: {r.paper_gpu_hours:,.0f} on RTX 4090, ratio "
               f"{r.gpu_hours_paper_budget / r.paper_gpu_hours:.2f})")
     parts.append(s)
