@@ -81,10 +81,10 @@ def test_warmup_arms_share_the_step_budget():
 def test_seeds_and_set_override():
     spec, path = load_spec("step_sweep")
     plan = expand(spec, path, preset="smoke", seeds=3, sets=parse_set(["train.stage2.steps=5",
-                                                                        "decode.temperature=0.5"]))
-    assert [t.seed for t in plan.trials] == [0, 1, 2]
+                                                                        "decode.confidence_noise=0.5"]))
+    assert [t.seed for t in plan.trials] == [0, 1, 2] * 4  # arms: stage3/stage2 × tau 0/1
     assert all(t.config.train.stage2.steps == 5 for t in plan.trials)
-    assert all(t.config.decode.temperature == 0.5 for t in plan.trials)
+    assert all(t.config.decode.confidence_noise == 0.5 for t in plan.trials)
     assert plan.trials[0].config.eval.decode_steps == (1, 2, 4, 8, 16)
 
 
