@@ -351,16 +351,6 @@ def test_resume_without_a_campaign_exits_2(store, client, tmp_path, capsys):
     assert [p.info.run_id for p in parents] == [old.info.run_id] and not children
 
 
-def test_zero_gpu_trial_runs_on_cpu():
-    from sftok_experiments.trial import trial_device
-
-    assert trial_device("auto", 0) == "cpu"  # Ray 2.60 leaves CUDA_VISIBLE_DEVICES set
-    assert trial_device("auto", 0.0) == "cpu"
-    assert trial_device("auto", 0.5) == "auto" and trial_device("auto", 1) == "auto"
-    assert trial_device("cuda:1", 0) == "cuda:1"  # explicitly named: kept
-    assert trial_device("auto", None) == "auto"  # unknown (older payload): unchanged
-
-
 def test_worker_env_forwarded(monkeypatch):
     from sftok_experiments import campaign
 
