@@ -32,6 +32,7 @@ from sftok_experiments.campaign import Options, init_ray, run_campaign
 from sftok_experiments.expand import expand
 from sftok_experiments.placement import (
     DeviceUnavailableError,
+    gpu_shortfall,
     gpu_slot,
     select_device,
 )
@@ -87,6 +88,13 @@ def test_no_cuda_is_one_line_naming_node_and_fix(requested, gpu_ids):
     msg = str(e.value)
     assert "\n" not in msg and "node node-a" in msg and "CUDA is not available" in msg
     assert "--device cpu" in msg and "--gpus-per-trial 0" in msg
+
+
+def test_gpu_shortfall():
+    assert gpu_shortfall(0.5, 2) is None and gpu_shortfall(2, 2) is None
+    assert gpu_shortfall(0, 0) is None
+    msg = gpu_shortfall(0.5, 0)
+    assert "--gpus-per-trial 0.5 but Ray found 0 GPU(s)" in msg and "--ray-address" in msg
 
 
 def test_cuda_without_share_is_an_error():
@@ -256,6 +264,17 @@ def test_gpu_share_without_cuda_fails_naming_node(logical_gpus, store, client, t
     assert f"node {platform.node()}" in t["error"] and "--device cpu" in t["error"]
     assert t["placement.device"] == "none" and t["placement.ray_gpu_ids"] in {"0", "1"}
     assert t["placement.gpu_share"] == "0.5" and t["placement.cuda_available"] == "false"
+
+
+def test_share_larger_than_the_machine_stops_before_ray_trials(logical_gpus, store, client,
+                                                              tmp_path):
+    """3 GPUs per trial on a 2-GPU Ray: one line and exit 1, instead of trials pending forever."""
+    name = f"gpu_short_{logical_gpus.replace('-', '_')}"
+    res = run_campaign(plan_for(spec_file(tmp_path, name, [1.0], 1)), Options(
+        tracking=str(store), work_dir=str(tmp_path / "runs"), prepare_teacher=False,
+        gpus_per_trial=3, trial_fn=make_gpu_trial(tmp_path, wait_for=1)))
+    assert res.exit_code == 1 and res.trials[0].status == "NOT RUN"
+    assert res.setup_error.startswith("--gpus-per-trial 3 but Ray found 2 GPU(s)")
 
 
 @pytest.mark.slow

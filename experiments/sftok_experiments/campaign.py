@@ -297,8 +297,13 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                 trk.set_tags(client, parent_id, {"error": setup_error})
         if remaining and setup_error is None:
             started_ray = init_ray(opts.ray_address)
-            tracker = _run_tuner(plan, opts, todo, remaining, finished, client, exp_id,
-                                 parent_id, existing, campaign_dir, cache, echo)
+            setup_error = None if opts.ray_address else _local_gpu_shortfall(opts)
+            if setup_error:  # Ray would keep the trials pending forever
+                echo(f"error: {setup_error}", file=sys.stderr, flush=True)
+                trk.set_tags(client, parent_id, {"error": setup_error})
+            else:
+                tracker = _run_tuner(plan, opts, todo, remaining, finished, client, exp_id,
+                                     parent_id, existing, campaign_dir, cache, echo)
     except KeyboardInterrupt:
         interrupted = True
         echo("interrupted: finish later with --resume", flush=True)
@@ -353,6 +358,16 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
             echo(f"continue with: python experiments/run.py {plan.spec_path} --resume "
                  "(same preset/seeds/--set)", file=sys.stderr, flush=True)
     return result
+
+
+def _local_gpu_shortfall(opts: Options) -> str | None:
+    """A local Ray with fewer GPUs than one trial's share: the one-line error, else None.
+    (An attached cluster may autoscale, so it is left to Ray's own warning.)"""
+    import ray
+
+    from sftok_experiments.placement import gpu_shortfall
+
+    return gpu_shortfall(opts.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
 
 
 def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id, existing,

@@ -84,6 +84,15 @@ def select_device(requested: str, gpu_ids: Sequence[int | str], visible: str | N
     return f"cuda:{gpu_slot(gpu_ids, visible)}"
 
 
+def gpu_shortfall(gpus_per_trial: float, node_gpus: float) -> str | None:
+    """The one-line error when not even one trial's GPU share fits this machine's Ray, else None."""
+    if gpus_per_trial <= node_gpus:
+        return None
+    return (f"--gpus-per-trial {gpus_per_trial:g} but Ray found {node_gpus:g} GPU(s) on this "
+            "machine, so no trial could start: lower --gpus-per-trial (0 runs on CPU), or "
+            "attach to a cluster with GPUs via --ray-address")
+
+
 @dataclass(frozen=True)
 class Placement:
     """What a running trial observed about where it runs (read by `observe`)."""
