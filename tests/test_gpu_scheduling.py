@@ -32,8 +32,10 @@ from sftok_experiments.campaign import Options, init_ray, run_campaign
 from sftok_experiments.expand import expand
 from sftok_experiments.placement import (
     DeviceUnavailableError,
+    Placement,
     gpu_shortfall,
     gpu_slot,
+    placement_tags,
     select_device,
 )
 from sftok_experiments.spec import load_spec
@@ -88,6 +90,20 @@ def test_no_cuda_is_one_line_naming_node_and_fix(requested, gpu_ids):
     msg = str(e.value)
     assert "\n" not in msg and "node node-a" in msg and "CUDA is not available" in msg
     assert "--device cpu" in msg and "--gpus-per-trial 0" in msg
+
+
+def test_placement_tags():
+    p = Placement("node-a", "10.0.0.1", ("1",), "0,1", False, 0.5, 12.5)
+    assert placement_tags(p, "cpu") == {
+        "placement.node": "node-a", "placement.node_ip": "10.0.0.1",
+        "placement.ray_gpu_ids": "1", "placement.cuda_visible_devices": "0,1",
+        "placement.cuda_available": "false", "placement.gpu_slot": "cuda:1",
+        "placement.device": "cpu", "placement.start": "12.500", "placement.gpu_share": "0.5"}
+    none = placement_tags(Placement("n", "", (), None, False, None, 0.0), None)
+    assert none["placement.gpu_slot"] == "none" and none["placement.device"] == "none"
+    assert none["placement.cuda_visible_devices"] == "<unset>" and "placement.gpu_share" not in none
+    odd = placement_tags(Placement("n", "", ("1",), "0", False, 1.0, 0.0), "cpu")
+    assert odd["placement.gpu_slot"] == "not visible"
 
 
 def test_gpu_shortfall():

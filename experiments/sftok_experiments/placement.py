@@ -122,11 +122,14 @@ def observe(gpu_share: float | None = None) -> Placement:
 
 def placement_tags(p: Placement, device: str | None) -> dict[str, str]:
     """The `placement.*` tags of a trial's run; device None: no device could be chosen."""
-    slot = gpu_slot(p.gpu_ids, p.visible) if p.gpu_ids else None
+    try:
+        slot = gpu_slot(p.gpu_ids, p.visible)
+        slot_tag = "none" if slot is None else f"cuda:{slot}"
+    except DeviceUnavailableError:  # its id is not among the visible devices (recorded as is)
+        slot_tag = "not visible"
     tags = {"node": p.node, "node_ip": p.node_ip, "ray_gpu_ids": ",".join(p.gpu_ids),
             "cuda_visible_devices": "<unset>" if p.visible is None else p.visible,
-            "cuda_available": str(p.cuda_available).lower(),
-            "gpu_slot": f"cuda:{slot}" if slot is not None else "none",
+            "cuda_available": str(p.cuda_available).lower(), "gpu_slot": slot_tag,
             "device": device or "none", "start": f"{p.start:.3f}"}
     if p.gpu_share is not None:
         tags["gpu_share"] = f"{p.gpu_share:g}"
