@@ -145,18 +145,6 @@ def logical_gpus(request):
                 os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tmp_path_factory.mktemp("mlruns")
-
-
-@pytest.fixture(scope="module")
-def client(store):
-    from sftok_experiments.tracking import client_for, resolve_store
-
-    return client_for(resolve_store(str(store))[0])
-
-
 def spec_file(tmp_path: Path, name: str, ratios: list[float], seeds: int) -> Path:
     doc = {"name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
            "arms": {"grid": {"train.stage2.replace_ratio": ratios}}, "seeds": seeds,

@@ -45,18 +45,6 @@ def ray_session():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tmp_path_factory.mktemp("mlruns")
-
-
-@pytest.fixture(scope="module")
-def client(store):
-    from sftok_experiments.tracking import client_for, resolve_store
-
-    return client_for(resolve_store(str(store))[0])
-
-
 def fake_spec(tmp_path: Path, name: str, **extra) -> Path:
     doc = {"name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
            "arms": {"grid": {"train.stage2.replace_ratio": [0.5, 0.8, 1.0]}}, "seeds": 1,
