@@ -2,10 +2,10 @@
 
 Ray hands a trial GPU *ids* (`ray.get_gpu_ids()`), and by default sets the worker's
 `CUDA_VISIBLE_DEVICES` to exactly those ids, so the trial's own GPU is `cuda:0` in the worker.
-With `RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1`, or where the node's raylet already
-restricted the devices, `CUDA_VISIBLE_DEVICES` lists more than the trial's ids and the trial's
-GPU is `cuda:<index of its id in that list>` — putting every trial on `cuda:0` there would stack
-them all on one card. `select_device` is a pure function of those inputs (tested without a GPU,
+With `RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1` Ray leaves the node's
+`CUDA_VISIBLE_DEVICES` (unset: all GPUs) to every worker, and the trial's GPU is
+`cuda:<index of its id in that list>` — putting every trial on `cuda:0` there would stack them
+all on one card. `select_device` is a pure function of those inputs (tested without a GPU,
 tests/test_gpu_scheduling.py); `trial_placement` reads them inside a running trial.
 
 Policy when a trial holds a GPU share but its node has no CUDA: the trial fails with one line
