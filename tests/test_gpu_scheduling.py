@@ -161,7 +161,7 @@ def plan_for(path: Path):
 
 def make_gpu_trial(barrier: Path, wait_for: int):
     """A trial that places itself exactly as `run_trial` does, then waits until `wait_for`
-    trials have started (or 60 s passed) and holds 1 s more, so the trials Ray lets run at
+    trials have started (or 120 s passed) and holds 1 s more, so the trials Ray lets run at
     once really overlap; its end time comes with `report_final`."""
     barrier = str(barrier)
 
@@ -172,7 +172,7 @@ def make_gpu_trial(barrier: Path, wait_for: int):
 
         place_trial(config, resolved_config(config))
         Path(barrier, trial_key(config)).touch()
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while len(os.listdir(barrier)) < wait_for and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(1.0)
