@@ -9,6 +9,7 @@ runs under both of Ray's conventions (the module fixture's params):
 - `noset` (`RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1`, node started with
   `CUDA_VISIBLE_DEVICES=0,1`): every worker sees both GPUs, so the trial on GPU 1 must pick
   `cuda:1` — all trials on `cuda:0` would stack them on one card.
+The failure paths are mode-independent and run under Ray's default only.
 The trials run on CPU (`--device cpu`, the documented fallback) and record on their MLflow run
 which GPU ids Ray gave them and which CUDA device that share maps to (`placement.gpu_slot`).
 """
@@ -123,9 +124,15 @@ def test_cuda_without_share_is_an_error():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["ray-sets-cvd", "noset"])
+MODES = ["ray-sets-cvd", "noset"]
+both_modes = pytest.mark.parametrize("logical_gpus", MODES, indirect=True)
+default_mode = pytest.mark.parametrize("logical_gpus", MODES[:1], indirect=True)
+
+
+@pytest.fixture(scope="module")
 def logical_gpus(request):
-    """Ray with 2 logical GPUs and 2 CPUs, under one of Ray's CUDA_VISIBLE_DEVICES modes."""
+    """Ray with 2 logical GPUs and 2 CPUs, under one of Ray's CUDA_VISIBLE_DEVICES modes
+    (request.param; one Ray session per mode, shared by the module's tests)."""
     env = {"CUDA_VISIBLE_DEVICES": "0,1", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
     saved = {k: os.environ.get(k) for k in env}
     if ray.is_initialized():  # another module's session: it has no GPUs
@@ -224,6 +231,7 @@ def check_placement(runs, mode: str, share: float) -> dict:
             "slots": sorted((t["placement.ray_gpu_ids"], t["placement.gpu_slot"]) for t in tags)}
 
 
+@both_modes
 def test_half_gpu_trials_pack_two_per_gpu(logical_gpus, store, client, tmp_path):
     """Trials at 0.5 GPU / 0.5 CPU on 2 logical GPUs: 4 at once, 2 per GPU, each trial's
     device its own GPU; --device cpu runs them on CPU and they still record the GPU slot.
@@ -253,6 +261,7 @@ def test_half_gpu_trials_pack_two_per_gpu(logical_gpus, store, client, tmp_path)
         assert {s for _, s in seen["slots"]} == {"cuda:0", "cuda:1"}
 
 
+@default_mode
 def test_gpu_share_without_cuda_fails_naming_node(logical_gpus, store, client, tmp_path):
     """The real trial (`run_trial`), device auto, half a GPU, no CUDA here: it fails before any
     training with one line naming this node and the fixes, and its run shows what Ray gave it."""
@@ -270,6 +279,7 @@ def test_gpu_share_without_cuda_fails_naming_node(logical_gpus, store, client, t
     assert t["placement.gpu_share"] == "0.5" and t["placement.cuda_available"] == "false"
 
 
+@default_mode
 def test_share_larger_than_the_machine_stops_before_ray_trials(logical_gpus, store, client,
                                                               tmp_path):
     """3 GPUs per trial on a 2-GPU Ray: one line and exit 1, instead of trials pending forever."""
@@ -282,6 +292,7 @@ def test_share_larger_than_the_machine_stops_before_ray_trials(logical_gpus, sto
 
 
 @pytest.mark.slow
+@both_modes
 def test_smoke_campaign_on_half_gpus(logical_gpus, store, client, tmp_path):
     """The real pipeline (`experiments/run.py`, smoke preset), 4 trials at --gpus-per-trial 0.5
     --cpus-per-trial 0.5 --device cpu on 2 logical GPUs."""
