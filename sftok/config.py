@@ -266,7 +266,11 @@ class ConfigError(ValueError):
 
     def __init__(self, field_path: str, message: str):
         self.field = field_path
+        self.message = message
         super().__init__(f"{field_path}: {message}")
+
+    def __reduce__(self):  # survives pickling (Ray sends a trial's error to the driver)
+        return (type(self), (self.field, self.message))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

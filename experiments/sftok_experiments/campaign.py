@@ -117,6 +117,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
                  logging_level="WARNING")
     else:
+        # Ray enables token authentication for a new local cluster and warns that it did (an
+        # opt-out notice, nothing to act on): keep the protection, drop the notice.
+        import logging
+
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  object_store_memory=200 * 1024 ** 2, runtime_env=runtime_env,
                  logging_level="WARNING", log_to_driver=True)
@@ -353,7 +359,7 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
                campaign_dir, cache, echo):
     from ray import tune
 
-    from sftok_experiments.trial import run_trial
+    from sftok_experiments.trial import guarded, run_trial
 
     spec = plan.spec
     cpus = float(opts.cpus_per_trial)
@@ -363,7 +369,7 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
     tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
                                 existing={k: r for k, r in existing.items()
                                           if r.info.status != "FINISHED"}, echo=echo)
-    trainable = tune.with_resources(opts.trial_fn or run_trial,
+    trainable = tune.with_resources(guarded(opts.trial_fn or run_trial),
                                     {"cpu": cpus, "gpu": float(opts.gpus_per_trial)})
     if plan.search:
         search = plan.search
@@ -393,6 +399,12 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
     echo(f"[{trk._now()}] {remaining} trial(s) on Ray: {cpus:g} CPU / "
          f"{opts.gpus_per_trial:g} GPU each, max concurrent "
          f"{opts.max_concurrent or 'unlimited'}, retries {max_failures}", flush=True)
+    import logging
+
+    # The tracker prints each failure as one line and logs its traceback as the child run's
+    # error.txt; Ray's own copies (a traceback per attempt, "Trials did not complete") repeat it.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
     tuner.fit()

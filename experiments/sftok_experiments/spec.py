@@ -43,7 +43,11 @@ class SpecError(ValueError):
     def __init__(self, file: str | Path, field: str, message: str):
         self.file = str(file)
         self.field = field
+        self.message = message
         super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+
+    def __reduce__(self):  # survives pickling, like ConfigError
+        return (type(self), (self.file, self.field, self.message))
 
 
 class _Strict(BaseModel):

@@ -281,7 +281,8 @@ def _make_tracker_class():
             rec = self._record(trial)
             rec.retries += 1
             self._line(rec, f"crashed, retrying from its last checkpoint "
-                            f"(retry {rec.retries}): {_error_summary(trial)}")
+                            f"(retry {rec.retries}): {rec.error or _error_summary(trial)}")
+            rec.error = None  # the next attempt reports its own
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             rec = self._record(trial)
@@ -299,6 +300,13 @@ def _make_tracker_class():
             elif event == "stage_done":
                 self._line(rec, f"{result.get('stage')} done (global step "
                                 f"{result.get('global_step')})")
+            elif event == "error":  # sent by trial.guarded just before the trial fails
+                rec.error = str(result.get("error") or "") or None
+                if not result.get("retry", True):
+                    # Deterministic (a non-finite loss, a bad config value): a retry would
+                    # fail the same way. Ray's FailureConfig cannot tell error kinds apart;
+                    # with no retries left for this trial its failure is final.
+                    trial.max_failures = 0
             elif event == "final":
                 m = {k: v for k, v in result.items() if k.startswith("eval/")
                      and isinstance(v, (int, float))}
@@ -332,7 +340,7 @@ def _make_tracker_class():
                 self._open_run(trial, rec)
             rec.seconds = time.time() - (rec.started or time.time())
             text = _error_text(trial)
-            rec.error = _error_summary(trial)
+            rec.error = rec.error or _error_summary(trial)
             rec.status = "FAILED"
             set_tags(self.client, rec.run_id, {"error": rec.error})
             try:
@@ -340,7 +348,8 @@ def _make_tracker_class():
             except Exception:  # noqa: BLE001
                 pass
             self.client.set_terminated(rec.run_id, status="FAILED")
-            self._line(rec, f"FAILED: {rec.error}")
+            self._line(rec, f"FAILED: {rec.error} (traceback: error.txt of run "
+                            f"{rec.run_id[:8]})")
 
         # -- artifacts -----------------------------------------------------------------------
         def _log_artifacts(self, trial, rec: TrialRecord) -> None:

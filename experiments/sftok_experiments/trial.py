@@ -28,6 +28,7 @@ from typing import Any
 
 FINAL_EVENT = "final"
 STAGE_DONE = "stage_done"
+ERROR_EVENT = "error"
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +70,73 @@ def report_final(metrics: dict[str, float], artifacts: Path) -> None:
     out: dict[str, Any] = {"event": FINAL_EVENT}
     out.update({f"eval/{k}": float(v) for k, v in metrics.items()})
     tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(artifacts)))
+
+
+def _deterministic_errors() -> tuple[type[BaseException], ...]:
+    """Errors a retry would only repeat: same config + data + seed give the same failure."""
+    from sftok.config import ConfigError
+    from sftok.train import NonFiniteLossError
+
+    return (ConfigError, NonFiniteLossError)
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` on one line (what the driver prints and tags as `error`)."""
+    msg = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {msg}"[:1000] if msg else type(exc).__name__
+
+
+def report_error(exc: BaseException) -> None:
+    """Tell the driver why this trial is about to fail, and whether a retry could help.
+
+    Sent before the exception propagates, so the driver has the one-line cause even when the
+    exception does not survive Ray, and can turn off retries of a deterministic failure
+    (`MlflowTracker.on_trial_result`): Ray Tune's FailureConfig retries every error alike.
+    """
+    from ray import tune
+
+    tune.report({"event": ERROR_EVENT, "error": one_line(exc),
+                 "retry": not isinstance(exc, _deterministic_errors())})
+
+
+def _survives_ray(exc: BaseException) -> bool:
+    """Ray copies (`copy.copy`) and pickles a trial's exception; can it be rebuilt?"""
+    import copy
+
+    import ray.cloudpickle as cp
+
+    try:
+        copy.copy(exc)
+        cp.loads(cp.dumps(exc))
+        return True
+    except Exception:  # noqa: BLE001 — any failure to rebuild means "no"
+        return False
+
+
+def guarded(fn):
+    """Wrap a trial function: its error reaches the driver as one line, survives pickling, and
+    a deterministic failure is not retried (`report_error`)."""
+    import functools
+
+    @functools.wraps(fn)
+    def trial_fn(config: dict[str, Any]) -> None:
+        try:
+            fn(config)
+        except Exception as e:
+            try:
+                report_error(e)
+            except Exception:  # noqa: BLE001 — the error below still reaches the driver
+                pass
+            if _survives_ray(e):
+                raise
+            import traceback
+
+            # An exception class whose __init__ cannot be called with its args (a third-party
+            # one, say) would turn into a TypeError of Ray's: keep its text instead.
+            raise RuntimeError(f"{one_line(e)}\n{''.join(traceback.format_exception(e))}"
+                               ) from None
+
+    return trial_fn
 
 
 def trial_key(config: dict[str, Any]) -> str:

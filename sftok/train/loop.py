@@ -58,6 +58,12 @@ class NonFiniteLossError(RuntimeError):
             f"training stopped. Last good checkpoint: {where}. Lower the learning rate, use "
             f"fp32/bf16 instead of fp16, or check the data, then resume.")
 
+    def __reduce__(self):
+        # Ray pickles a trial's exception to the driver; rebuild it from its fields (the
+        # default would call __init__ with the message alone and fail).
+        return (type(self), (self.stage, self.step, self.global_step, self.name, self.value,
+                             self.last_checkpoint))
+
 
 class NonFinite(Exception):
     """Raised inside a step when a loss is not finite; run_loop turns it into the error above."""
