@@ -15,6 +15,7 @@ logged are skipped (a retried trial re-reports the steps after its last checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -61,7 +62,39 @@ def resolve_store(tracking: str | None) -> tuple[str, str | None]:
     return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other stores or in-memory SQLite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """An exclusive file lock next to a SQLite store while its schema is created / migrated.
+
+    MLflow creates and migrates the schema on first open; two campaigns opening a new store at
+    once both ran the migration and one died (`table ... already exists`). Other stores (a
+    server, a database that is not a file) serialise this themselves.
+    """
+    db = _sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def client_for(uri: str):
+    """An MlflowClient whose store exists and is migrated (safe with concurrent campaigns)."""
     import logging
 
     from mlflow.tracking import MlflowClient
@@ -69,17 +102,37 @@ def client_for(uri: str):
     # SQLite schema migrations log at INFO on first use; keep the console for trial events.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri)
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opens the store: creates / migrates it
+    return client
+
+
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it shows the
+# GenAI (traces) overview, where training runs, their metrics and charts are not listed.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def get_experiment(client, name: str, artifact_root: str | None, tags: dict[str, str]) -> str:
+    """The id of experiment `name`, created (with `tags`) if missing, restored if deleted."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    loc = f"{artifact_root}/{name}" if artifact_root else None
-    return client.create_experiment(name, artifact_location=loc, tags=tags)
+    if exp is None:
+        loc = f"{artifact_root}/{name}" if artifact_root else None
+        try:
+            return client.create_experiment(
+                name, artifact_location=loc, tags={**tags, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # another campaign created it just now
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version of this runner
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def git_commit() -> tuple[str, bool]:

@@ -17,6 +17,7 @@ continues from its last periodic checkpoint there (a finished stage is never ret
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -123,10 +124,8 @@ def guarded(fn):
         try:
             fn(config)
         except Exception as e:
-            try:
+            with contextlib.suppress(Exception):  # the error below still reaches the driver
                 report_error(e)
-            except Exception:  # noqa: BLE001 — the error below still reaches the driver
-                pass
             if _survives_ray(e):
                 raise
             import traceback
