@@ -301,7 +301,8 @@ def check_ranges(cfg: Any, path: str = "") -> None:
         elif f.name in rules:
             ok, what = rules[f.name]
             if not ok(value):
-                raise ConfigError(where, f"{what}, got {value!r}")
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(where, f"{what}, got {shown!r}")
 
 
 def validate(cfg: ExperimentConfig) -> None:

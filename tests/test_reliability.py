@@ -15,10 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from sftok_experiments import cli  # noqa: E402
-from sftok_experiments.spec import SpecError  # noqa: E402
+from sftok_experiments import cli
+from sftok_experiments.spec import SpecError
 
-from sftok.train import NonFiniteLossError  # noqa: E402
+from sftok.train import NonFiniteLossError
 
 
 @pytest.mark.parametrize("exc", [
@@ -85,3 +85,76 @@ def test_two_campaigns_create_a_new_sqlite_store_at_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     lines = [o.strip().splitlines()[-1] for o in outs]
     assert lines[0] == lines[1] and lines[0].endswith(" custom_model_development")
+
+
+# --------------------------------------------------------------------------------------------
+# python -m sftok.evaluate: arguments checked before loading, file errors in one line
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A smoke-size tokenizer + teacher checkpoint, and broken copies of the tokenizer's."""
+    import os
+    import shutil
+
+    import torch
+
+    from sftok.checkpoint import save_model
+    from sftok.config import proxy_grid
+    from sftok.presets import get_preset
+    from sftok.teacher import FrozenTeacher, MaskGitVQGAN
+    from sftok.tokenizer import SFTok
+
+    d = tmp_path_factory.mktemp("ckpts")
+    cfg = get_preset("smoke")
+    tok = SFTok(cfg.tokenizer, cfg.teacher.codebook_size, proxy_grid(cfg))
+    save_model(d / "tok", tok, cfg)
+    save_model(d / "teacher", FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size),
+               cfg.teacher)
+    data = (d / "tok" / "model.safetensors").read_bytes()
+    for name, content in (("truncated", data[: len(data) // 2]), ("corrupt", b"junk" * 64)):
+        shutil.copytree(d / "tok", d / name)
+        (d / name / "model.safetensors").write_bytes(content)
+    shutil.copytree(d / "tok", d / "noconfig")
+    (d / "noconfig" / "config.json").unlink()
+
+    class Hostile:  # a pickle that would run code when loaded without weights_only
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    torch.save({"w": Hostile()}, d / "hostile.bin")
+    return d
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["{d}/missing"], "{d}/missing: checkpoint directory not found"),
+    (["{d}/noconfig"], "{d}/noconfig/config.json: missing"),
+    (["{d}/truncated", "--teacher-checkpoint", "{d}/teacher"],
+     "{d}/truncated/model.safetensors: not a readable .safetensors file"),
+    (["{d}/corrupt", "--teacher-checkpoint", "{d}/teacher"],
+     "{d}/corrupt/model.safetensors: not a readable .safetensors file"),
+    (["{d}/tok", "--teacher-weights", "{d}/hostile.bin"],
+     "{d}/hostile.bin: refused, not a plain weights file"),
+    (["{d}/hostile.bin", "--official", "--teacher-weights", "{d}/hostile.bin"],
+     "{d}/hostile.bin: refused, not a plain weights file"),
+    (["{d}/tok", "--steps", "4", "0"], "--steps: must be a non-empty list of integers >= 1"),
+    (["{d}/tok", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    (["{d}/tok", "--max-images", "0"], "--max-images: must be >= 1"),
+    (["{d}/tok", "--data", "imagenet={d}/nope"], "--data imagenet={d}/nope: "),
+])
+def test_evaluate_cli_bad_input_is_one_line(checkpoints, args, expected, capsys, monkeypatch):
+    from sftok.evaluate import __main__ as cli
+
+    def no_loading(*a, **k):  # argument errors must be found before anything is loaded
+        raise AssertionError("loaded a model for arguments that were already bad")
+
+    if "--teacher" not in " ".join(args) and "missing" not in args[0]:
+        monkeypatch.setattr(cli, "_load", no_loading)
+    d = str(checkpoints)
+    rc = cli.main([a.format(d=d) for a in args] + ["--device", "cpu", "--no-progress",
+                                                   "--cache-dir", f"{d}/cache"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: " + expected.format(d=d)), err
+    assert "weights_only=False" not in err
