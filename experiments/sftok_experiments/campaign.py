@@ -42,6 +42,8 @@ class Options:
     max_failures: int | None = None  # default: the spec's
     trial_fn: Callable[[dict], None] | None = None  # default: trial.run_trial
     prepare_teacher: bool = True  # stage 0 in the driver before the trials
+    progress_every: float = 30.0  # seconds between progress lines of a trial (< 0: none)
+    resume_hint: str | None = None  # the command that continues this invocation (cli.py)
     echo: Callable[..., None] = print
 
 
@@ -56,6 +58,7 @@ class TrialSummary:
     seconds: float = 0.0
     run_id: str | None = None
     note: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # undecodable files: train / val
 
 
 @dataclass
@@ -78,6 +81,16 @@ class CampaignResult:
     @property
     def exit_code(self) -> int:
         return 2 if self.usage_error else 0 if self.ok else 1
+
+
+def work_root(opts: Options) -> Path:
+    """Where campaign directories go: --work-dir, default ./runs of the checkout."""
+    return Path(opts.work_dir).expanduser().resolve() if opts.work_dir else ROOT / "runs"
+
+
+def cache_root(opts: Options) -> Path:
+    """The teacher / FID-statistics cache: --cache-dir, default ./.cache of the checkout."""
+    return Path(opts.cache_dir).expanduser().resolve() if opts.cache_dir else ROOT / ".cache"
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +259,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
             tags["overrides"] = " ".join(f"{k}={v}" for k, v in plan.cli_overrides.items())
         run = client.create_run(exp_id, run_name=f"{spec.name}-{plan.preset}-{stamp}", tags=tags)
         parent_id = run.info.run_id
-        root = Path(opts.work_dir).expanduser().resolve() if opts.work_dir else ROOT / "runs"
-        campaign_dir = root / spec.name / parent_id
+        campaign_dir = work_root(opts) / spec.name / parent_id
         trk.set_tags(client, parent_id, {"sftok.campaign_dir": str(campaign_dir)})
         try:
             client.log_artifact(parent_id, str(plan.spec_path))
@@ -276,7 +288,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
         echo(f"skipping {len(finished)} finished trial(s): {', '.join(sorted(finished))}",
              flush=True)
 
-    cache = Path(opts.cache_dir).expanduser().resolve() if opts.cache_dir else ROOT / ".cache"
+    cache = cache_root(opts)
     interrupted = False
     tracker = None
     started_ray = False
@@ -301,7 +313,8 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                                  parent_id, existing, campaign_dir, cache, echo)
     except KeyboardInterrupt:
         interrupted = True
-        echo("interrupted: finish later with --resume", flush=True)
+        echo(f"[{trk._now()}] interrupted: closing the runs (the command that continues is "
+             "printed at the end)", flush=True)
     except Exception as e:  # noqa: BLE001 — the driver itself failed: record it, exit non-zero
         import traceback
 
@@ -318,7 +331,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
         for rec in tracker.records.values():
             summaries[rec.key] = TrialSummary(rec.key, rec.arm, rec.seed, rec.status,
                                               dict(rec.metrics), rec.error, rec.seconds,
-                                              rec.run_id)
+                                              rec.run_id, skipped=dict(rec.skipped))
     for t in plan.trials if not search else []:
         summaries.setdefault(t.key, TrialSummary(t.key, t.arm, t.seed, "NOT RUN"))
     # Children still RUNNING (driver interrupted mid-trial) are closed as KILLED.
@@ -332,26 +345,39 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     result = CampaignResult(parent_id, exp_id, uri, campaign_dir, trials, time.time() - t_start,
                             interrupted, setup_error)
     table = summary_table(result)
+    skipped = skipped_line(trials)
+    if skipped:
+        table += "\n" + skipped
     echo(table, flush=True)
     n_fin = sum(t.status == "FINISHED" for t in trials)
     n_fail = sum(t.status == "FAILED" for t in trials)
     trk.set_tags(client, parent_id, {"n_finished": n_fin, "n_failed": n_fail,
-                                     "wall_s": f"{result.wall_s:.1f}"})
+                                     "wall_s": f"{result.wall_s:.1f}",
+                                     **{f"data_skipped.{k}": max(t.skipped.get(k, 0)
+                                                                 for t in trials)
+                                        for k in ("train", "val")}})
     try:
         client.log_text(parent_id, table + "\n", "summary.txt")
     except Exception:  # noqa: BLE001
         pass
+    # Interrupted (Ctrl-C, between or during trials): KILLED, not FAILED — nothing went wrong
+    # that --resume would not continue; the failures of single trials stay on their runs.
     status = "FINISHED" if result.ok else (
-        "KILLED" if interrupted and not n_fail and not setup_error else "FAILED")
+        "KILLED" if interrupted and not setup_error else "FAILED")
+    if interrupted:
+        trk.set_tags(client, parent_id, {"interrupted": "true"})
     client.set_terminated(parent_id, status=status)
     if not result.ok:
         bad = [t for t in trials if t.status != "FINISHED"]
-        echo(f"{len(bad)} of {len(trials)} trial(s) did not finish: "
-             + "; ".join(f"{t.key}: {t.status}{' — ' + t.error if t.error else ''}"
+        echo(f"{len(bad)} of {len(trials)} trial(s) did not finish:\n"
+             + "\n".join(f"  {t.key}: {t.status}{' — ' + t.error if t.error else ''}"
                          for t in bad), file=sys.stderr, flush=True)
         if interrupted:
-            echo(f"continue with: python experiments/run.py {plan.spec_path} --resume "
-                 "(same preset/seeds/--set)", file=sys.stderr, flush=True)
+            hint = opts.resume_hint or (
+                f"python experiments/run.py {plan.spec_path} --tracking-uri {uri} --work-dir "
+                f"{work_root(opts)} --cache-dir {cache_root(opts)} --resume (and the same "
+                "--preset/--seeds/--set/--data)")
+            echo(f"continue with: {hint}", file=sys.stderr, flush=True)
     return result
 
 
@@ -368,7 +394,8 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
                "gpus": float(opts.gpus_per_trial)}  # 0: the trial runs on CPU (trial_device)
     tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
                                 existing={k: r for k, r in existing.items()
-                                          if r.info.status != "FINISHED"}, echo=echo)
+                                          if r.info.status != "FINISHED"}, echo=echo,
+                                progress_every=opts.progress_every)
     trainable = tune.with_resources(guarded(opts.trial_fn or run_trial),
                                     {"cpu": cpus, "gpu": float(opts.gpus_per_trial)})
     if plan.search:
@@ -387,6 +414,10 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=opts.max_concurrent,
                                       trial_dirname_creator=lambda t: t.config["trial"]["key"])
     max_failures = spec.max_failures if opts.max_failures is None else opts.max_failures
+    # Ctrl-C raises KeyboardInterrupt here (run_campaign closes the runs as KILLED and prints
+    # the --resume command) instead of Ray's handler, which ended fit() normally, hiding the
+    # interruption between trials, and advised Tuner.restore, which this runner does not use.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # Our tracker prints one line per trial event; silence Ray's own tables.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -451,6 +482,17 @@ def _summary_from_run(key: str, run, note: str) -> TrialSummary:
     return TrialSummary(key, t.get("arm", "?"), int(t.get("seed", -1)), run.info.status,
                         {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")},
                         t.get("error"), 0.0, run.info.run_id, note)
+
+
+def skipped_line(trials: list[TrialSummary]) -> str | None:
+    """One line on undecodable image files met by the trials (None when there were none)."""
+    train = max((t.skipped.get("train", 0) for t in trials), default=0)
+    val = max((t.skipped.get("val", 0) for t in trials), default=0)
+    if not train and not val:
+        return None
+    return (f"data: undecodable image files skipped — training: up to {train} per trial "
+            f"(replaced by the next decodable file), validation: {val} per trial (left out, "
+            f"not scored); metrics train/<stage>/data_skipped, eval/skipped_images")
 
 
 def summary_table(result: CampaignResult) -> str:

@@ -237,6 +237,8 @@ class TrialRecord:
         self.started = None
         self.seconds = 0.0
         self.retries = 0
+        self.skipped: dict[str, int] = {}  # "train" (max over stages) / "val": bad image files
+        self.progress = None  # progress.StageProgress, made on the first train report
 
 
 def _make_tracker_class():
@@ -247,7 +249,7 @@ def _make_tracker_class():
 
         def __init__(self, client, experiment_id: str, parent_id: str, spec_name: str,
                      preset: str, existing: dict[str, Any] | None = None,
-                     echo=print):
+                     echo=print, progress_every: float = 30.0):
             self.client = client
             self.exp_id = experiment_id
             self.parent_id = parent_id
@@ -256,6 +258,7 @@ def _make_tracker_class():
             self.existing = dict(existing or {})  # key -> MLflow run (from an earlier invocation)
             self.records: dict[str, TrialRecord] = {}  # by ray trial id
             self.echo = echo
+            self.progress_every = progress_every  # seconds between progress lines of a trial
 
         # Ray pickles the run config (tuner.pkl, for Tuner.restore); the store client and the
         # console are driver-only and are not part of that state.
@@ -336,6 +339,7 @@ def _make_tracker_class():
             self._line(rec, f"crashed, retrying from its last checkpoint "
                             f"(retry {rec.retries}): {rec.error or _error_summary(trial)}")
             rec.error = None  # the next attempt reports its own
+            rec.progress = None  # and its own speed
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             rec = self._record(trial)
@@ -350,6 +354,10 @@ def _make_tracker_class():
                     rec.last_step[k] = step
                 if m:
                     log_metrics(self.client, rec.run_id, m, step)
+                self._progress(trial, rec, str(result.get("stage")), step, result)
+                skipped = [int(v) for k, v in result.items() if k.endswith("/data_skipped")]
+                if skipped:
+                    rec.skipped["train"] = max(rec.skipped.get("train", 0), *skipped)
             elif event == "stage_done":
                 self._line(rec, f"{result.get('stage')} done (global step "
                                 f"{result.get('global_step')})")
@@ -366,6 +374,8 @@ def _make_tracker_class():
                 log_metrics(self.client, rec.run_id, m, 0)
                 rec.metrics.update(m)
                 rec.got_final = True
+                if "eval/skipped_images" in m:
+                    rec.skipped["val"] = int(m["eval/skipped_images"])
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             rec = self._record(trial)
@@ -403,6 +413,21 @@ def _make_tracker_class():
             self.client.set_terminated(rec.run_id, status="FAILED")
             self._line(rec, f"FAILED: {rec.error} (traceback: error.txt of run "
                             f"{rec.run_id[:8]})")
+
+        def _progress(self, trial, rec: TrialRecord, stage: str, step: int, result) -> None:
+            from sftok_experiments.progress import StageProgress
+            from sftok_experiments.trial import resolved_config
+
+            if rec.progress is None:
+                stages = list(trial.config["trial"]["stages"])
+                train = resolved_config(trial.config).train
+                rec.progress = StageProgress(stages, {s: getattr(train, s).steps for s in stages},
+                                             self.progress_every)
+            prefix = f"train/{stage}/"
+            line = rec.progress.update(stage, step, {k[len(prefix):]: v for k, v in result.items()
+                                                     if k.startswith(prefix)})
+            if line:
+                self._line(rec, line)
 
         # -- artifacts -----------------------------------------------------------------------
         def _log_artifacts(self, trial, rec: TrialRecord) -> None:

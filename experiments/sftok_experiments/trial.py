@@ -244,6 +244,13 @@ def run_trial(config: dict[str, Any]) -> None:
     cpus = max(1, int(runtime.get("cpus", 1)))
     torch.set_num_threads(cpus)  # intra-op threads = the CPUs Ray gave this trial
     os.environ.setdefault("SFTOK_PROGRESS", "0")  # no progress bars inside Ray workers
+    import warnings
+
+    from sftok.data import CorruptImageWarning
+
+    # Skipped files are counted and reported to the driver (train/<stage>/data_skipped,
+    # eval/skipped_images), which prints one line for the campaign: no warning per worker.
+    warnings.filterwarnings("ignore", category=CorruptImageWarning)
 
     from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import dataset_key, evaluate
@@ -299,8 +306,9 @@ def run_trial(config: dict[str, Any]) -> None:
         result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
                           cache_dir=runtime.get("eval_cache"), progress=False,
                           decode_cfg=cfg.decode, dataset_key=dataset_key(cfg))
-        art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, result.metrics,
+        metrics = {**result.metrics, "skipped_images": images.skipped}  # left out, not scored
+        art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, metrics,
                               result.unavailable, result.trace, result.grids, init)
-        report_final(result.metrics, art)
+        report_final(metrics, art)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                       progress=not args.no_progress, decode_cfg=cfg.decode,
                       dataset_key=dataset_key(cfg), lpips_weights=args.lpips_weights)
     print(format_table(result, cfg.eval.decode_steps))
+    if images.summary():
+        print(images.summary())
     if args.out:
         write_outputs(Path(args.out), result, cfg)
     return 0

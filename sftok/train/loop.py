@@ -328,6 +328,8 @@ def run_loop(task: LoopTask, stream: Any, out_dir: Path, spec: LoopSpec,
             if done_steps % spec.log_every == 0 or last:
                 metrics = {k: sum(v) / len(v) for k, v in window.items()}
                 metrics["images_per_s"] = win_images / max(win_time, 1e-9)
+                if hasattr(stream, "skipped"):  # undecodable files replaced so far (issue 13)
+                    metrics["data_skipped"] = float(stream.skipped)
                 history.append({"step": done_steps, **metrics})
                 window, win_images, win_time = {}, 0, 0.0
             if done_steps % spec.ckpt_every == 0 or last:
