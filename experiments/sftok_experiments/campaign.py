@@ -80,7 +80,10 @@ class CampaignResult:
 
     @property
     def exit_code(self) -> int:
-        return 2 if self.usage_error else 0 if self.ok else 1
+        """0 all finished, 1 a failure, 2 a usage error, 130 interrupted (the shell's Ctrl-C)."""
+        if self.usage_error:
+            return 2
+        return 0 if self.ok else 130 if self.interrupted and not self.setup_error else 1
 
 
 def work_root(opts: Options) -> Path:
@@ -309,8 +312,12 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                 trk.set_tags(client, parent_id, {"error": setup_error})
         if remaining and setup_error is None:
             started_ray = init_ray(opts.ray_address)
-            tracker = _run_tuner(plan, opts, todo, remaining, finished, client, exp_id,
-                                 parent_id, existing, campaign_dir, cache, echo)
+            # Made here so that what it recorded survives a Ctrl-C inside fit().
+            tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
+                                        existing={k: r for k, r in existing.items()
+                                                  if r.info.status != "FINISHED"}, echo=echo,
+                                        progress_every=opts.progress_every)
+            _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache, echo)
     except KeyboardInterrupt:
         interrupted = True
         echo(f"[{trk._now()}] interrupted: closing the runs (the command that continues is "
@@ -381,8 +388,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     return result
 
 
-def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id, existing,
-               campaign_dir, cache, echo):
+def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache, echo):
     from ray import tune
 
     from sftok_experiments.trial import guarded, run_trial
@@ -392,10 +398,6 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
     runtime = {"work_root": str(campaign_dir / "trials"), "teacher_cache": str(cache / "teachers"),
                "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus)),
                "gpus": float(opts.gpus_per_trial)}  # 0: the trial runs on CPU (trial_device)
-    tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
-                                existing={k: r for k, r in existing.items()
-                                          if r.info.status != "FINISHED"}, echo=echo,
-                                progress_every=opts.progress_every)
     trainable = tune.with_resources(guarded(opts.trial_fn or run_trial),
                                     {"cpu": cpus, "gpu": float(opts.gpus_per_trial)})
     if plan.search:
@@ -439,7 +441,6 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
     tuner.fit()
-    return tracker
 
 
 def warm_start(search: dict, finished: dict[str, Any]) -> tuple[list[dict], list[float]]:
