@@ -158,3 +158,235 @@ def test_evaluate_cli_bad_input_is_one_line(checkpoints, args, expected, capsys,
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: " + expected.format(d=d)), err
     assert "weights_only=False" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Campaigns on Ray with fake trial functions (the report protocol of sftok_experiments.trial)
+# --------------------------------------------------------------------------------------------
+
+
+class Fussy(Exception):
+    """An exception Ray cannot rebuild from its args (a third-party library's, say)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"fussy {a} and {b}")
+
+
+def make_raising(log_dir: Path, kind: str):
+    log_dir = str(log_dir)
+
+    def raising_trial(config):
+        from sftok_experiments.trial import report_train, trial_key
+
+        key = trial_key(config)
+        Path(log_dir, f"{key}.{time.time_ns()}").write_text("ran")
+        report_train("stage1", 1, {"loss": 1.0})
+        if kind == "nonfinite":
+            from sftok.train import NonFiniteLossError
+
+            raise NonFiniteLossError("stage1", 2, 2, "loss", float("nan"), None)
+        raise Fussy(1, 2)
+
+    return raising_trial
+
+
+def make_reporting(log_dir: Path, skipped_train: int = 0, skipped_val: int = 0):
+    """Reports 3 steps per stage with loss and images/s, and skipped-file counts."""
+    log_dir = str(log_dir)
+
+    def reporting_trial(config):
+        import tempfile
+
+        from sftok_experiments.trial import (
+            report_final,
+            report_stage_done,
+            report_train,
+            trial_key,
+        )
+
+        key = trial_key(config)
+        Path(log_dir, f"{key}.{time.time_ns()}").write_text("ran")
+        step = 0
+        for stage in config["trial"]["stages"]:
+            for _ in range(3):
+                step += 1
+                report_train(stage, step, {"loss": 2.0, "images_per_s": 8.0,
+                                           "data_skipped": skipped_train})
+            report_stage_done(stage, step)
+        out = Path(tempfile.mkdtemp()) / "artifacts"
+        out.mkdir()
+        report_final({"psnr_s1": 1.0, "skipped_images": skipped_val}, out)
+
+    return reporting_trial
+
+
+@pytest.fixture(scope="module")
+def ray_store(tmp_path_factory):
+    import ray
+    import ray.cloudpickle
+    from sftok_experiments.campaign import init_ray
+    from sftok_experiments.tracking import client_for, resolve_store
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    started = init_ray(num_cpus=2)
+    store = tmp_path_factory.mktemp("mlruns")
+    yield store, client_for(resolve_store(str(store))[0])
+    if started:
+        ray.shutdown()
+
+
+def _spec(tmp_path, name, n_arms=1) -> Path:
+    import yaml
+
+    spec_path = tmp_path / f"{name}.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
+        "arms": {"grid": {"train.stage2.replace_ratio": [0.5, 0.8, 1.0][:n_arms]}},
+        "seeds": 1, "max_failures": 0}))
+    return spec_path
+
+
+def _campaign(tmp_path, store, name, trial_fn, n_arms=1, echo=None, **opts):
+    from sftok_experiments.campaign import Options, run_campaign
+    from sftok_experiments.expand import expand
+    from sftok_experiments.spec import load_spec
+
+    spec, path = load_spec(str(_spec(tmp_path, name, n_arms)))
+    options = Options(tracking=str(store), work_dir=str(tmp_path / "runs"),
+                      prepare_teacher=False, trial_fn=trial_fn, **opts)
+    if echo is not None:
+        options.echo = echo
+    return run_campaign(expand(spec, path), options), spec_path
+
+
+def _lines():
+    lines: list[str] = []
+
+    def echo(*parts, file=None, flush=False):
+        lines.extend(" ".join(str(p) for p in parts).splitlines())
+
+    return lines, echo
+
+
+def test_deterministic_failure_keeps_its_message_and_is_not_retried(ray_store, tmp_path):
+    store, client = ray_store
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines, echo = _lines()
+    res, _ = _campaign(tmp_path, store, "rel_nonfinite", make_raising(logs, "nonfinite"),
+                       echo=echo, max_failures=2)
+    assert len(list(logs.iterdir())) == 1  # no retry although 2 were allowed
+    assert not any("retrying" in ln for ln in lines)
+    (trial,) = res.trials
+    assert trial.status == "FAILED"
+    assert trial.error.startswith("NonFiniteLossError: stage1: non-finite loss (nan) at step 2")
+    failed = [ln for ln in lines if "FAILED:" in ln]
+    assert len(failed) == 1 and "NonFiniteLossError: stage1" in failed[0]
+    assert client.get_run(trial.run_id).data.tags["error"] == trial.error
+
+
+def test_error_ray_cannot_rebuild_keeps_its_text_and_is_retried(ray_store, tmp_path):
+    store, _ = ray_store
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines, echo = _lines()
+    res, _ = _campaign(tmp_path, store, "rel_fussy", make_raising(logs, "fussy"), echo=echo,
+                       max_failures=1)
+    assert len(list(logs.iterdir())) == 2  # not deterministic: retried once
+    assert sum("retrying" in ln and "Fussy: fussy 1 and 2" in ln for ln in lines) == 1
+    assert res.trials[0].error == "Fussy: fussy 1 and 2"
+
+
+def test_progress_lines_and_skipped_counts(ray_store, tmp_path):
+    store, client = ray_store
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines, echo = _lines()
+    res, _ = _campaign(tmp_path, store, "rel_progress", make_reporting(logs, 2, 3), echo=echo,
+                       progress_every=0)
+    assert res.exit_code == 0
+    progress = [ln.split("     ", 1)[-1].strip() for ln in lines if " img/s" in ln]
+    # smoke: 3 steps per stage; stage 2's steps are counted from its own start
+    assert progress[0] == "stage1 1/3 (33%)  loss 2  8.0 img/s"
+    assert progress[-1] == "stage2 3/3 (100%)  loss 2  8.0 img/s"
+    assert any("ETA" in ln for ln in progress) and len(progress) == 6
+    assert any(ln.startswith("data: undecodable image files skipped — training: up to 2 "
+                             "per trial") and "validation: 3 per trial" in ln for ln in lines)
+    run = client.get_run(res.trials[0].run_id)
+    assert run.data.metrics["eval/skipped_images"] == 3
+    assert run.data.metrics["train/stage1/data_skipped"] == 2
+    parent = client.get_run(res.parent_run_id).data.tags
+    assert (parent["data_skipped.train"], parent["data_skipped.val"]) == ("2", "3")
+    # Throttled: the default interval prints the first report of a trial only.
+    lines2, echo2 = _lines()
+    _campaign(tmp_path, store, "rel_progress2", make_reporting(logs), echo=echo2)
+    assert sum(" img/s" in ln for ln in lines2) == 1
+
+
+def test_ctrl_c_between_trials_is_killed_with_the_exact_resume_command(ray_store, tmp_path):
+    """SIGINT to the driver's process group (a terminal's Ctrl-C) after the first of three
+    trials: parent KILLED (it was FAILED), a resume command naming the store, work and cache
+    dirs actually used (it named none), no Tuner.restore advice; pasting it finishes the rest."""
+    import os
+    import shlex
+    import signal
+
+    import ray
+
+    store, client = ray_store
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    spec_path = _spec(tmp_path, "rel_ctrlc", n_arms=3)
+    fn_file = tmp_path / "trial_fn.py"
+    fn_file.write_text(textwrap.dedent(f"""
+        import importlib.util, sys
+        from pathlib import Path
+        spec = importlib.util.spec_from_file_location("reliability_tests", {__file__!r})
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["reliability_tests"] = mod
+        spec.loader.exec_module(mod)
+        trial = mod.make_reporting(Path({str(logs)!r}))
+    """))
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), str(spec_path),
+           "--tracking-uri", str(store), "--work-dir", "runs-x", "--cache-dir", "cache-x",
+           "--ray-address", ray.get_runtime_context().gcs_address, "--trial-fn",
+           f"{fn_file}:trial", "--no-teacher", "--max-concurrent", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        print(line, end="")
+        if "finished in" in line:
+            os.killpg(proc.pid, signal.SIGINT)  # our own child's process group
+    text = "".join(out)
+    assert proc.wait(timeout=120) == 130, text
+    assert "Tuner.restore" not in text and "Traceback" not in text
+    hint = next(ln for ln in out if ln.startswith("continue with: ")).removeprefix(
+        "continue with: ").strip()
+    args = shlex.split(hint)
+    assert args[args.index("--tracking-uri") + 1] == f"sqlite:///{store / 'mlflow.db'}"
+    assert args[args.index("--work-dir") + 1] == str(tmp_path / "runs-x")
+    assert args[args.index("--cache-dir") + 1] == str(tmp_path / "cache-x")
+    assert args[-1] == "--resume" and "--max-concurrent" in args
+    exp = client.get_experiment_by_name("rel_ctrlc").experiment_id
+    (parent,) = [r for r in client.search_runs([exp]) if r.data.tags.get("sftok.role") ==
+                 "parent"]
+    assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true"
+
+    for f in logs.iterdir():
+        f.unlink()
+    done = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list(logs.iterdir())) == 2  # the two trials not run before, once each
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_resume_command_replaces_store_options():
+    cmd = cli.resume_command(["spec", "--tracking-uri=a", "--seeds", "2", "--work-dir", "w",
+                              "--resume", "--set", "x=1 2"], "sqlite:////s/m.db", Path("/w"),
+                             Path("/c"))
+    assert cmd.endswith("spec --seeds 2 --set 'x=1 2' --tracking-uri sqlite:////s/m.db "
+                        "--work-dir /w --cache-dir /c --resume")
