@@ -44,6 +44,28 @@ def test_guarded_keeps_the_text_of_an_exception_ray_cannot_rebuild():
     assert one_line(ValueError("two\nlines")) == "ValueError: two lines"
 
 
+def test_trial_processes_exit_quietly_on_sigterm(capsys):
+    """Ray's SIGTERM handler raises SystemExit; inside a finaliser Python would print it as
+    'Exception ignored in ...'. Other unraisable errors still reach the default hook."""
+    from sftok_experiments.trial import _quiet_exit_hook
+
+    class RaisesWhenCollected:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    previous, sys.unraisablehook = sys.unraisablehook, _quiet_exit_hook
+    try:
+        RaisesWhenCollected(SystemExit(1))  # collected at once (reference count 0)
+        assert capsys.readouterr().err == ""
+        RaisesWhenCollected(ValueError("real problem"))
+        assert "real problem" in capsys.readouterr().err
+    finally:
+        sys.unraisablehook = previous
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--set", "train.stage2.steps=-5"], "--set: train.stage2.steps: must be >= 1, got -5"),
     (["--set", "train.stage1.optim.lr=-1"], "--set: train.stage1.optim.lr: must be > 0"),

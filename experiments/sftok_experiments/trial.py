@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,15 @@ def _survives_ray(exc: BaseException) -> bool:
         return False
 
 
+def _quiet_exit_hook(unraisable) -> None:
+    """sys.unraisablehook of a trial process: a SystemExit raised by Ray's SIGTERM handler
+    while a finaliser runs (the worker being stopped at shutdown or on Ctrl-C) is the exit
+    that was asked for, not an error: no 'Exception ignored in ...' traceback for it."""
+    if isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def guarded(fn):
     """Wrap a trial function: its error reaches the driver as one line, survives pickling, and
     a deterministic failure is not retried (`report_error`)."""
@@ -121,6 +131,7 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def trial_fn(config: dict[str, Any]) -> None:
+        sys.unraisablehook = _quiet_exit_hook
         try:
             fn(config)
         except Exception as e:
