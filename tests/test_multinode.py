@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import ray  # noqa: E402
-import ray.cloudpickle  # noqa: E402
+import ray
+import ray.cloudpickle
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -32,9 +32,9 @@ def make_hidden_store_trial(store: str, evidence: str):
         import os
 
         def hook(event, args):
-            if event in _EVENTS and args and isinstance(args[0], (str, bytes, os.PathLike)):
-                if os.path.abspath(os.fsdecode(args[0])).startswith(store):
-                    raise PermissionError(f"{args[0]}: not visible on this node")
+            if (event in _EVENTS and args and isinstance(args[0], (str, bytes, os.PathLike))
+                    and os.path.abspath(os.fsdecode(args[0])).startswith(store)):
+                raise PermissionError(f"{args[0]}: not visible on this node")
 
         sys.addaudithook(hook)
         try:
