@@ -251,8 +251,85 @@ class ExperimentConfig:
         validate(self)
 
 
+# --------------------------------------------------------------------------------------------
+# Validation: the range of every field, then the checks across fields
+# --------------------------------------------------------------------------------------------
+
+# The metric groups `sftok.evaluate` computes (one owner: the evaluator and the specs use it).
+EVAL_METRICS = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
+
+
+def _min(lo: float) -> tuple[Any, str]:
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+_POS = ((lambda v: v > 0), "must be > 0")
+_UNIT = ((lambda v: 0.0 <= v <= 1.0), "must be in [0, 1]")
+_EACH_POS_INT = ((lambda v: len(v) > 0 and all(x >= 1 for x in v)),
+                 "must be a non-empty list of integers >= 1")
+_OPT_POS_INT = ((lambda v: v is None or v >= 1), "must be >= 1 (or null for all)")
+
+# Per config class: field -> (check, what the value must be). Every numeric field has an entry
+# (tests/test_config.py checks that), so a value out of range is refused where the config is
+# built (`--dry-run` included), naming the field, and never reaches a trial.
+_RANGES: dict[str, dict[str, tuple[Any, str]]] = {
+    "EncoderConfig": {"width": _min(1), "depth": _min(1), "heads": _min(1), "mlp_ratio": _POS,
+                      "patch_size": _min(1)},
+    "DecoderConfig": {"width": _min(1), "depth": _min(1), "heads": _min(1), "mlp_ratio": _POS},
+    "QuantizerConfig": {"codebook_size": _min(2), "commitment": _min(0),
+                        "codebook_weight": _min(0), "sinkhorn_epsilon": _POS,
+                        "sinkhorn_iters": _min(1)},
+    "TeacherConfig": {"hidden_channels": _min(1), "channel_mult": _EACH_POS_INT,
+                      "num_res_blocks": _min(1), "z_channels": _min(1), "codebook_size": _min(2)},
+    "TokenizerConfig": {"image_size": _min(1), "num_latent_tokens": _min(1),
+                        "token_size": _min(1)},
+    "DecodeConfig": {"steps": _min(1), "temperature": _min(0), "confidence_noise": _min(0)},
+    "DataConfig": {"image_size": _min(1), "train_crops_per_image": _min(1),
+                   "val_crops_per_image": _min(1), "num_workers": _min(0), "seed": _min(0)},
+    "OptimConfig": {"lr": _POS, "betas": ((lambda v: all(0.0 <= b < 1.0 for b in v)),
+                                          "must both be in [0, 1)"),
+                    "weight_decay": _min(0), "warmup_steps": _min(0), "end_lr": _min(0),
+                    "grad_clip": ((lambda v: v >= 0), "must be >= 0 (0 = no clipping)")},
+    "StageConfig": {"steps": _min(1), "batch_size": _min(1), "grad_accum": _min(1),
+                    "replace_ratio": _UNIT, "unmasked_weight": _min(0),
+                    "quantizer_weight": _min(0),
+                    "ema_decay": ((lambda v: 0.0 <= v < 1.0), "must be in [0, 1) (0 = no EMA)"),
+                    "log_every": _min(1), "ckpt_every": _min(1), "l2_weight": _min(0),
+                    "lpips_weight": _min(0), "gan_weight": _min(0), "gan_start": _min(0),
+                    "lecam_weight": _min(0)},
+    "TeacherTrainConfig": {"steps": _min(1), "batch_size": _min(1), "commitment": _min(0),
+                           "l2_weight": _min(0), "lpips_weight": _min(0), "gan_weight": _min(0),
+                           "gan_start": _min(0), "log_every": _min(1), "ckpt_every": _min(1)},
+    "EvalConfig": {"decode_steps": _EACH_POS_INT,
+                   "trace_steps": ((lambda v: v >= 0), "must be >= 0 (0 = no trace)"),
+                   "batch_size": _min(1), "max_images": _OPT_POS_INT, "temperature": _min(0),
+                   "seed": _min(0),
+                   "metrics": ((lambda v: len(v) > 0 and set(v) <= set(EVAL_METRICS)),
+                               f"must be a non-empty list of {', '.join(EVAL_METRICS)}"),
+                   "grid_images": _min(0)},
+    "ExperimentConfig": {"seed": _min(0)},
+}
+
+
+def check_ranges(cfg: Any, path: str = "") -> None:
+    """Range-check every field of `cfg` and of the configs nested in it (ConfigError names the
+    dotted field, its value and the allowed range)."""
+    rules = _RANGES.get(type(cfg).__name__, {})
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        where = f"{path}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where + ".")
+        elif f.name in rules:
+            ok, what = rules[f.name]
+            if not ok(value):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(where, f"{what}, got {shown!r}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
-    """Cross-field checks; raise ConfigError naming the fields involved."""
+    """Range checks of every field, then cross-field checks; ConfigError names the field."""
+    check_ranges(cfg)
     t, tok = cfg.teacher, cfg.tokenizer
     if tok.image_size % tok.encoder.patch_size:
         raise ConfigError("tokenizer.encoder.patch_size",
@@ -267,10 +344,6 @@ def validate(cfg: ExperimentConfig) -> None:
                        ("tokenizer.decoder", tok.decoder.width, tok.decoder.heads)]:
         if w % h:
             raise ConfigError(f"{path}.heads", f"must divide width={w}")
-    for name in ("stage1", "stage2", "stage3"):
-        st = getattr(cfg.train, name)
-        if not 0.0 <= st.replace_ratio <= 1.0:
-            raise ConfigError(f"train.{name}.replace_ratio", "must be in [0, 1]")
 
 
 def proxy_grid(cfg: ExperimentConfig) -> int:
@@ -288,7 +361,11 @@ class ConfigError(ValueError):
 
     def __init__(self, field_path: str, message: str):
         self.field = field_path
+        self.message = message
         super().__init__(f"{field_path}: {message}")
+
+    def __reduce__(self):  # survives pickling (Ray sends a trial's error to the driver)
+        return (type(self), (self.field, self.message))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

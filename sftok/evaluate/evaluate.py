@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sftok.config import DecodeConfig, EvalConfig
+from sftok.config import EVAL_METRICS, DecodeConfig, EvalConfig
 from sftok.evaluate.fid import (
     INCEPTION_NAME,
     ContentHash,
@@ -44,7 +44,7 @@ from sftok.evaluate.tokens import TokenAccumulator
 from sftok.evaluate.trace import TraceAccumulator
 from sftok.progress import progress_disabled
 
-KNOWN_METRICS = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
+KNOWN_METRICS = EVAL_METRICS
 # What loading a wrong or corrupt weights file raises (torch.load, load_state_dict, vassert).
 _LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
 
