@@ -268,6 +268,7 @@ _UNIT = ((lambda v: 0.0 <= v <= 1.0), "must be in [0, 1]")
 _EACH_POS_INT = ((lambda v: len(v) > 0 and all(x >= 1 for x in v)),
                  "must be a non-empty list of integers >= 1")
 _OPT_POS_INT = ((lambda v: v is None or v >= 1), "must be >= 1 (or null for all)")
+_OPT_NONNEG = ((lambda v: v is None or v >= 0), "must be >= 0 (or null for the default)")
 
 # Per config class: field -> (check, what the value must be). Every numeric field has an entry
 # (tests/test_config.py checks that), so a value out of range is refused where the config is
@@ -283,7 +284,8 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
                       "num_res_blocks": _min(1), "z_channels": _min(1), "codebook_size": _min(2)},
     "TokenizerConfig": {"image_size": _min(1), "num_latent_tokens": _min(1),
                         "token_size": _min(1)},
-    "DecodeConfig": {"steps": _min(1), "temperature": _min(0), "confidence_noise": _min(0)},
+    "DecodeConfig": {"steps": _min(1), "temperature": _min(0),
+                     "confidence_noise": _OPT_NONNEG},
     "DataConfig": {"image_size": _min(1), "train_crops_per_image": _min(1),
                    "val_crops_per_image": _min(1), "num_workers": _min(0), "seed": _min(0)},
     "OptimConfig": {"lr": _POS, "betas": ((lambda v: all(0.0 <= b < 1.0 for b in v)),
@@ -302,7 +304,7 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
                            "gan_start": _min(0), "log_every": _min(1), "ckpt_every": _min(1)},
     "EvalConfig": {"decode_steps": _EACH_POS_INT,
                    "trace_steps": ((lambda v: v >= 0), "must be >= 0 (0 = no trace)"),
-                   "batch_size": _min(1), "max_images": _OPT_POS_INT, "temperature": _min(0),
+                   "batch_size": _min(1), "max_images": _OPT_POS_INT, "temperature": _OPT_NONNEG,
                    "seed": _min(0),
                    "metrics": ((lambda v: len(v) > 0 and set(v) <= set(EVAL_METRICS)),
                                f"must be a non-empty list of {', '.join(EVAL_METRICS)}"),
