@@ -187,3 +187,102 @@ def test_fid_of_a_statistics_file_against_itself_is_zero(tmp_path):
     np.savez(tmp_path / "bad.npz", mean=f.mean(0))
     with pytest.raises(ValueError, match="need arrays 'mu' and 'sigma'"):
         load_statistics(tmp_path / "bad.npz")
+
+
+# ---- pre-tokenisation, training and scoring with a real (random) smoke tokenizer ---------------
+
+
+@pytest.fixture(scope="module")
+def smoke_parts(tmp_path_factory):
+    """(cfg, tokenizer checkpoint dir, tokenizer, teacher, train dataset) at smoke size."""
+    from sftok.checkpoint import save_model
+    from sftok.config import proxy_grid
+    from sftok.data import build_train_dataset
+    from sftok.presets import get_preset
+    from sftok.teacher import FrozenTeacher, MaskGitVQGAN
+    from sftok.tokenizer import SFTok
+
+    cfg = get_preset("smoke")
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size)
+    tok = SFTok(cfg.tokenizer, cfg.teacher.codebook_size, proxy_grid(cfg), cfg.teacher).eval()
+    d = save_model(tmp_path_factory.mktemp("tok") / "final", tok, cfg)
+    return cfg, d, tok, teacher, build_train_dataset(cfg.data)
+
+
+def test_pretokenize_caches_by_checkpoint_and_data_and_records_the_assignment(smoke_parts,
+                                                                              tmp_path):
+    from sftok.data.transforms import hflip
+    from sftok.generation.pretokenize import cached_tokens, pretokenize
+
+    cfg, ckpt, tok, _, ds = smoke_parts
+    ts, hit = cached_tokens(tok, ckpt, ds, "smoke-data", tmp_path, flips=True, batch_size=5)
+    assert not hit and len(ts) == 2 * len(ds) and ts.meta["assign"] == "nearest"
+    assert ts.flipped.sum() == len(ds) and ts.tokens.shape[1] == cfg.tokenizer.num_latent_tokens
+    again, hit = cached_tokens(tok, ckpt, ds, "smoke-data", tmp_path, flips=True, batch_size=5)
+    assert hit and torch.equal(again.tokens, ts.tokens) and again.meta == ts.meta
+    _, hit = cached_tokens(tok, ckpt, ds, "other-data", tmp_path, flips=True, batch_size=5)
+    assert not hit
+    # nearest assignment: tokens do not depend on the batch; flipped rows encode the mirror
+    other = pretokenize(tok, ds, flips=False, batch_size=3)
+    assert torch.equal(other.tokens, ts.tokens[~ts.flipped])
+    x0 = ds.sample(0)[0][None]
+    assert torch.equal(tok.encode(hflip(x0)).ids[0], ts.tokens[ts.flipped][0])
+    sk = pretokenize(tok, ds, flips=False, assign="sinkhorn", batch_size=len(ds))
+    assert sk.meta["assign"] == "sinkhorn"
+    assert tok.quantize.cfg.assign_at_inference == "nearest"  # restored afterwards
+
+
+def test_train_generator_resumes_and_exports_a_loadable_checkpoint(smoke_parts, tmp_path):
+    from sftok.checkpoint import load_model
+    from sftok.generation.pretokenize import pretokenize
+    from sftok.generation.train import train_generator
+
+    cfg, _, tok, _, ds = smoke_parts
+    ts = pretokenize(tok, ds, flips=True, batch_size=8)
+    seen = []
+    res = train_generator(cfg, ts, tmp_path / "gen", callback=lambda s, m: seen.append((s, m)))
+    assert res.steps == cfg.generation.train.steps and [s for s, _ in seen] == [1, 2, 3]
+    assert {"loss", "acc_masked", "grad_norm", "lr"} <= set(seen[-1][1])
+    model, _ = load_model(res.checkpoint)
+    assert isinstance(model, MaskGITGenerator) and model.num_tokens == ts.tokens.shape[1]
+    again = train_generator(cfg, ts, tmp_path / "gen")  # finished: read back, not retrained
+    assert again.checkpoint == res.checkpoint
+    bad = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, num_classes=3))
+    with pytest.raises(ValueError, match="set generation.num_classes to at least"):
+        train_generator(bad, ts, tmp_path / "bad")
+
+
+def test_evaluate_generation_scores_n_per_class_and_calibration_rows(smoke_parts, tmp_path):
+    from test_eval_helpers import register_tiny_extractor
+
+    from sftok.config import GenerationEvalConfig
+    from sftok.generation.evaluate import evaluate_generation
+    from sftok.generation.pretokenize import pretokenize
+    from sftok.generation.train import build_generator
+
+    cfg, _, tok, teacher, ds = smoke_parts
+    ts = pretokenize(tok, ds, flips=True, batch_size=8)
+    gen = build_generator(cfg, tok.quantize.codebook_size, ts.tokens.shape[1]).eval()
+    g = dataclasses.replace(cfg.generation, eval=GenerationEvalConfig(
+        samples_per_class=3, batch_size=5, grid_classes=2, grid_per_class=2,
+        sweep_scales=(0.0, 2.0), sweep_temperatures=(0.0,)))
+    images = [torch.stack([ds.sample(i)[0] for i in range(len(ds))])]
+    name = register_tiny_extractor()
+    res = evaluate_generation(gen, tok, teacher, g, cfg.decode, ts, reference_images=images,
+                              heldout_images=images, fid_feature_extractor=name,
+                              cache_dir=tmp_path, reference_key="smoke")
+    m, classes = res.metrics, ts.classes()
+    assert m["num_samples"] == 3 * len(classes) and m["num_classes"] == len(classes)
+    assert {"gfid", "is", "calib_fid_recon", "calib_fid_heldout"} <= set(m)
+    assert m["calib_fid_heldout"] == pytest.approx(0.0, abs=1e-6)  # the same images
+    assert m["gfid"] > 0 and not res.unavailable
+    size = cfg.tokenizer.image_size
+    assert res.grid.shape == (2 * size + 3 * 2, 2 * size + 3 * 2, 3) and res.grid_classes == classes[:2]
+    assert [(r["schedule"], r["scale"], r["temperature"]) for r in res.sweep] == [
+        ("constant", 0.0, 0.0), ("constant", 2.0, 0.0)]
+    assert "sweep/constant/s2/tau0/gfid" in m
+    # offline, the standard Inception network is reported unavailable with one message
+    off = evaluate_generation(gen, tok, teacher, g, cfg.decode, ts, inception_weights=None)
+    assert "gfid" not in off.metrics and "Inception" in off.unavailable["gfid"]
+    assert off.metrics["sample_codebook_usage"] > 0
