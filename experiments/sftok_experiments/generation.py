@@ -24,7 +24,7 @@ def run_generation(cfg, tokenizer_dir: Path, teacher, work: Path, tmp: Path,
                    step_offset: int, done: list[str]) -> None:
     from sftok.config import to_dict
     from sftok.data import build_train_dataset, val_batches
-    from sftok.generation.data import heldout_dataset, train_data_key
+    from sftok.generation.data import class_names, heldout_dataset, train_data_key
     from sftok.generation.evaluate import evaluate_generation
     from sftok.generation.pretokenize import cached_tokens
     from sftok.generation.train import train_generator
@@ -66,7 +66,9 @@ def run_generation(cfg, tokenizer_dir: Path, teacher, work: Path, tmp: Path,
                           result.unavailable, [], {}, res.checkpoint)
     record = {"tokenizer": str(tokenizer_dir), "tokens": tokens.meta, "token_cache_hit": hit,
               "num_token_rows": len(tokens), "classes": tokens.classes(),
-              "grid_classes": result.grid_classes, "sampling": to_dict(g.sampling)}
+              "grid_classes": result.grid_classes, "sampling": to_dict(g.sampling),
+              "class_names": {str(c): n for c, n in class_names(cfg.data, train_ds).items()
+                              if c in tokens.classes()}}
     (art / "generation.json").write_text(json.dumps(record, indent=1, default=str))
     if result.sweep:
         head = ["schedule", "scale", "temperature"]

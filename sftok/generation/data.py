@@ -23,3 +23,14 @@ def heldout_dataset(d: DataConfig):
     if d.source == "embedded":
         return EmbeddedPhotos(TRAIN_PHOTOS, d.image_size, d.val_crops_per_image, d.seed + 1)
     return build_val_dataset(d)
+
+
+def class_names(d: DataConfig, dataset) -> dict[int, str]:
+    """Class index -> name for labelling sample grids: the photo of an embedded crop, the
+    folder name of an image folder; {} when the data names no classes."""
+    if d.source == "embedded":
+        from sftok.data import PHOTOS
+
+        return dict(enumerate(PHOTOS))
+    names = getattr(dataset, "classes", None)
+    return dict(enumerate(names)) if names else {}
