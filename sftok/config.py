@@ -233,12 +233,13 @@ class GeneratorModelConfig:
 
 @dataclass(frozen=True)
 class GeneratorTrainConfig:
-    """Generator training (released MaskGIT config): AdamW 2e-4, betas (0.9, 0.96), wd 0.03,
-    10k warm-up then cosine to 1e-5, clip 1.0, EMA 0.999, bf16, label smoothing 0.1, weight 0.1
-    on visible tokens, class dropped to the null class with probability 0.1."""
+    """Generator training (the authors' `configs/sftok_maskgit.yaml`): AdamW 2e-4, betas
+    (0.9, 0.96), wd 0.03, 10k warm-up then cosine to 1e-5, clip 1.0, EMA, bf16, label smoothing
+    0.1, weight 0.1 on visible tokens, class dropped to the null class with probability 0.1,
+    1M steps at 128 images per GPU."""
 
-    steps: int = 500_000
-    batch_size: int = 64
+    steps: int = 1_000_000
+    batch_size: int = 128
     grad_accum: int = 1
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=2.0e-4, betas=(0.9, 0.96), weight_decay=0.03, warmup_steps=10_000, end_lr=1.0e-5))

@@ -286,3 +286,15 @@ def test_evaluate_generation_scores_n_per_class_and_calibration_rows(smoke_parts
     off = evaluate_generation(gen, tok, teacher, g, cfg.decode, ts, inception_weights=None)
     assert "gfid" not in off.metrics and "Inception" in off.unavailable["gfid"]
     assert off.metrics["sample_codebook_usage"] > 0
+
+
+def test_calibration_real_tokens_are_class_balanced():
+    from sftok.generation.evaluate import balanced_real_tokens
+    from sftok.generation.pretokenize import TokenSet
+
+    labels = torch.tensor([0] * 5 + [3] * 2 + [0] * 5 + [3] * 2)
+    flipped = torch.tensor([False] * 7 + [True] * 7)
+    tokens = torch.arange(14)[:, None].repeat(1, 4)
+    ts = TokenSet(tokens, labels, flipped, {})
+    rows = balanced_real_tokens(ts, [0, 3], 3)
+    assert rows[:, 0].tolist() == [0, 1, 2, 5, 6]  # 3 of class 0, both (unflipped) of class 3

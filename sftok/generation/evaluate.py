@@ -244,7 +244,6 @@ def evaluate_generation(generator, tokenizer, teacher, cfg: GenerationConfig,
                     m[f"{sweep_prefix(point)}/{k}"] = row[k]
 
         if "calibration" in wanted and features is not None:
-            n = len(classes) * e.samples_per_class
             if heldout_images is not None:
                 real = _Scorer(features)
                 seen = 0
@@ -258,7 +257,7 @@ def evaluate_generation(generator, tokenizer, teacher, cfg: GenerationConfig,
                     seen += x.shape[0]
                 _put_calib(m, "heldout", real.scores(ref))
             rec = _Scorer(features)
-            rows = real_tokens.tokens[~real_tokens.flipped][:n]
+            rows = balanced_real_tokens(real_tokens, classes, e.samples_per_class)
             g_pix = torch.Generator(device=device).manual_seed(e.seed + 2)
             for start in range(0, rows.shape[0], e.batch_size):
                 ids = rows[start:start + e.batch_size].to(device)
@@ -269,6 +268,13 @@ def evaluate_generation(generator, tokenizer, teacher, cfg: GenerationConfig,
         generator.train(was[0])
         tokenizer.train(was[1])
     return res
+
+
+def balanced_real_tokens(tokens: TokenSet, classes: list[int], per_class: int) -> Tensor:
+    """Up to `per_class` unflipped token rows of each class (in class order): the real-token
+    counterpart of the class-balanced samples, for the calib_fid_recon row."""
+    plain = ~tokens.flipped
+    return torch.cat([tokens.tokens[plain & (tokens.labels == c)][:per_class] for c in classes])
 
 
 def _put_calib(m: dict, name: str, scores: dict[str, float]) -> None:
