@@ -40,7 +40,6 @@ sys.path[:0] = [p for p in (os.path.abspath("."), os.path.abspath("analysis"))
 
 import matplotlib.pyplot as plt
 import mlflow_data as md
-import numpy as np
 import pandas as pd
 import stats
 from IPython.display import Image, Markdown, display
@@ -100,10 +99,10 @@ for name, gfid in paper.items():
                     **{label: (f"{gfid:.2f}" if k == "gfid" else "—")
                        for k, (label, _) in OURS.items()}})
 table = pd.DataFrame(rows)
-notes = [f"Table 2 — class-conditional generation ({camp.describe()}); ours: mean ± 95% CI over "
-         "seeds (one seed: the value alone). The calibration columns are FIDs against the same "
-         "reference statistics as gFID: real held-out images and reconstructions of real "
-         "tokens bound what a generator of these tokens can reach."]
+notes = [(f"Table 2 — class-conditional generation ({camp.describe()}); ours: mean ± 95% CI "
+          "over seeds (one seed: the value alone). The calibration columns are FIDs against "
+          "the same reference statistics as gFID: real held-out images and reconstructions of "
+          "real tokens bound what a generator of these tokens can reach.")]
 if missing:  # one sentence per distinct reason (offline, all four share one)
     why: dict[str, list[str]] = {}
     for k in missing:

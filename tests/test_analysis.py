@@ -147,7 +147,9 @@ def _log_generation_trial(client, exp_id, parent_id, spec, seed, with_fid, rng):
               "generation.eval.samples_per_class": 10, "generation.sampling.guidance_scale": 4.5,
               "generation.sampling.guidance_schedule": "constant",
               "generation.sampling.temperature": 1.0, "seed": seed, "preset": "synthetic"}
-    noise = lambda: 0.3 * rng.standard_normal()  # noqa: E731
+    def noise() -> float:
+        return 0.3 * rng.standard_normal()
+
     vals = {"sample_codebook_usage": 0.5 + 0.01 * noise(), "data_codebook_usage": 0.6,
             "num_samples": 70.0, "num_classes": 7.0}
     if with_fid:

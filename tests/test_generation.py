@@ -265,7 +265,7 @@ def test_evaluate_generation_scores_n_per_class_and_calibration_rows(smoke_parts
     ts = pretokenize(tok, ds, flips=True, batch_size=8)
     gen = build_generator(cfg, tok.quantize.codebook_size, ts.tokens.shape[1]).eval()
     g = dataclasses.replace(cfg.generation, eval=GenerationEvalConfig(
-        samples_per_class=3, batch_size=5, grid_classes=2, grid_per_class=2,
+        samples_per_class=2, batch_size=8, grid_classes=2, grid_per_class=2,
         sweep_scales=(0.0, 2.0), sweep_temperatures=(0.0,)))
     images = [torch.stack([ds.sample(i)[0] for i in range(len(ds))])]
     name = register_tiny_extractor()
@@ -273,7 +273,7 @@ def test_evaluate_generation_scores_n_per_class_and_calibration_rows(smoke_parts
                               heldout_images=images, fid_feature_extractor=name,
                               cache_dir=tmp_path, reference_key="smoke")
     m, classes = res.metrics, ts.classes()
-    assert m["num_samples"] == 3 * len(classes) and m["num_classes"] == len(classes)
+    assert m["num_samples"] == 2 * len(classes) and m["num_classes"] == len(classes)
     assert {"gfid", "is", "calib_fid_recon", "calib_fid_heldout"} <= set(m)
     assert m["calib_fid_heldout"] == pytest.approx(0.0, abs=1e-6)  # the same images
     assert m["gfid"] > 0 and not res.unavailable
@@ -283,7 +283,9 @@ def test_evaluate_generation_scores_n_per_class_and_calibration_rows(smoke_parts
         ("constant", 0.0, 0.0), ("constant", 2.0, 0.0)]
     assert "sweep/constant/s2/tau0/gfid" in m
     # offline, the standard Inception network is reported unavailable with one message
-    off = evaluate_generation(gen, tok, teacher, g, cfg.decode, ts, inception_weights=None)
+    no_grid = dataclasses.replace(g, eval=dataclasses.replace(g.eval, grid_classes=0,
+                                                               sweep_scales=()))
+    off = evaluate_generation(gen, tok, teacher, no_grid, cfg.decode, ts, inception_weights=None)
     assert "gfid" not in off.metrics and "Inception" in off.unavailable["gfid"]
     assert off.metrics["sample_codebook_usage"] > 0
 
