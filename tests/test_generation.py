@@ -223,6 +223,11 @@ def test_pretokenize_caches_by_checkpoint_and_data_and_records_the_assignment(sm
     assert hit and torch.equal(again.tokens, ts.tokens) and again.meta == ts.meta
     _, hit = cached_tokens(tok, ckpt, ds, "other-data", tmp_path, flips=True, batch_size=5)
     assert not hit
+    # keyed by the weights, not the file or its place: the same model saved again hits
+    from sftok.checkpoint import save_model
+
+    copy = save_model(tmp_path / "copy", tok, cfg)
+    assert cached_tokens(tok, copy, ds, "smoke-data", tmp_path, flips=True, batch_size=5)[1]
     # nearest assignment: tokens do not depend on the batch; flipped rows encode the mirror
     other = pretokenize(tok, ds, flips=False, batch_size=3)
     assert torch.equal(other.tokens, ts.tokens[~ts.flipped])

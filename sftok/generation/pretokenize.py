@@ -8,7 +8,7 @@ Token assignment at inference is recorded: `nearest` (default) gives each image'
 independently of the batch; `sinkhorn` (the reference's behaviour, DESIGN §1) makes them
 depend on the other images of the batch, so `batch_size` then changes the tokens.
 
-Cache: `cache_dir/tokens/<key>.safetensors`, key = sha256 of (tokenizer weights file, data key,
+Cache: `cache_dir/tokens/<key>.safetensors`, key = sha256 of (tokenizer weights, data key,
 assignment, flips, batch size for sinkhorn). The file holds tokens M×K, labels M, flipped M and
 metadata (what was used, content hash of the images); a hit reads it without touching the data.
 """
@@ -49,11 +49,18 @@ class TokenSet:
         return sorted(int(c) for c in self.labels.unique())
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 over a safetensors file's tensors (names, dtypes, shapes, bytes) in name order.
+
+    Not over the file's bytes: two bitwise-equal models written by different runs can differ
+    in their header layout, and must share their cached tokens.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -158,7 +165,7 @@ def cached_tokens(tokenizer, tokenizer_dir: str | os.PathLike, dataset, data_key
     tokenizer_dir: the checkpoint directory `tokenizer` was loaded from (its model.safetensors
     keys the cache).
     """
-    sha = file_sha256(Path(tokenizer_dir) / "model.safetensors")
+    sha = weights_sha256(Path(tokenizer_dir) / "model.safetensors")
     path = token_cache_path(cache_dir, sha, data_key, assign, flips, batch_size)
     if path.is_file():
         return load_tokens(path), True
