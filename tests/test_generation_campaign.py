@@ -19,7 +19,6 @@ from sftok_experiments.campaign import init_ray
 from sftok_experiments.cli import main
 from sftok_experiments.expand import expand
 from sftok_experiments.spec import SpecError, load_spec
-from sftok_experiments.tracking import client_for, resolve_store
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +39,13 @@ def _text(client, run_id: str, path: str) -> str:
     return Path(client.download_artifacts(run_id, path)).read_text()
 
 
-def test_generation_sweep_smoke_end_to_end_then_from_the_checkpoint(ray_session, tmp_path):
-    store, cache, work = tmp_path / "mlruns", tmp_path / "cache", tmp_path / "runs"
+def test_generation_sweep_smoke_end_to_end_then_from_the_checkpoint(ray_session, store, client,
+                                                                    tmp_path):
+    cache, work = tmp_path / "cache", tmp_path / "runs"
     common = ["--preset", "smoke", "--seeds", "1", "--tracking-uri", str(store),
               "--cache-dir", str(cache)]
     rc = main(["generation_guidance_sweep", *common, "--work-dir", str(work)])
     assert rc == 0
-    client = client_for(resolve_store(str(store))[0])
     (run,) = _children(client, "generation_guidance_sweep")
     assert run.info.status == "FINISHED"
     m = run.data.metrics
