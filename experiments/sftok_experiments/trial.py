@@ -295,7 +295,7 @@ def run_trial(config: dict[str, Any]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sftok-trial-"))
     try:
         init, offset, done = None, 0, []
-        for stage in payload["stages"]:
+        for stage in [s for s in payload["stages"] if s != "generation"]:
             def callback(step: int, metrics: dict[str, float], _stage: str = stage) -> None:
                 report_train(_stage, step, metrics)
 
@@ -306,6 +306,13 @@ def run_trial(config: dict[str, Any]) -> None:
             done.append(stage)
             report_stage_done(stage, offset, _snapshot(work, done, tmp))
 
+        if "generation" in payload["stages"]:  # Table 2: the tokenizer feeds a generator
+            from sftok_experiments.generation import run_generation
+
+            source = init if init is not None else Path(cfg.generation.tokenizer)
+            run_generation(cfg, source, teacher, work, tmp, payload, device, runtime, offset,
+                           done)
+            return
         tokenizer = _load_tokenizer(init, device)
         val = build_val_dataset(cfg.data)  # never scans the training data
         images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images)
