@@ -113,9 +113,16 @@ class DataConfig:
     path: str | None = None  # folder root / shard pattern; its validation counterpart below
     val_path: str | None = None
     image_size: int = 32
-    # Embedded data: this many deterministic crops per training photo / per validation photo.
+    # Embedded data: this many deterministic crops per training photo / per validation photo
+    # (with fresh_crops: the number of samples per photo in one epoch of the training stream).
     train_crops_per_image: int = 64
     val_crops_per_image: int = 8
+    # Embedded training data that generalises (issue 9, sftok/data/embedded.py): a new crop for
+    # every training sample instead of a fixed pool; the extra photos of scikit-image (greyscale
+    # photos and textures), scikit-learn and matplotlib; this fraction of dead-leaves images.
+    fresh_crops: bool = False
+    extra_photos: bool = False
+    dead_leaves: float = 0.0
     num_workers: int = 0
     seed: int = 0
 
@@ -238,6 +245,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if tok.image_size % t.downsample:
         raise ConfigError("teacher.channel_mult",
                           f"downsampling x{t.downsample} must divide image_size={tok.image_size}")
+    if not 0.0 <= cfg.data.dead_leaves < 1.0:
+        raise ConfigError("data.dead_leaves", f"must be a fraction in [0, 1), got "
+                                              f"{cfg.data.dead_leaves}")
     if cfg.data.image_size != tok.image_size:
         raise ConfigError("data.image_size",
                           f"{cfg.data.image_size} != tokenizer.image_size={tok.image_size}")
