@@ -72,7 +72,12 @@ def tiny() -> ExperimentConfig:
     size = 32
     return ExperimentConfig(
         preset="tiny",
-        data=DataConfig(image_size=size, train_crops_per_image=64, val_crops_per_image=16),
+        # Issue 9: a fresh crop for every training sample, the extra photos that installed
+        # packages ship (greyscale photos and textures included) and 25% dead-leaves images:
+        # trained on 64 fixed crops of 7 photos the teacher reached 21.8 dB on its training
+        # crops but 14.9 dB on the held-out photos; variety of content is what generalises.
+        data=DataConfig(image_size=size, train_crops_per_image=64, val_crops_per_image=16,
+                        fresh_crops=True, extra_photos=True, dead_leaves=0.25),
         teacher=TeacherConfig(hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                               z_channels=32, codebook_size=256, source="train"),
         tokenizer=TokenizerConfig(

@@ -63,7 +63,7 @@ def test_fit_palette_deterministic_and_is_kmeans_fixed_point():
     a, b = fit_palette(pixels, 16, seed=3), fit_palette(pixels, 16, seed=3)
     assert torch.equal(a, b) and a.shape == (16, 3)
     # quantising with the fitted palette beats quantising with 16 random pixels
-    err = lambda p: torch.cdist(pixels, p).min(1).values.pow(2).mean()  # noqa: E731
+    err = lambda p: torch.cdist(pixels, p).min(1).values.pow(2).mean()
     assert err(a) < err(pixels[:16])
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from sftok.config import ConfigError, DataConfig
 from sftok.data import (
+    EXTRA_TRAIN_PHOTOS,
     PHOTOS,
     TRAIN_PHOTOS,
     VAL_PHOTOS,
@@ -82,7 +83,8 @@ def test_embedded_split_disjoint_shapes_ranges():
                                            val_crops_per_image=2, seed=0))
     assert len(train) == 3 * len(TRAIN_PHOTOS) and len(val) == 2 * len(VAL_PHOTOS)
     assert set(train.labels.tolist()).isdisjoint(val.labels.tolist())
-    assert set(train.labels.tolist()) | set(val.labels.tolist()) == set(range(len(PHOTOS)))
+    # the fixed pool (no extra_photos) uses the first ten photos, every one of them
+    assert set(train.labels.tolist()) | set(val.labels.tolist()) == set(range(10))
     image, label = train[0]
     assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and isinstance(label, int)
@@ -100,7 +102,10 @@ def test_presets_build(preset):
     cfg = get_preset(preset).data
     train, val = build_datasets(cfg)
     assert train[0][0].shape == (3, cfg.image_size, cfg.image_size)
-    assert len(train) == cfg.train_crops_per_image * len(TRAIN_PHOTOS)
+    photos = TRAIN_PHOTOS + (EXTRA_TRAIN_PHOTOS if cfg.extra_photos else ())
+    assert train.num_photo_samples == cfg.train_crops_per_image * len(photos)
+    assert len(train) == train.num_photo_samples + round(
+        cfg.dead_leaves / (1 - cfg.dead_leaves) * train.num_photo_samples)
     assert len(val) == cfg.val_crops_per_image * len(VAL_PHOTOS)
 
 
