@@ -245,20 +245,24 @@ def _embedded(crops=3):
     return EmbeddedPhotos(TRAIN_PHOTOS, SIZE, crops, seed=0)
 
 
-@pytest.mark.parametrize("k", [0, 3, 7])
-def test_stream_resume_exact(k):
-    ds = _embedded()  # 21 samples; batch 4 spans epoch boundaries
-    ref = TrainStream(ds, batch_size=4, seed=11)
+def check_resume_exact(ds, k: int, batch_size: int = 4, seed: int = 11) -> None:
+    """A stream restored after k batches yields exactly the uninterrupted stream's next 6."""
+    ref = TrainStream(ds, batch_size=batch_size, seed=seed)
     expected = [next(ref) for _ in range(k + 6)]
-    first = TrainStream(ds, batch_size=4, seed=11)
+    first = TrainStream(ds, batch_size=batch_size, seed=seed)
     for _ in range(k):
         next(first)
     state = first.state_dict()
-    resumed = TrainStream(ds, batch_size=4, seed=11)
+    resumed = TrainStream(ds, batch_size=batch_size, seed=seed)
     resumed.load_state_dict(state)
     for want in expected[k:]:
         got = next(resumed)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("k", [0, 3, 7])
+def test_stream_resume_exact(k):
+    check_resume_exact(_embedded(), k)  # 21 samples; batch 4 spans epoch boundaries
 
 
 def test_stream_epochs_cover_dataset_and_flip():

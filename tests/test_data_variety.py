@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_data import check_resume_exact
 
 from sftok.config import ConfigError, DataConfig, override
 from sftok.data import (
@@ -118,16 +119,7 @@ def test_validation_is_the_fixed_held_out_pool_whatever_the_training_regime():
 
 def test_stream_resume_exact_with_fresh_crops():
     ds = EmbeddedPhotos(TRAIN_PHOTOS, SIZE, 2, seed=0, fresh=True, dead_leaves=0.2)
-    ref = TrainStream(ds, batch_size=4, seed=3)
-    expected = [next(ref) for _ in range(8)]
-    first = TrainStream(ds, batch_size=4, seed=3)
-    for _ in range(3):
-        next(first)
-    resumed = TrainStream(ds, batch_size=4, seed=3)
-    resumed.load_state_dict(first.state_dict())
-    for want in expected[3:]:
-        got = next(resumed)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    check_resume_exact(ds, 3, seed=3)
     # epoch 2 draws other crops of the same photos than epoch 1
     stream = TrainStream(ds, batch_size=len(ds), seed=3, flip=False)
     (x1, l1), (x2, l2) = next(stream), next(stream)
