@@ -56,7 +56,10 @@ def dead_leaves(size: int, colours: torch.Tensor, g: torch.Generator,
     dx = coords.view(1, 1, big) - centres[:, 1].view(-1, 1, 1)
     inside = dy * dy + dx * dx <= (radii * radii).view(-1, 1, 1)  # D×big×big
     covered = torch.cat([inside, torch.ones(1, big, big, dtype=torch.bool)])
-    top = covered.to(torch.uint8).argmax(0)  # index of the first (topmost) disc per pixel
+    # Index of the first (topmost) covering disc per pixel; a min over indices is ~2× faster
+    # than argmax over dim 0 on CPU and gives the same answer.
+    index = torch.arange(num_discs + 1, dtype=torch.int16).view(-1, 1, 1)
+    top = torch.where(covered, index, num_discs).amin(0).long()
     image = palette[top].permute(2, 0, 1).unsqueeze(0)  # 1×3×big×big
     image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
                           align_corners=False)
