@@ -534,6 +534,7 @@ def summary_table(result: CampaignResult) -> str:
     out = [f"summary: {len(result.trials)} trial(s), wall {result.wall_s:.0f}s, parent run "
            f"{result.parent_run_id}", line(head), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
+    out += trk.bounds_lines([t.metrics for t in result.trials])
     return "\n".join(out)
 
 
