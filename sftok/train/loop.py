@@ -91,10 +91,20 @@ def check_finite(name: str, value: Tensor | float) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available, else cpu; anything else is passed to torch.device."""
+    """"auto" -> cuda if available, else cpu; anything else is passed to torch.device.
+
+    On CPU this also flushes denormal floats to zero (process-wide): flat image regions (the
+    greyscale photos, dead-leaves discs) drive activations into the denormal range, where x86
+    float arithmetic is many times slower -- measured on `tiny`'s teacher, 2 threads: 1.35 s
+    per step without, 0.22 s with (0.16 vs 0.10 s on the old photo-only data). Values below
+    ~1e-38 do not change any result we report.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    return device
 
 
 class Precision:
