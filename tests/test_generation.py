@@ -305,3 +305,22 @@ def test_calibration_real_tokens_are_class_balanced():
     ts = TokenSet(tokens, labels, flipped, {})
     rows = balanced_real_tokens(ts, [0, 3], 3)
     assert rows[:, 0].tolist() == [0, 1, 2, 5, 6]  # 3 of class 0, both (unflipped) of class 3
+
+
+def test_pretokenize_leaves_out_classless_procedural_images(smoke_parts):
+    # tiny trains on 25% dead leaves (label -1): the generator's classes are the photos only.
+    import dataclasses as dc
+
+    from sftok.data import build_train_dataset
+    from sftok.generation.data import train_data_key
+    from sftok.generation.pretokenize import pretokenize
+
+    cfg, _, tok, _, _ = smoke_parts
+    data = dc.replace(cfg.data, dead_leaves=0.5)
+    ds = build_train_dataset(data)
+    labels = torch.tensor([ds.sample(i)[1] for i in range(len(ds))])
+    assert (labels < 0).any()
+    ts = pretokenize(tok, ds, flips=False, batch_size=5)
+    assert len(ts) == int((labels >= 0).sum()) and bool((ts.labels >= 0).all())
+    # the token cache key tells the two training sets apart
+    assert train_data_key(data) != train_data_key(cfg.data)

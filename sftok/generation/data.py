@@ -9,13 +9,21 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
 from sftok.config import DataConfig
 from sftok.data import TRAIN_PHOTOS, EmbeddedPhotos, build_val_dataset
 
 
 def train_data_key(d: DataConfig) -> str:
-    """Key of the training images (token cache, FID reference statistics cache)."""
-    return f"train-{d.source}-{d.path or 'embedded'}-{d.image_size}-{d.train_crops_per_image}-{d.seed}"
+    """Key of the training images (token cache, FID reference statistics cache): every field
+    that changes which images the training split holds (not workers or the validation split)."""
+    fields = {k: v for k, v in dataclasses.asdict(d).items()
+              if k not in ("num_workers", "val_path", "val_crops_per_image")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    return f"train-{d.source}-{d.image_size}-{digest}"
 
 
 def heldout_dataset(d: DataConfig):

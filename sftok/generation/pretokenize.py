@@ -118,10 +118,15 @@ def pretokenize(tokenizer, dataset, *, flips: bool = True, assign: str = "neares
     try:
         with assignment(tokenizer, assign):
             for x, y in _batches(dataset, batch_size):
+                # Procedural samples (embedded dead leaves, label < 0) belong to no class: a
+                # class-conditional generator has nothing to learn from them.
+                x, y = x[y >= 0], y[y >= 0]
                 if max_images is not None:
                     x, y = x[:max_images - n], y[:max_images - n]
-                if x.shape[0] == 0:
+                if max_images is not None and n >= max_images:
                     break
+                if x.shape[0] == 0:
+                    continue
                 x_u8 = to_uint8(x)
                 content.update(x_u8)
                 x = x_u8.to(device).float() / 255
