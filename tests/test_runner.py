@@ -476,3 +476,33 @@ def test_smoke_end_to_end(ray_session, store, client, tmp_path):
         assert "checkpoint/model.safetensors" in ck
     # Stage 0 ran once, in the driver, and is logged on the parent run.
     assert any(k.startswith("train/stage0/") for k in parents[0].data.metrics)
+    # The arms share stage 1 (issue 10): trained once, reused twice; stage 2 is per arm.
+    m = parents[0].data.metrics
+    assert (m["campaign/stages_trained"], m["campaign/stages_reused"]) == (4, 2)
+    s1 = {c.data.tags["stage.stage1.key"] for c in children}
+    assert len(s1) == 1 and sorted(c.data.tags["stage.stage1.source"] for c in children) == [
+        "reused", "reused", "trained"]
+    assert all(c.data.tags["stage.stage2.source"] == "trained" for c in children)
+    # Every child shows the stage-1 curve, the reused ones replayed from the shared result.
+    curves = {c.info.run_id: [(p.step, p.value) for p in
+                              client.get_metric_history(c.info.run_id, "train/stage1/loss")]
+              for c in children}
+    assert len({tuple(v) for v in curves.values()}) == 1 and next(iter(curves.values()))
+
+    # The same campaign with every trial training every stage itself gives bitwise the same
+    # numbers, and a third invocation in the shared work dir reuses everything.
+    rc = main(["ablation_replace_ratio", "--preset", "smoke", "--seeds", "1",
+               "--tracking-uri", str(store), "--work-dir", str(tmp_path / "unshared"),
+               "--cache-dir", str(tmp_path / "cache"), "--no-share-stages"])
+    assert rc == 0
+    parents, children2 = runs_of(client, "ablation_replace_ratio")
+    new = [p for p in parents if p.info.run_id != parents[-1].info.run_id or True]
+    latest = max(parents, key=lambda p: p.info.start_time)
+    assert (latest.data.metrics["campaign/stages_trained"],
+            latest.data.metrics["campaign/stages_reused"]) == (6, 0)
+    evals = lambda runs: {c.data.tags["arm"]: {k: v for k, v in c.data.metrics.items()
+                                              if k.startswith("eval/")} for c in runs}
+    first = evals(children)
+    second = evals([c for c in children2 if c.data.tags["mlflow.parentRunId"]
+                    == latest.info.run_id])
+    assert first == second and first

@@ -42,6 +42,7 @@ class Options:
     max_failures: int | None = None  # default: the spec's
     trial_fn: Callable[[dict], None] | None = None  # default: trial.run_trial
     prepare_teacher: bool = True  # stage 0 in the driver before the trials
+    share_stages: bool = True  # one copy of each distinct stage result per work dir
     echo: Callable[..., None] = print
 
 
@@ -56,6 +57,7 @@ class TrialSummary:
     seconds: float = 0.0
     run_id: str | None = None
     note: str = ""
+    stage_sources: dict[str, tuple[str, str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +71,11 @@ class CampaignResult:
     interrupted: bool = False
     setup_error: str | None = None  # e.g. the teacher could not be trained / loaded
     usage_error: str | None = None  # nothing ran: e.g. --resume found no campaign to continue
+
+    def stage_count(self, source: str, steps: bool = False) -> int:
+        """Stage results this invocation's trials trained / reused (or their steps)."""
+        return sum(n if steps else 1 for t in self.trials
+                   for src, _key, n in t.stage_sources.values() if src == source)
 
     @property
     def ok(self) -> bool:
@@ -312,7 +319,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
         for rec in tracker.records.values():
             summaries[rec.key] = TrialSummary(rec.key, rec.arm, rec.seed, rec.status,
                                               dict(rec.metrics), rec.error, rec.seconds,
-                                              rec.run_id)
+                                              rec.run_id, stage_sources=dict(rec.stage_sources))
     for t in plan.trials if not search else []:
         summaries.setdefault(t.key, TrialSummary(t.key, t.arm, t.seed, "NOT RUN"))
     # Children still RUNNING (driver interrupted mid-trial) are closed as KILLED.
@@ -331,6 +338,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     n_fail = sum(t.status == "FAILED" for t in trials)
     trk.set_tags(client, parent_id, {"n_finished": n_fin, "n_failed": n_fail,
                                      "wall_s": f"{result.wall_s:.1f}"})
+    _log_stage_counts(client, parent_id, result)
     try:
         client.log_text(parent_id, table + "\n", "summary.txt")
     except Exception:  # noqa: BLE001
@@ -357,7 +365,12 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
 
     spec = plan.spec
     cpus = float(opts.cpus_per_trial)
-    runtime = {"work_root": str(campaign_dir / "trials"), "teacher_cache": str(cache / "teachers"),
+    # The stage store sits beside the campaign dirs (<work dir>/stages, campaign_dir is
+    # <work dir>/<spec>/<parent run>), so campaigns sharing a work dir share stage results.
+    runtime = {"work_root": str(campaign_dir / "trials"),
+               "stage_store": str(campaign_dir.parent.parent / "stages"),
+               "share_stages": bool(opts.share_stages),
+               "teacher_cache": str(cache / "teachers"),
                "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus)),
                "gpus": float(opts.gpus_per_trial)}  # 0: the trial runs on CPU (trial_device)
     tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
@@ -441,6 +454,18 @@ def _summary_from_run(key: str, run, note: str) -> TrialSummary:
                         t.get("error"), 0.0, run.info.run_id, note)
 
 
+def _log_stage_counts(client, parent_id: str, result: CampaignResult) -> None:
+    """Parent metrics campaign/stages_trained, campaign/stages_reused (+ their steps); step =
+    the invocation's resume count, so a resumed campaign adds points instead of overwriting."""
+    run = client.get_run(parent_id)
+    step = int(run.data.tags.get("resumed", "0"))
+    trk.log_metrics(client, parent_id, {
+        "campaign/stages_trained": result.stage_count("trained"),
+        "campaign/stages_reused": result.stage_count("reused"),
+        "campaign/stage_steps_trained": result.stage_count("trained", steps=True),
+        "campaign/stage_steps_reused": result.stage_count("reused", steps=True)}, step)
+
+
 def summary_table(result: CampaignResult) -> str:
     """The final table: arm, seed, status, key eval metrics (largest S), time."""
     keys = trk.summary_metric_keys([t.metrics for t in result.trials])
@@ -455,7 +480,12 @@ def summary_table(result: CampaignResult) -> str:
               for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     out = [f"summary: {len(result.trials)} trial(s), wall {result.wall_s:.0f}s, parent run "
-           f"{result.parent_run_id}", line(head), line(["-" * w for w in widths])]
+           f"{result.parent_run_id}",
+           f"stage results: {result.stage_count('trained')} trained "
+           f"({result.stage_count('trained', steps=True)} steps), "
+           f"{result.stage_count('reused')} reused "
+           f"({result.stage_count('reused', steps=True)} steps)",
+           line(head), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     return "\n".join(out)
 

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--work-dir", help="campaign working dirs (default ./runs)")
     p.add_argument("--cache-dir", help="teacher / FID-statistics cache (default ./.cache)")
+    p.add_argument("--no-share-stages", action="store_true",
+                   help="train every stage in every trial instead of reusing identical stage "
+                        "results from <work dir>/stages (for timing comparisons)")
     # Tests and plugins: a replacement trial function, "path/to/file.py:function" or "mod:fn".
     p.add_argument("--trial-fn", help=argparse.SUPPRESS)
     p.add_argument("--no-teacher", action="store_true", help=argparse.SUPPRESS)
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                    max_concurrent=args.max_concurrent, resume=args.resume,
                    work_dir=args.work_dir, cache_dir=args.cache_dir,
-                   max_failures=args.max_failures, prepare_teacher=not args.no_teacher)
+                   max_failures=args.max_failures, prepare_teacher=not args.no_teacher,
+                   share_stages=not args.no_share_stages)
     if args.trial_fn:
         opts.trial_fn = _load_trial_fn(args.trial_fn)
     os.environ.setdefault("SFTOK_PROGRESS", "0")

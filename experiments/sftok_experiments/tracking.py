@@ -184,6 +184,7 @@ class TrialRecord:
         self.started = None
         self.seconds = 0.0
         self.retries = 0
+        self.stage_sources: dict[str, tuple[str, str, int]] = {}  # stage -> (source, key, steps)
 
 
 def _make_tracker_class():
@@ -297,8 +298,14 @@ def _make_tracker_class():
                 if m:
                     log_metrics(self.client, rec.run_id, m, step)
             elif event == "stage_done":
-                self._line(rec, f"{result.get('stage')} done (global step "
-                                f"{result.get('global_step')})")
+                stage, source = result.get("stage"), result.get("source")
+                if source and stage not in rec.stage_sources:  # a retry re-reports: keep the first
+                    rec.stage_sources[stage] = (source, str(result.get("key", "")),
+                                                int(result.get("steps", 0)))
+                    set_tags(self.client, rec.run_id, {f"stage.{stage}.source": source,
+                                                       f"stage.{stage}.key": result.get("key")})
+                how = f", {source} {result.get('key')}" if source else ""
+                self._line(rec, f"{stage} done (global step {result.get('global_step')}{how})")
             elif event == "final":
                 m = {k: v for k, v in result.items() if k.startswith("eval/")
                      and isinstance(v, (int, float))}

@@ -11,9 +11,16 @@ Report protocol (shared with the test trial functions, see `report_train` / `rep
   stages (so a retry on another node skips them)
 - `{"event": "final", "eval/<name>": v, ...}` + a checkpoint holding the artifacts.
 
-Resumability: stage outputs live in `runtime.work_root/<trial key>/<stage>/` — the same
-directory on a retry (`FailureConfig`) and on `--resume` — and `train_stage(resume=True)`
-continues from its last periodic checkpoint there (a finished stage is never retrained).
+Stage results live in the content-addressed store `runtime.stage_store` (`stage_store.py`):
+each distinct stage result is trained once per work directory and every trial that needs it
+starts from it; `runtime.share_stages` False gives each trial its own store
+(`<work_root>/<trial key>/stages`), so every trial trains every stage. `stage_done` reports
+say which (`source`: trained / reused) and the result's `key`.
+
+Resumability: a stage being trained lives in the store's `.building/<key>/` — the same
+directory on a retry (`FailureConfig`), on `--resume`, and for whichever trial takes it over
+— and `train_stage(resume=True)` continues from its last periodic checkpoint there (a
+published result is never retrained).
 """
 from __future__ import annotations
 
@@ -52,12 +59,14 @@ def report_train(stage: str, global_step: int, metrics: dict[str, float]) -> Non
     tune.report(out)
 
 
-def report_stage_done(stage: str, global_step: int, snapshot: Path | None = None) -> None:
+def report_stage_done(stage: str, global_step: int, snapshot: Path | None = None,
+                      **info: Any) -> None:
+    """info: the stage result's `source` (trained / reused), `key` and `steps`."""
     from ray import tune
 
     _quiet_ray_logs()
     ckpt = tune.Checkpoint.from_directory(str(snapshot)) if snapshot else None
-    tune.report({"event": STAGE_DONE, "stage": stage, "global_step": int(global_step)},
+    tune.report({"event": STAGE_DONE, "stage": stage, "global_step": int(global_step), **info},
                 checkpoint=ckpt)
 
 
@@ -136,8 +145,8 @@ def write_artifacts(out: Path, cfg_dict: dict[str, Any], payload: dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
-def _restore_from_ray_checkpoint(work: Path) -> None:
-    """A retry on another node: bring back the finished stages from the last Ray checkpoint."""
+def _restore_from_ray_checkpoint(store) -> None:
+    """A retry on another node: publish the finished stages of the last Ray checkpoint."""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
@@ -145,16 +154,16 @@ def _restore_from_ray_checkpoint(work: Path) -> None:
         return
     with ckpt.as_directory() as d:
         for stage_dir in Path(d).iterdir():
-            final = stage_dir / "final"
-            if final.is_dir() and not (work / stage_dir.name / "final").exists():
-                (work / stage_dir.name).mkdir(parents=True, exist_ok=True)
-                shutil.copytree(final, work / stage_dir.name / "final")
+            key_file = stage_dir / "key.txt"
+            if (stage_dir / "final").is_dir() and key_file.exists():
+                store.adopt(key_file.read_text().strip(), stage_dir / "final")
 
 
-def _snapshot(work: Path, stages: list[str], tmp: Path) -> Path:
-    snap = tmp / f"snapshot-{len(stages)}"
-    for s in stages:
-        shutil.copytree(work / s / "final", snap / s / "final")
+def _snapshot(outcomes: list, tmp: Path) -> Path:
+    snap = tmp / f"snapshot-{len(outcomes)}"
+    for o in outcomes:
+        shutil.copytree(o.checkpoint, snap / o.stage / "final")
+        (snap / o.stage / "key.txt").write_text(o.key)
     return snap
 
 
@@ -180,7 +189,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import dataset_key, evaluate
-    from sftok.train import TeacherUnavailableError, get_teacher, train_stage
+    from sftok.train import TeacherUnavailableError, get_teacher
     from sftok.train.loop import resolve_device
 
     payload = config["trial"]
@@ -199,7 +208,11 @@ def run_trial(config: dict[str, Any]) -> None:
 
         work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
-    _restore_from_ray_checkpoint(work)
+    from sftok_experiments.stage_store import StageStore
+
+    store = StageStore(runtime["stage_store"] if runtime.get("share_stages", True)
+                       and runtime.get("stage_store") else work / "stages")
+    _restore_from_ray_checkpoint(store)
 
     device = resolve_device(cfg.device)
     # The driver trained (or loaded) the teacher before any trial: trials only load it. On a
@@ -214,18 +227,19 @@ def run_trial(config: dict[str, Any]) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="sftok-trial-"))
     try:
-        init, offset, done = None, 0, []
+        prev, offset, done = None, 0, []
         for stage in payload["stages"]:
             def callback(step: int, metrics: dict[str, float], _stage: str = stage) -> None:
                 report_train(_stage, step, metrics)
 
-            res = train_stage(cfg, stage, teacher, work / stage, init=init, callback=callback,
-                              resume=True, step_offset=offset)
-            offset += res.steps
-            init = res.checkpoint
-            done.append(stage)
-            report_stage_done(stage, offset, _snapshot(work, done, tmp))
+            prev = store.obtain(cfg, stage, teacher, init=prev, callback=callback,
+                                step_offset=offset, echo=lambda m: print(m, flush=True))
+            offset += prev.steps
+            done.append(prev)
+            report_stage_done(stage, offset, _snapshot(done, tmp), source=prev.source,
+                              key=prev.key, steps=prev.steps)
 
+        init = prev.checkpoint
         tokenizer = _load_tokenizer(init, device)
         val = build_val_dataset(cfg.data)  # never scans the training data
         images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images)

@@ -17,6 +17,9 @@ images (paper Table 6 stage 3: 8 per GPU × 8 GPUs = 64, accumulated twice).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ from sftok.train.loop import (
 from sftok.train.losses import weighted_ce
 from sftok.train.masking import build_proxy_inputs, sample_mask
 from sftok.train.optim import build_optimizer
+from sftok.train.teacher_stage import teacher_identity
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -69,6 +73,53 @@ def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
         return dataclasses.replace(
             cfg, tokenizer=dataclasses.replace(cfg.tokenizer, finetune_decoder=True))
     return cfg
+
+
+# Bump when the stage-training code changes what a stage produces for the same config; the
+# source digest below catches code edits too, this marks intended format changes.
+STAGE_FORMAT = 1
+
+
+@functools.cache
+def code_digest() -> str:
+    """Hex digest of the `sftok` package's Python sources: part of every stage identity, so a
+    result trained by other code (another checkout, an edit) is never reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_identity(cfg: ExperimentConfig, stage: str, init_key: str | None) -> dict[str, Any]:
+    """Everything a stage's trained result depends on (JSON-safe), for content addressing.
+
+    The stage's resolved config (`stage_config`; minus `ckpt_every`, which changes only where
+    periodic checkpoints fall, not the weights or the logged curve), the tokenizer, data (minus
+    `num_workers`: the stream is exact with or without workers) and teacher configs (a trained
+    teacher by its cache key, which covers its data and training; a pretrained one by its
+    config and file), the seed (`stage_seed` derives masks, data order and init from it), the
+    identity of the result the stage starts from (`init_key`, None for a fresh model), the
+    stage format and the library's source digest. Not included: other stages' configs, decode
+    and evaluation settings, the device and the trial's name.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    scfg = stage_config(cfg, stage)
+    sdict = to_dict(getattr(scfg.train, stage))
+    sdict.pop("ckpt_every", None)
+    data = to_dict(cfg.data)
+    data.pop("num_workers", None)
+    return {"format": STAGE_FORMAT, "code": code_digest(), "stage": stage, "stage_config": sdict,
+            "tokenizer": to_dict(scfg.tokenizer), "data": data,
+            "teacher": teacher_identity(cfg), "seed": cfg.seed, "init": init_key}
+
+
+def stage_key(identity: dict[str, Any]) -> str:
+    """'<stage>-<16 hex>': the content address of a stage result with this identity."""
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return f"{identity['stage']}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
 def build_tokenizer(cfg: ExperimentConfig, teacher: FrozenTeacher) -> SFTok:
