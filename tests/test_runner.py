@@ -496,7 +496,6 @@ def test_smoke_end_to_end(ray_session, store, client, tmp_path):
                "--cache-dir", str(tmp_path / "cache"), "--no-share-stages"])
     assert rc == 0
     parents, children2 = runs_of(client, "ablation_replace_ratio")
-    new = [p for p in parents if p.info.run_id != parents[-1].info.run_id or True]
     latest = max(parents, key=lambda p: p.info.start_time)
     assert (latest.data.metrics["campaign/stages_trained"],
             latest.data.metrics["campaign/stages_reused"]) == (6, 0)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from sftok.checkpoint import save_model
 from sftok.config import ExperimentConfig, StageConfig, to_dict
@@ -38,12 +38,10 @@ from sftok.train.loop import (
     LoopSpec,
     LoopTask,
     Precision,
-    check_finite,
-    clip_and_step,
+    clip_and_step_async,
     compile_children,
     resolve_device,
     run_loop,
-    scalar,
     to_images,
 )
 from sftok.train.losses import weighted_ce
@@ -153,25 +151,31 @@ class TokenTask(LoopTask):
         if init is not None:
             load_init(self.model, init)
         self.model.train()
-        self.generator = torch.Generator().manual_seed(seed + 1)  # masks + replacement draws
+        # Masks and replacement draws come from a generator on the device (no CPU draws copied
+        # over every step); on CPU this is the same generator as before.
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.precision = Precision(s.precision, device)
         self.optimizer = build_optimizer(self.model, s.optim, device)
         self.scaler = self.precision.scaler()
         self.ema = EMA(self.model, s.ema_decay) if s.ema_decay > 0 else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # fp16's scaler skips steps with inf gradients by design: only the loss is an error.
+        self.finite_keys = ("loss",) if self.scaler.is_enabled() else ("loss", "grad_norm")
         if s.compile:
             compile_children(self.model)
 
-    def step(self, batches: list[Any], step: int) -> dict[str, float]:
+    def step(self, batches: list[Any], step: int) -> dict[str, Tensor | float]:
+        """One optimiser step. No host sync: the metrics stay 0-dim device tensors (run_loop
+        reads them at logging boundaries and watches `finite_keys` there)."""
         s, model = self.scfg, self.model
         lr = self.begin_step(step, s.steps, s.optim)
         n = len(batches)
-        acc = {"loss": 0.0, "ce": 0.0, "quant_loss": 0.0}
-        ce_m = ce_v = 0.0
+        loss_sum = ce_sum = q_sum = ce_m = ce_v = 0.0
         n_m = n_v = n_rep = 0
         for batch in batches:
-            images = to_images(batch).to(self.device, non_blocking=True)
-            targets = self.teacher.encode_ids(images)  # M_g, B×N (fp32, no grad)
+            host = to_images(batch)
+            images = host.to(self.device, non_blocking=True)
+            targets = self.targets(host, images)  # M_g, B×N (no grad)
             b, num = targets.shape
             masked = sample_mask(s.replacement, b, num, s.mask_schedule, self.generator,
                                  self.device)
@@ -185,25 +189,30 @@ class TokenTask(LoopTask):
                 logits = model.decoder_logits(proxy.ids, q.z_q)
             ce = weighted_ce(logits, targets, masked, s.unmasked_weight)
             loss = ce.loss + s.quantizer_weight * q.loss.float()
-            check_finite("loss", loss)
             self.scaler.scale(loss / n).backward()
-            acc["loss"] += scalar(loss) / n
-            acc["ce"] += scalar(ce.loss) / n
-            acc["quant_loss"] += scalar(q.loss) / n
-            ce_m += float(ce.ce_sum_masked)
-            ce_v += float(ce.ce_sum_visible)
+            loss_sum = loss_sum + loss.detach()
+            ce_sum = ce_sum + ce.loss.detach()
+            q_sum = q_sum + q.loss.detach().float()
+            ce_m, ce_v = ce_m + ce.ce_sum_masked, ce_v + ce.ce_sum_visible
             n_m, n_v = n_m + ce.num_masked, n_v + ce.num_visible
-            n_rep += int(proxy.replaced.sum())
-        acc["grad_norm"] = clip_and_step(self.optimizer, self.scaler, self.params,
-                                         s.optim.grad_clip)
+            n_rep = n_rep + proxy.replaced.sum()
+        grad_norm = clip_and_step_async(self.optimizer, self.scaler, self.params,
+                                        s.optim.grad_clip)
         if self.ema is not None:
             self.ema.update(model)
-        acc["ce_masked"] = ce_m / max(n_m, 1)
-        if n_v:
-            acc["ce_visible"] = ce_v / n_v
-        acc["replaced_frac"] = n_rep / n_v if n_v else 0.0
-        acc["lr"] = lr
+        acc: dict[str, Tensor | float] = {
+            "loss": loss_sum / n, "ce": ce_sum / n, "quant_loss": q_sum / n,
+            "grad_norm": grad_norm, "ce_masked": ce_m / n_m.clamp_min(1),
+            # replaced_frac: 0 when nothing is visible (stage 1), as before
+            "replaced_frac": n_rep / n_v.clamp_min(1), "lr": lr}
+        if s.replacement != "none":  # visible positions exist (n_v > 0 almost surely)
+            acc["ce_visible"] = ce_v / n_v.clamp_min(1)
         return acc
+
+    def targets(self, host: Tensor, images: Tensor) -> Tensor:
+        """The teacher ids M_g (B×N long, on the device) of a batch: `host` B×3×H×W as the
+        stream gave it, `images` the same on the device."""
+        return self.teacher.encode_ids(images)
 
 
 def build_stage_task(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher,
