@@ -116,6 +116,9 @@ class DataConfig:
     # Embedded data: this many deterministic crops per training photo / per validation photo.
     train_crops_per_image: int = 64
     val_crops_per_image: int = 8
+    # Folder data: "random" crops for training (the paper's preprocessing), or the fixed
+    # "center" crop (+ the stream's flip): a finite pool whose teacher ids are computed once.
+    train_crop: Literal["random", "center"] = "random"
     num_workers: int = 0
     seed: int = 0
 
@@ -154,6 +157,9 @@ class StageConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    # Teacher ids M_g: "cache" looks them up when the training data is a finite pool
+    # (sftok.train.teacher_ids; encoded once), "encode" runs the teacher on every batch.
+    teacher_ids: Literal["cache", "encode"] = "cache"
     log_every: int = 10
     ckpt_every: int = 500
     # Stage 3 only (pixel-space fine-tuning through the soft path).

@@ -97,12 +97,14 @@ class StageStore:
     def obtain(self, cfg, stage: str, teacher, init: StageOutcome | None = None,
                callback: Callable[[int, dict[str, float]], None] | None = None,
                step_offset: int = 0, echo: Callable[[str], None] | None = None,
-               train_fn: Callable[..., Any] | None = None) -> StageOutcome:
+               train_fn: Callable[..., Any] | None = None,
+               id_cache_dir: Path | None = None) -> StageOutcome:
         """The result of `stage` for `cfg` starting from `init`: reused if published, else
         trained here (under the key's lock, resuming a partial one) and published.
 
         callback(global step, metrics) sees the stage's curve either way (live or replayed).
-        train_fn: `sftok.train.train_stage` (replaceable in tests).
+        train_fn: `sftok.train.train_stage` (replaceable in tests); id_cache_dir: its
+        teacher-id cache directory.
         """
         from sftok.train.stages import stage_identity, stage_key
 
@@ -115,7 +117,7 @@ class StageStore:
                 meta = self.published(key)  # someone else finished it while we waited
                 if meta is None:
                     meta = self._train(cfg, stage, teacher, key, identity, init, callback,
-                                       step_offset, train_fn)
+                                       step_offset, train_fn, id_cache_dir)
                     source = TRAINED
         if source == REUSED:
             replay(meta.get("history", []), callback, step_offset)
@@ -123,7 +125,7 @@ class StageStore:
                             dict(meta.get("metrics", {})), list(meta.get("history", [])))
 
     def _train(self, cfg, stage, teacher, key, identity, init, callback, step_offset,
-               train_fn) -> dict[str, Any]:
+               train_fn, id_cache_dir) -> dict[str, Any]:
         from sftok.train import checkpointing as ckpt
         from sftok.train.loop import read_final
 
@@ -140,7 +142,8 @@ class StageStore:
             history = json.loads((latest / "state.json").read_text()).get("history", [])
             replay(history, callback, step_offset)
         train_fn(cfg, stage, teacher, building, init=init.checkpoint if init else None,
-                 callback=callback, resume=True, step_offset=step_offset)
+                 callback=callback, resume=True, step_offset=step_offset,
+                 id_cache_dir=id_cache_dir)
         final = building / ckpt.FINAL
         (final / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
         os.rename(final, self.path(key))  # atomic publish: the result appears complete

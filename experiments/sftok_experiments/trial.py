@@ -233,7 +233,8 @@ def run_trial(config: dict[str, Any]) -> None:
                 report_train(_stage, step, metrics)
 
             prev = store.obtain(cfg, stage, teacher, init=prev, callback=callback,
-                                step_offset=offset, echo=lambda m: print(m, flush=True))
+                                step_offset=offset, echo=lambda m: print(m, flush=True),
+                                id_cache_dir=Path(runtime["teacher_cache"]) / "ids")
             offset += prev.steps
             done.append(prev)
             report_stage_done(stage, offset, _snapshot(done, tmp), source=prev.source,

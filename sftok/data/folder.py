@@ -7,6 +7,7 @@ deterministic and a resumed run sees the same images.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -78,6 +79,17 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def pool_key(self) -> str | None:
+        """A finite pool (sftok.train.teacher_ids) when every sample is the centre crop: the
+        files (paths, sizes, mtimes) and the size identify its images; None with random crops."""
+        if self.train:
+            return None
+        h = hashlib.sha256(f"folder|{self.image_size}".encode())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return f"folder-{h.hexdigest()}"
 
     def sample(self, index: int, seed: int | None = None) -> tuple[torch.Tensor, int]:
         n = len(self.files)

@@ -209,9 +209,15 @@ class TokenTask(LoopTask):
             acc["ce_visible"] = ce_v / n_v.clamp_min(1)
         return acc
 
+    id_cache = None  # a TeacherIdCache when the training data is a finite pool
+
     def targets(self, host: Tensor, images: Tensor) -> Tensor:
         """The teacher ids M_g (B×N long, on the device) of a batch: `host` B×3×H×W as the
-        stream gave it, `images` the same on the device."""
+        stream gave it, `images` the same on the device. Looked up when cached, else encoded."""
+        if self.id_cache is not None:
+            ids = self.id_cache.lookup(host)
+            if ids is not None:
+                return ids.to(self.device, non_blocking=True)
         return self.teacher.encode_ids(images)
 
 
@@ -234,12 +240,15 @@ def export_tokenizer(tmp: Path, task: LoopTask, cfg: ExperimentConfig) -> None:
 
 def train_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher, out_dir: Path,
                 init: Path | None = None, callback: Callback | None = None,
-                resume: bool = True, step_offset: int = 0) -> StageResult:
+                resume: bool = True, step_offset: int = 0,
+                id_cache_dir: Path | None = None) -> StageResult:
     """Train one stage; resumable; returns immediately if out_dir already holds a finished one.
 
     stage: "stage1" | "stage2" | "stage3". init: previous stage's final checkpoint dir.
     callback(step_offset + step, metrics) every cfg.train.<stage>.log_every steps (metric names
     in docs/architecture.md). Raises NonFiniteLossError on a NaN/inf loss.
+    id_cache_dir: where teacher-id caches of finite pools are kept (`teacher_ids`; None: built
+    in memory for this call). Used by stages 1-2 with `teacher_ids="cache"`.
     """
     from sftok.data import TrainStream, build_train_dataset
 
@@ -256,6 +265,11 @@ def train_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher, out_d
     teacher = teacher.to(device)
     task = build_stage_task(scfg, stage, teacher, device, init=init)
     train_ds = build_train_dataset(cfg.data)
+    if isinstance(task, TokenTask) and s.teacher_ids == "cache":
+        from sftok.train.teacher_ids import TeacherIdCache
+
+        task.id_cache = TeacherIdCache.load_or_build(teacher, train_ds, id_cache_dir,
+                                                     teacher_identity(cfg), device)
     stream = TrainStream(train_ds, s.batch_size, seed=stage_seed(cfg, stage),
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     spec = LoopSpec(stage=stage, steps=s.steps, grad_accum=s.grad_accum,
