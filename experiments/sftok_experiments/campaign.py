@@ -479,13 +479,13 @@ def summary_table(result: CampaignResult) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    out = [f"summary: {len(result.trials)} trial(s), wall {result.wall_s:.0f}s, parent run "
-           f"{result.parent_run_id}",
-           f"stage results: {result.stage_count('trained')} trained "
-           f"({result.stage_count('trained', steps=True)} steps), "
-           f"{result.stage_count('reused')} reused "
-           f"({result.stage_count('reused', steps=True)} steps)",
-           line(head), line(["-" * w for w in widths])]
+    title = (f"summary: {len(result.trials)} trial(s), wall {result.wall_s:.0f}s, parent run "
+             f"{result.parent_run_id}")
+    stages = (f"stage results: {result.stage_count('trained')} trained "
+              f"({result.stage_count('trained', steps=True)} steps), "
+              f"{result.stage_count('reused')} reused "
+              f"({result.stage_count('reused', steps=True)} steps)")
+    out = [title, stages, line(head), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     return "\n".join(out)
 

@@ -4,7 +4,10 @@ Layout: one experiment per spec; one parent run per invocation (tags `spec`, `pr
 `git_commit`, `command`, `sftok.role=parent`, `sftok.campaign=<hash>`); one child run per
 trial (`mlflow.parentRunId`, `sftok.role=trial`, `arm`, `seed`, `trial_key`, `ray_trial_id`;
 params = the flattened resolved config). Metrics `train/<stage>/<name>` (step = global
-optimiser step), `eval/<name>` (step 0), `trace/<name>` (step = decode step i). Artifacts
+optimiser step), `eval/<name>` (step 0), `trace/<name>` (step = decode step i); child tags
+`stage.<stage>.source` (trained / reused) and `stage.<stage>.key` (the stage result's content
+address, `stage_store.py`); parent metrics `campaign/stages_trained`, `campaign/stages_reused`
+(and their `stage_steps_*`, step = resume count). Artifacts
 `config.json`, `eval.json`, `trace.csv`, `grids/recon_s<S>.png`, `checkpoint/`.
 
 `MlflowTracker` is a `tune.Callback`: Ray calls it in the driver for every trial event, so

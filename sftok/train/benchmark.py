@@ -7,6 +7,7 @@ steps (allocation, autotuning, torch.compile) are not timed.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -69,3 +70,64 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"| {r['preset']} | {r['stage']} | {r['device']} | {r['batch']}×{r['grad_accum']} "
              f"| {r['s_per_step']:.3f} | {r['images_per_s']:.1f} |" for r in rows]
     return "\n".join([head, *lines])
+
+
+def teacher_share(cfg: ExperimentConfig, steps: int = 3, warmup: int = 1,
+                  device: str | None = None, batch_size: int | None = None,
+                  stage: str = "stage2") -> dict[str, float | str]:
+    """The teacher's share of a stage-1/2 step, measured (issue 10 item 4).
+
+    Times, per micro-batch of `batch_size` random images (grad_accum 1; the share does not
+    depend on accumulation): the teacher's `encode_ids` alone, the whole step encoding the
+    ids on the fly, and the whole step with the ids looked up in a `TeacherIdCache` of the
+    same images. Returns {preset, device, batch, teacher_s, step_s, cached_step_s, share,
+    speedup}; share = teacher_s / step_s. Each time is the median over `steps` calls.
+    """
+    import dataclasses
+
+    from sftok.train.stages import build_stage_task, stage_config
+    from sftok.train.teacher_ids import TeacherIdCache
+
+    dev = resolve_device(device or cfg.device)
+    scfg = stage_config(cfg, stage)
+    s = getattr(scfg.train, stage)
+    batch = batch_size or s.batch_size
+    scfg = dataclasses.replace(scfg, train=dataclasses.replace(
+        scfg.train, **{stage: dataclasses.replace(s, grad_accum=1, batch_size=batch)}))
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size).to(dev)
+    size = cfg.tokenizer.image_size
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    class _Pool:  # the batch itself, declared a pool
+        def __len__(self):
+            return batch
+
+        def sample(self, i, seed=None):
+            return images[i], 0
+
+        def pool_key(self):
+            return "benchmark"
+
+    def timed(fn, n: int, w: int) -> float:  # median of n calls: robust to a busy machine
+        for i in range(w):
+            fn(i)
+        times = []
+        for i in range(n):
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn(w + i)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        teacher_s = timed(lambda i: teacher.encode_ids(images.to(dev)), steps, warmup)
+    task = build_stage_task(scfg, stage, teacher, dev)
+    step_s = timed(lambda i: task.step([(images, None)], i), steps, warmup)
+    task.id_cache = TeacherIdCache.load_or_build(teacher, _Pool(), None, "benchmark", dev)
+    cached_s = timed(lambda i: task.step([(images, None)], i), steps, warmup)
+    assert task.id_cache.misses == 0
+    return {"preset": cfg.preset, "device": str(dev), "batch": batch, "teacher_s": teacher_s,
+            "step_s": step_s, "cached_step_s": cached_s, "share": teacher_s / step_s,
+            "speedup": step_s / cached_s}
