@@ -12,8 +12,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from sftok.config import override
 from sftok.presets import get_preset
@@ -24,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from sftok_experiments.stage_store import REUSED, TRAINED, StageStore
+from test_train_stages import _assert_same, _weights  # tests/ is on sys.path (rootdir)
 
 RATIOS = (0.5, 0.8, 1.0)  # Table 4's arms: they share stage 1 exactly
 
@@ -56,16 +55,6 @@ def _run(store: StageStore, cfg, teacher, stages=("stage1", "stage2")):
         offset += prev.steps
         outs.append(prev)
     return outs, calls
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k, v in a.items():
-        assert torch.equal(v, b[k]), k
 
 
 def test_identity_covers_what_the_stage_depends_on():
