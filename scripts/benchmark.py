@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--teacher-share", nargs="+", default=[], choices=list(PRESETS),
                     metavar="PRESET", help="measure the teacher's share of a stage-2 step")
     ap.add_argument("--teacher-batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (1 for --teacher-share on a "
+                                                "shared machine: it times CPU seconds)")
     ap.add_argument("--teacher-steps", type=int, default=3, help="timed steps (median)")
     ap.add_argument("--campaign", action="store_true",
                     help="Table 4 campaign with and without shared stage results")
@@ -96,6 +98,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     amp = args.dtype == "bf16"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.teacher_share:
         teacher_share_table(args, device)
     if args.campaign:
@@ -148,7 +152,9 @@ def teacher_share_table(args: argparse.Namespace, device: torch.device) -> None:
     from sftok.train.benchmark import teacher_share
 
     print(f"\nteacher share of a stage-2 step (random weights, batch {args.teacher_batch}, "
-          f"median of {args.teacher_steps}; load average {_load()})")
+          f"median of {args.teacher_steps} interleaved rounds, {torch.get_num_threads()} "
+          f"thread(s), {'CPU seconds' if device.type == 'cpu' else 'wall seconds'}; load "
+          f"average {_load()})")
     print("| preset | batch | teacher s | step s (encode) | step s (cached ids) | share | "
           "speedup |\n|---|---|---|---|---|---|---|")
     for name in args.teacher_share:
