@@ -149,19 +149,22 @@ def train_table(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def teacher_share_table(args: argparse.Namespace, device: torch.device) -> None:
-    from sftok.train.benchmark import teacher_share
+    from sftok.train.benchmark import teacher_flop_share, teacher_share
 
     print(f"\nteacher share of a stage-2 step (random weights, batch {args.teacher_batch}, "
           f"median of {args.teacher_steps} interleaved rounds, {torch.get_num_threads()} "
           f"thread(s), {'CPU seconds' if device.type == 'cpu' else 'wall seconds'}; load "
           f"average {_load()})")
     print("| preset | batch | teacher s | step s (encode) | step s (cached ids) | share | "
-          "speedup |\n|---|---|---|---|---|---|---|")
+          "speedup | FLOP estimate: teacher / step GFLOP per image, share |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name in args.teacher_share:
         r = teacher_share(get_preset(name), steps=args.teacher_steps, device=str(device),
                           batch_size=args.teacher_batch)
+        f = teacher_flop_share(get_preset(name))
         print(f"| {name} | {r['batch']} | {r['teacher_s']:.3f} | {r['step_s']:.3f} | "
-              f"{r['cached_step_s']:.3f} | {r['share']:.1%} | {r['speedup']:.2f}x |",
+              f"{r['cached_step_s']:.3f} | {r['share']:.1%} | {r['speedup']:.2f}x | "
+              f"{f['teacher_gflop']:.2f} / {f['step_gflop']:.1f}, {f['share']:.1%} |",
               flush=True)
     print(f"(load average after: {_load()})")
 

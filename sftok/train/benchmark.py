@@ -150,3 +150,34 @@ def teacher_share(cfg: ExperimentConfig, steps: int = 3, warmup: int = 1,
             "step_s": step_s, "cached_step_s": cached_s, "share": teacher_s / step_s,
             "speedup": step_s / cached_s,
             "clock": "cpu time" if dev.type == "cpu" else "wall"}
+
+
+@torch.no_grad()
+def teacher_flop_share(cfg: ExperimentConfig) -> dict[str, float]:
+    """FLOP estimate per image of the teacher's encoding and of a stage-2 step (batch 1, CPU).
+
+    Counted with torch's FlopCounterMode on forward passes: step = teacher + 3 x encoder
+    (forward + backward ~ 2 x forward) + the no-grad SFVR step-1 decoder pass + 3 x decoder.
+    Returns {teacher_gflop, step_gflop, share}.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sftok.config import proxy_grid
+    from sftok.tokenizer import SFTok
+
+    t = MaskGitVQGAN(cfg.teacher)
+    m = SFTok(cfg.tokenizer, cfg.teacher.codebook_size, proxy_grid(cfg), cfg.teacher)
+    size, k = cfg.tokenizer.image_size, cfg.tokenizer.num_latent_tokens
+    x = torch.rand(1, 3, size, size)
+
+    def flops(fn) -> float:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return float(fc.get_total_flops())
+
+    teacher = flops(lambda: t.quantize(t.encode(x)))
+    enc = flops(lambda: m.encode(x))
+    ids = torch.zeros(1, proxy_grid(cfg) ** 2, dtype=torch.long)
+    dec = flops(lambda: m.decoder_logits(ids, torch.rand(1, k, cfg.tokenizer.token_size)))
+    step = teacher + 3 * enc + dec + 3 * dec
+    return {"teacher_gflop": teacher / 1e9, "step_gflop": step / 1e9, "share": teacher / step}
