@@ -234,6 +234,7 @@ def make_crashing(log_dir: Path, work_root: Path):
             report_train,
             trial_key,
         )
+        from sftok_experiments.stage_store import StageOutcome, StageStore
 
         key = trial_key(config)
         work = Path(work_root) / key
@@ -241,21 +242,26 @@ def make_crashing(log_dir: Path, work_root: Path):
         Path(log_dir, f"{key}.attempt{attempt}").write_text("")
         shutil.rmtree(work, ignore_errors=True)  # as if the retry ran on another node
         work.mkdir(parents=True)
-        _restore_from_ray_checkpoint(work)
+        store = StageStore(work / "stages")
+        _restore_from_ray_checkpoint(store)
         step, done = 0, []
         for stage in config["trial"]["stages"]:
-            if (work / stage / "final").is_dir():
+            skey = f"{stage}-fake"
+            if store.published(skey) is not None:
                 step += 3
-                done.append(stage)
+                done.append(StageOutcome(stage, skey, store.path(skey), 3, "reused"))
                 continue
             Path(log_dir, f"{key}.trained-{stage}").write_text("")
             for _ in range(3):
                 step += 1
                 report_train(stage, step, {"loss": 1.0 / step})
-            (work / stage / "final").mkdir(parents=True)
-            (work / stage / "final" / "model.safetensors").write_text("weights")
-            done.append(stage)
-            report_stage_done(stage, step, _snapshot(work, done, Path(tempfile.mkdtemp())))
+            result = store.path(skey)
+            result.mkdir(parents=True)
+            (result / "model.safetensors").write_text("weights")
+            (result / "stage.json").write_text('{"steps": 3, "metrics": {}, "history": []}')
+            done.append(StageOutcome(stage, skey, result, 3, "trained"))
+            report_stage_done(stage, step, _snapshot(done, Path(tempfile.mkdtemp())),
+                              source="trained", key=skey, steps=3)
             if attempt == 0:
                 raise RuntimeError("simulated crash after stage 1")
         out = Path(tempfile.mkdtemp()) / "artifacts"
