@@ -24,3 +24,17 @@ def golden() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(FIXTURES / "tensors.safetensors")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A module's MLflow store directory (campaign tests: one SQLite schema per module)."""
+    return tmp_path_factory.mktemp("mlruns")
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    """An MlflowClient on `store` (the test module has put experiments/ on sys.path)."""
+    from sftok_experiments.tracking import client_for, resolve_store
+
+    return client_for(resolve_store(str(store))[0])

@@ -45,18 +45,6 @@ def ray_session():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tmp_path_factory.mktemp("mlruns")
-
-
-@pytest.fixture(scope="module")
-def client(store):
-    from sftok_experiments.tracking import client_for, resolve_store
-
-    return client_for(resolve_store(str(store))[0])
-
-
 def fake_spec(tmp_path: Path, name: str, **extra) -> Path:
     doc = {"name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
            "arms": {"grid": {"train.stage2.replace_ratio": [0.5, 0.8, 1.0]}}, "seeds": 1,
@@ -355,16 +343,6 @@ def test_resume_without_a_campaign_exits_2(store, client, tmp_path, capsys):
     assert old.info.run_id in err and "run.py fake_noresume --set x=1" in err
     parents, children = runs_of(client, "fake_noresume")
     assert [p.info.run_id for p in parents] == [old.info.run_id] and not children
-
-
-def test_zero_gpu_trial_runs_on_cpu():
-    from sftok_experiments.trial import trial_device
-
-    assert trial_device("auto", 0) == "cpu"  # Ray 2.60 leaves CUDA_VISIBLE_DEVICES set
-    assert trial_device("auto", 0.0) == "cpu"
-    assert trial_device("auto", 0.5) == "auto" and trial_device("auto", 1) == "auto"
-    assert trial_device("cuda:1", 0) == "cuda:1"  # explicitly named: kept
-    assert trial_device("auto", None) == "auto"  # unknown (older payload): unchanged
 
 
 def test_worker_env_forwarded(monkeypatch):

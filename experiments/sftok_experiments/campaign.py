@@ -35,6 +35,7 @@ class Options:
     ray_address: str | None = None  # attach to an existing Ray cluster
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    device: str | None = None  # trials' device; None: the config's ("auto"); see placement.py
     max_concurrent: int | None = None
     resume: bool = False
     work_dir: str | None = None  # campaign dirs (trial work dirs, Ray storage); default ./runs
@@ -107,8 +108,12 @@ def _forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Start (or attach to) Ray so workers can import this package; True if we started it."""
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             num_gpus: int | None = None) -> bool:
+    """Start (or attach to) Ray so workers can import this package; True if we started it.
+
+    num_gpus None: Ray counts the machine's GPUs; a number declares logical GPUs (tests
+    schedule on them without CUDA, tests/test_gpu_scheduling.py)."""
     import ray
 
     if ray.is_initialized():
@@ -124,7 +129,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
                  logging_level="WARNING")
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
+                 include_dashboard=False,
                  object_store_memory=200 * 1024 ** 2, runtime_env=runtime_env,
                  logging_level="WARNING", log_to_driver=True)
     return True
@@ -298,8 +304,13 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                 trk.set_tags(client, parent_id, {"error": setup_error})
         if remaining and setup_error is None:
             started_ray = init_ray(opts.ray_address)
-            tracker = _run_tuner(plan, opts, todo, remaining, finished, client, exp_id,
-                                 parent_id, existing, campaign_dir, cache, echo)
+            setup_error = None if opts.ray_address else _local_gpu_shortfall(opts)
+            if setup_error:  # Ray would keep the trials pending forever
+                echo(f"error: {setup_error}", file=sys.stderr, flush=True)
+                trk.set_tags(client, parent_id, {"error": setup_error})
+            else:
+                tracker = _run_tuner(plan, opts, todo, remaining, finished, client, exp_id,
+                                     parent_id, existing, campaign_dir, cache, echo)
     except KeyboardInterrupt:
         interrupted = True
         echo("interrupted: finish later with --resume", flush=True)
@@ -357,6 +368,16 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     return result
 
 
+def _local_gpu_shortfall(opts: Options) -> str | None:
+    """A local Ray with fewer GPUs than one trial's share: the one-line error, else None.
+    (An attached cluster may autoscale, so it is left to Ray's own warning.)"""
+    import ray
+
+    from sftok_experiments.placement import gpu_shortfall
+
+    return gpu_shortfall(opts.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
+
+
 def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id, existing,
                campaign_dir, cache, echo):
     from ray import tune
@@ -372,7 +393,7 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
                "share_stages": bool(opts.share_stages),
                "teacher_cache": str(cache / "teachers"),
                "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus)),
-               "gpus": float(opts.gpus_per_trial)}  # 0: the trial runs on CPU (trial_device)
+               "gpus": float(opts.gpus_per_trial), "device": opts.device}  # placement.py
     tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
                                 existing={k: r for k, r in existing.items()
                                           if r.info.status != "FINISHED"}, echo=echo)

@@ -15,7 +15,8 @@ from sftok_experiments.spec import SpecError, list_specs, load_spec
 USAGE = """\
 python experiments/run.py SPEC [--preset NAME] [--seeds N] [--set key=value ...]
                           [--data imagenet=PATH] [--tracking-uri URI] [--ray-address ADDR]
-                          [--cpus-per-trial N] [--gpus-per-trial F] [--max-concurrent N]
+                          [--cpus-per-trial N] [--gpus-per-trial F] [--device auto|cpu]
+                          [--max-concurrent N]
                           [--resume] [--dry-run]
 python experiments/run.py --list
 python experiments/run.py ui [--tracking-uri URI] [--port 5000] [--print]
@@ -52,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store: a directory (default ./mlruns) or URI")
     p.add_argument("--ray-address", help="attach to an existing Ray cluster (e.g. auto)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPU share per trial: 1 per trial for paper presets, a fraction "
+                        "(e.g. 0.25) packs small-preset trials onto one GPU")
+    p.add_argument("--device", choices=("auto", "cpu"),
+                   help="trials' device (default: the config's, auto): auto = the GPU Ray "
+                        "assigned the trial, CPU without a GPU share, and an error naming the "
+                        "node if the trial has a share but no CUDA; cpu = CPU even with a share")
     p.add_argument("--max-concurrent", type=int, help="max trials running at once")
     p.add_argument("--max-failures", type=int, help="retries of a crashed trial (default: spec)")
     p.add_argument("--resume", action="store_true",
@@ -166,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(plan), flush=True)
     opts = Options(tracking=args.tracking_uri, ray_address=args.ray_address,
                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                   device=args.device,
                    max_concurrent=args.max_concurrent, resume=args.resume,
                    work_dir=args.work_dir, cache_dir=args.cache_dir,
                    max_failures=args.max_failures, prepare_teacher=not args.no_teacher,

@@ -292,6 +292,9 @@ def _make_tracker_class():
             if rec.run_id is None:
                 self._open_run(trial, rec)
             event = result.get("event")
+            where = {k: v for k, v in result.items() if k.startswith("placement.")}
+            if where:  # where and when the trial ran (sftok_experiments.placement)
+                set_tags(self.client, rec.run_id, where)
             if event == "train":
                 step = int(result.get("global_step", 0))
                 m = {k: v for k, v in result.items() if k.startswith("train/")

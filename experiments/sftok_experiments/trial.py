@@ -33,6 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sftok_experiments.placement import end_tag, trial_placement
+
 FINAL_EVENT = "final"
 STAGE_DONE = "stage_done"
 
@@ -75,7 +77,7 @@ def report_final(metrics: dict[str, float], artifacts: Path) -> None:
     from ray import tune
 
     _quiet_ray_logs()
-    out: dict[str, Any] = {"event": FINAL_EVENT}
+    out: dict[str, Any] = {"event": FINAL_EVENT, **end_tag()}
     out.update({f"eval/{k}": float(v) for k, v in metrics.items()})
     tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(artifacts)))
 
@@ -99,18 +101,10 @@ def resolved_config(config: dict[str, Any]):
     return cfg
 
 
-def trial_device(device: str, gpus: float | None) -> str:
-    """The device a trial runs on: "cpu" when Ray gave it no GPU and the config says "auto".
-
-    Ray >= 2.x no longer empties CUDA_VISIBLE_DEVICES for zero-GPU workers, so "auto" would put
-    every such trial on cuda:0 of a GPU node. Deciding from the trial's own GPU count does not
-    depend on Ray's env-var behaviour (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO) nor on how an
-    attached cluster's raylets were started. An explicitly named device is kept. `gpus` None:
-    unknown (an older payload), keep the config's device.
-    """
-    if device == "auto" and gpus is not None and float(gpus) == 0:
-        return "cpu"
-    return device
+def place_trial(config: dict[str, Any], cfg) -> str:
+    """The trial's device: `--device` (runtime) or the config's, placed by Ray's GPU share."""
+    runtime = config["runtime"]
+    return trial_placement(runtime.get("device") or cfg.device, runtime.get("gpus"))
 
 
 def write_artifacts(out: Path, cfg_dict: dict[str, Any], payload: dict[str, Any],
@@ -194,7 +188,8 @@ def run_trial(config: dict[str, Any]) -> None:
 
     payload = config["trial"]
     cfg = resolved_config(config)
-    dev = trial_device(cfg.device, runtime.get("gpus"))
+    # Before anything heavy: a trial on a node without its device fails here, in one line.
+    dev = place_trial(config, cfg)
     if dev != cfg.device:
         from sftok.config import override
 
