@@ -214,6 +214,7 @@ def make_crashing(log_dir: Path, work_root: Path):
         import shutil
         import tempfile
 
+        from sftok_experiments.stage_store import StageOutcome, StageStore
         from sftok_experiments.trial import (
             _restore_from_ray_checkpoint,
             _snapshot,
@@ -222,7 +223,6 @@ def make_crashing(log_dir: Path, work_root: Path):
             report_train,
             trial_key,
         )
-        from sftok_experiments.stage_store import StageOutcome, StageStore
 
         key = trial_key(config)
         work = Path(work_root) / key
