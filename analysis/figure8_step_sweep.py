@@ -15,10 +15,15 @@
 # # Figure 8 — reconstruction quality against the number of decode steps
 #
 # Paper (arXiv 2512.16910, Figure 8; SFTok-B): rFID falls and IS rises from 1 to 8 decode
-# steps, and 16 steps adds little. Here: `eval/<metric>_s<S>` of the trials of the latest (or a
-# chosen) parent run of the spec `step_sweep`, mean ± 95% CI over seeds, every metric that was
-# logged (rFID and IS need local Inception weights; offline they are reported unavailable and
-# the other metrics are plotted). Rendered by `python analysis/render.py figure8_step_sweep`.
+# steps, and 16 steps adds little. Figure 8 evaluates the full three-stage model (Figure 7 the
+# stage-2 one), so the paper comparison below uses the trials that trained stage 3; stage-2
+# trials are shown beside them (Figure 7's model). Each model is evaluated at the decoding
+# temperature tau of its arm (0 = argmax; 1 = the paper's Table 6 setting); arms of one model
+# and seed train identically, so tau's effect is a paired difference over seeds.
+# Here: `eval/<metric>_s<S>` of the trials of the latest (or a chosen) parent run of the spec
+# `step_sweep`, mean ± 95% CI over seeds, every metric that was logged (rFID and IS need local
+# Inception weights; offline they are reported unavailable and the other metrics are plotted).
+# Rendered by `python analysis/render.py figure8_step_sweep`.
 
 # %% tags=["parameters"]
 tracking_uri = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
@@ -50,14 +55,19 @@ paper_is = {int(k): v for k, v in md.paper_results()["figure8_step_sweep"]["ince
 # ## Metrics against decode steps
 
 # %%
+# Which model each trial evaluated (its last trained stage) and at which temperature.
+model_of = {i: ("stage 3" if "stage3" in st else "stage 2")
+            for i, st in camp.trained_stages().items()}
+tau_of = pd.to_numeric(camp.column("decode.temperature"), errors="coerce")
 rows = []
 for metric in WANTED:
     for S in md.eval_steps(camp, metric):
         vals = pd.to_numeric(camp.column(md.eval_key(metric, S)))
-        for (_, r), v in zip(camp.runs.iterrows(), vals):
+        for (i, r), v in zip(camp.runs.iterrows(), vals):
             rows.append({"metric": metric, "steps": S, "arm": r["arm"], "seed": r["seed"],
-                         "value": v})
-long = pd.DataFrame(rows, columns=["metric", "steps", "arm", "seed", "value"])
+                         "model": model_of[i], "tau": tau_of[i], "value": v})
+long = pd.DataFrame(rows, columns=["metric", "steps", "arm", "seed", "model", "tau", "value"])
+fig8_arms = sorted(long.loc[long["model"] == "stage 3", "arm"].astype(str).unique())
 present = [m for m in WANTED if m in set(long["metric"])]
 missing = [m for m in WANTED if m not in present]
 if not present:
@@ -118,6 +128,44 @@ caption = (f"Figure 8 values ({camp.describe()}); mean ± 95% CI over seeds. "
 display(Markdown(out.table("figure8", table, caption, md=md_table)))
 
 # %% [markdown]
+# ## Decoding temperature: tau = 1 minus tau = 0
+#
+# Per model, metric and S: the paired difference (over seeds) of the arm at tau = 1 (the paper's
+# "randomize temperature") minus the arm at tau = 0 (argmax).
+
+# %%
+taus = sorted(t for t in long["tau"].dropna().unique())
+tau_rows = []
+if len(taus) >= 2 and 0.0 in taus and 1.0 in taus:
+    for (model, metric, S), sub in long.dropna(subset=["tau"]).groupby(["model", "metric",
+                                                                         "steps"]):
+        p = stats.paired_diff(sub, "tau", "seed", "value", 0.0, 1.0)
+        tau_rows.append({"model": model, "metric": metric, "steps": int(S),
+                         "n_common_seeds": p.diff.n, "diff_mean": p.diff.mean,
+                         "ci_low": p.diff.low, "ci_high": p.diff.high, "p_value": p.p_value})
+tau_table = pd.DataFrame(tau_rows, columns=["model", "metric", "steps", "n_common_seeds",
+                                            "diff_mean", "ci_low", "ci_high", "p_value"])
+if len(tau_table):
+    md_tau = tau_table[["model", "metric", "steps", "n_common_seeds"]].assign(
+        metric=[md.metric_label(m) for m in tau_table["metric"]],
+        **{"tau 1 − tau 0 (95% CI)": [
+            f"{m:+.3g} [{lo:+.3g}, {hi:+.3g}]" if n >= 2 else f"{m:+.3g}" for m, lo, hi, n in
+            zip(tau_table["diff_mean"], tau_table["ci_low"], tau_table["ci_high"],
+                tau_table["n_common_seeds"])],
+           "p": [stats.format_p(p) for p in tau_table["p_value"]]})
+    display(Markdown(out.table("figure8_temperature", tau_table,
+                               "tau = 1 minus tau = 0, paired over seeds (95% CI)", md=md_tau)))
+    s8 = tau_table[(tau_table["steps"] == 8) & (tau_table["model"] == "stage 3")]
+    s8 = s8 if len(s8) else tau_table[tau_table["steps"] == tau_table["steps"].max()]
+    tau_note = "Temperature (tau 1 − 0) at S = {}: ".format(int(s8["steps"].iloc[0])) + "; ".join(
+        f"{md.metric_label(r.metric)} {r.diff_mean:+.3g} ({r.model})" for r in s8.itertuples())
+    tau_note += "."
+else:
+    tau_note = ("Only one decoding temperature was evaluated (tau values: "
+                f"{', '.join(map(str, taus)) or 'not logged'}); no tau comparison.")
+    display(Markdown(tau_note))
+
+# %% [markdown]
 # ## Reading
 
 # %%
@@ -142,11 +190,13 @@ def direction(metric, a, b, arm):
 
 
 def paper_claim(metric):
-    """Does `metric` improve from 1 to 8 steps in every arm that evaluated both?"""
-    have = [a for a in arms
+    """Does `metric` improve from 1 to 8 steps in every Figure-8 (stage-3) arm that evaluated
+    both? (Figure 8 is the three-stage model; stage-2 arms are Figure 7's.)"""
+    have = [a for a in fig8_arms
             if {1, 8} <= set(long[(long["arm"] == a) & (long["metric"] == metric)]["steps"])]
     if not have:
-        return "is undetermined (S = 1 and S = 8 were not both evaluated)"
+        return ("is undetermined (no stage-3 arm evaluated both S = 1 and S = 8; Figure 8 is "
+                "the three-stage model)")
     res = [direction(metric, 1, 8, a) for a in have]
     if any(v == "undetermined" for v, _, _ in res):
         return "is undetermined (no seed has finite values at both S = 1 and S = 8)"
@@ -196,6 +246,11 @@ if "rfid" in present or "is" in present:
                           + (" as in the paper" if c.startswith("improves") else
                              " (the paper: it improves)"))
     sentences.append("Against the paper: " + "; ".join(claims) + ".")
+if not fig8_arms:
+    sentences.append("No trial trained stage 3, so none of these arms is Figure 8's model "
+                     "(the paper evaluates the three-stage model); they compare with Figure 7.")
+if tau_note:
+    sentences.append(tau_note)
 if missing:
     sentences.append(f"Not available here: {missing_note} — the paper's rFID/IS curve can only be "
                      "compared through the metrics above.")

@@ -49,9 +49,9 @@ PARENT_ID_TAG = "mlflow.parentRunId"
 SPECS = {
     "ablation_sfvr_warmup": "Table 3 + Figure 4b",
     "ablation_replace_ratio": "Table 4",
-    "step_sweep": "Figure 8",
+    "step_sweep": "Figure 8 (+ Figure 7's stage-2 model)",
     "per_step_trace": "Figure 4a",
-    "reconstruction": "Table 1",
+    "reconstruction": "Table 1 + Figures 9-14",
 }
 
 # Evaluation metrics: direction (True = higher is better) and a display label.

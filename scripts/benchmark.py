@@ -24,6 +24,7 @@ comparable under the same load).
     python scripts/benchmark.py --presets smoke tiny --batch 8 --device cuda
     python scripts/benchmark.py --no-models --teacher-share tiny small sftok-b
     python scripts/benchmark.py --no-models --campaign --campaign-preset tiny --campaign-seeds 3
+    python scripts/benchmark.py --presets sftok-b --train-presets sftok-b sftok-l --json b.json
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--campaign-preset", default="tiny", choices=list(PRESETS))
     ap.add_argument("--campaign-seeds", type=int, default=3)
     ap.add_argument("--campaign-dir", help="where the two campaigns run (default: a temp dir)")
+    ap.add_argument("--json", metavar="PATH", help="also write the training rows as JSON "
+                    "(the input of analysis/table5_compute.py: -p benchmark_json=PATH)")
     args = ap.parse_args()
     device = torch.device(args.device)
     amp = args.dtype == "bf16"
@@ -146,6 +149,13 @@ def train_table(args: argparse.Namespace, device: torch.device) -> None:
         rows += benchmark_training(get_preset(name), steps=args.train_steps, device=str(device))
     print("\ntraining throughput (fp32 on CPU; the preset's precision on GPU)")
     print(format_table(rows), flush=True)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device_name": torch.cuda.get_device_name(device)
+                       if device.type == "cuda" else "cpu", "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 def teacher_share_table(args: argparse.Namespace, device: torch.device) -> None:

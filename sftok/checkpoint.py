@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from sftok.config import ExperimentConfig, TeacherConfig, TokenizerConfig, from_dict, to_dict
 from sftok.teacher import FrozenTeacher, MaskGitVQGAN, check_state_dict
 from sftok.tokenizer import SFTok
+from sftok.weights import WeightsFileError, read_safetensors
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "sftok-lab/1"
@@ -65,14 +65,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     """
     path = Path(path)
     wfile, cfile = path / WEIGHTS, path / CONFIG
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path} (a directory written "
+                                f"by training: .../<stage>/final with {WEIGHTS} + {CONFIG})")
     for f in (wfile, cfile):
         if not f.is_file():
-            raise FileNotFoundError(f"checkpoint file missing: {f}")
-    with safe_open(str(wfile), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{wfile}: not an sftok-lab checkpoint (metadata {meta})")
-    cfg = from_dict(_CONFIG_TYPES[meta["config_type"]], json.loads(cfile.read_text()))
+            raise FileNotFoundError(f"checkpoint file missing: {f} (a checkpoint directory "
+                                    f"holds {WEIGHTS} + {CONFIG}; point at .../<stage>/final)")
+    meta = read_safetensors(wfile, metadata_only=True)
+    if meta.get("format") != FORMAT or meta.get("config_type") not in _CONFIG_TYPES:
+        raise WeightsFileError(f"{wfile}: not an sftok-lab checkpoint (metadata {meta}); an "
+                               "official SFTok file needs --official")
+    try:
+        saved = json.loads(cfile.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsFileError(f"{cfile}: not valid JSON ({e}); restore it from the run's "
+                               "artifacts (checkpoint/config.json)") from None
+    cfg = from_dict(_CONFIG_TYPES[meta["config_type"]], saved)
     kind = meta["module"]
     if kind == "SFTok":
         tok = from_dict(TokenizerConfig, json.loads(meta["tokenizer"]))
@@ -86,7 +95,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         module = MaskGitVQGAN(from_dict(TeacherConfig, json.loads(meta["teacher"])))
     else:
         raise ValueError(f"{wfile}: unknown module type {kind!r}")
-    sd = load_file(str(wfile))
+    sd = read_safetensors(wfile)
     check_state_dict(module, sd, f"checkpoint {wfile}")
     module.load_state_dict(sd, strict=True)
     module.to(device)

@@ -98,8 +98,17 @@ class DecodeConfig:
 
     steps: int = 8  # S
     schedule: Literal["arccos", "cosine", "linear", "square", "sqrt"] = "arccos"
-    temperature: float = 0.0  # Gumbel temperature tau; annealed as tau * (1 - r); 0 = argmax
-    confidence_noise: float = 0.0  # scale of Gumbel noise added to confidences
+    # tau, the paper's "randomize temperature" (Table 6: 1.0): Gumbel noise of scale tau*(1-r) at
+    # step r on the sampling *and* on the confidence used for re-masking, as the reference
+    # sampler does. 0 = argmax with a deterministic order (the golden decode).
+    temperature: float = 0.0
+    # Advanced: a separate scale for the confidence noise; None = `temperature` (the paper).
+    confidence_noise: float | None = None
+
+    @property
+    def confidence_scale(self) -> float:
+        """The Gumbel scale (before annealing) of the confidence noise."""
+        return self.temperature if self.confidence_noise is None else self.confidence_noise
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +164,13 @@ class StageConfig:
     quantizer_weight: float = 1.0
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema_decay: float = 0.999  # 0 disables EMA
+    # Autocast dtype of the training forward. fp16 gets a dynamic loss scaler (the paper's
+    # choice, Table 6); bf16 needs none (fp32's exponent range). See presets._paper.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # The SFVR step-1 pass (no grad; its argmax fills the visible positions) runs in float32
+    # with autocast off, as the reference's `generate_guided_mask` does (it sits outside the
+    # autocast wrapper): under bf16/fp16 near-tied logits can flip the argmax. False: autocast.
+    sfvr_pass_fp32: bool = True
     compile: bool = False
     # Teacher ids M_g: "cache" looks them up when the training data is a finite pool
     # (sftok.train.teacher_ids; encoded once), "encode" runs the teacher on every batch.
@@ -169,6 +184,10 @@ class StageConfig:
     gan_start: int = 20_000
     lecam_weight: float = 0.001
     discriminator: Literal["patchgan", "dino"] = "patchgan"
+    # Stage 3 trains the decoder and the pixel decoder; the released code also trains the pixel
+    # codebook (`pixel_quantize`, the soft path's V×Z table) while encoder and quantizer stay
+    # frozen. The paper does not say; default = the released code.
+    train_pixel_codebook: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,8 +212,9 @@ class TrainConfig:
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(replacement="none"))
     stage2: StageConfig = field(default_factory=StageConfig)
+    # Stage 3 input is guided like stage 2 (Table 6: "Guided Mask True, Single Step False").
     stage3: StageConfig = field(default_factory=lambda: StageConfig(
-        replacement="none", optim=OptimConfig(betas=(0.9, 0.999))))
+        replacement="sfvr", replace_ratio=1.0, optim=OptimConfig(betas=(0.9, 0.999))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +228,9 @@ class EvalConfig:
     trace_steps: int = 8  # S of the Figure-4a per-step trace
     batch_size: int = 32
     max_images: int | None = None  # None: the whole validation split
-    temperature: float = 0.0
+    # None: `ExperimentConfig.decode.temperature` (one knob, DecodeConfig); a number overrides
+    # it for evaluation only. Every decode draws from a generator seeded with `seed`.
+    temperature: float | None = None
     seed: int = 0
     metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
     grid_images: int = 8
@@ -235,8 +257,87 @@ class ExperimentConfig:
         validate(self)
 
 
+# --------------------------------------------------------------------------------------------
+# Validation: the range of every field, then the checks across fields
+# --------------------------------------------------------------------------------------------
+
+# The metric groups `sftok.evaluate` computes (one owner: the evaluator and the specs use it).
+EVAL_METRICS = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
+
+
+def _min(lo: float) -> tuple[Any, str]:
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+_POS = ((lambda v: v > 0), "must be > 0")
+_UNIT = ((lambda v: 0.0 <= v <= 1.0), "must be in [0, 1]")
+_EACH_POS_INT = ((lambda v: len(v) > 0 and all(x >= 1 for x in v)),
+                 "must be a non-empty list of integers >= 1")
+_OPT_POS_INT = ((lambda v: v is None or v >= 1), "must be >= 1 (or null for all)")
+_OPT_NONNEG = ((lambda v: v is None or v >= 0), "must be >= 0 (or null for the default)")
+
+# Per config class: field -> (check, what the value must be). Every numeric field has an entry
+# (tests/test_config.py checks that), so a value out of range is refused where the config is
+# built (`--dry-run` included), naming the field, and never reaches a trial.
+_RANGES: dict[str, dict[str, tuple[Any, str]]] = {
+    "EncoderConfig": {"width": _min(1), "depth": _min(1), "heads": _min(1), "mlp_ratio": _POS,
+                      "patch_size": _min(1)},
+    "DecoderConfig": {"width": _min(1), "depth": _min(1), "heads": _min(1), "mlp_ratio": _POS},
+    "QuantizerConfig": {"codebook_size": _min(2), "commitment": _min(0),
+                        "codebook_weight": _min(0), "sinkhorn_epsilon": _POS,
+                        "sinkhorn_iters": _min(1)},
+    "TeacherConfig": {"hidden_channels": _min(1), "channel_mult": _EACH_POS_INT,
+                      "num_res_blocks": _min(1), "z_channels": _min(1), "codebook_size": _min(2)},
+    "TokenizerConfig": {"image_size": _min(1), "num_latent_tokens": _min(1),
+                        "token_size": _min(1)},
+    "DecodeConfig": {"steps": _min(1), "temperature": _min(0),
+                     "confidence_noise": _OPT_NONNEG},
+    "DataConfig": {"image_size": _min(1), "train_crops_per_image": _min(1),
+                   "val_crops_per_image": _min(1), "num_workers": _min(0), "seed": _min(0)},
+    "OptimConfig": {"lr": _POS, "betas": ((lambda v: all(0.0 <= b < 1.0 for b in v)),
+                                          "must both be in [0, 1)"),
+                    "weight_decay": _min(0), "warmup_steps": _min(0), "end_lr": _min(0),
+                    "grad_clip": ((lambda v: v >= 0), "must be >= 0 (0 = no clipping)")},
+    "StageConfig": {"steps": _min(1), "batch_size": _min(1), "grad_accum": _min(1),
+                    "replace_ratio": _UNIT, "unmasked_weight": _min(0),
+                    "quantizer_weight": _min(0),
+                    "ema_decay": ((lambda v: 0.0 <= v < 1.0), "must be in [0, 1) (0 = no EMA)"),
+                    "log_every": _min(1), "ckpt_every": _min(1), "l2_weight": _min(0),
+                    "lpips_weight": _min(0), "gan_weight": _min(0), "gan_start": _min(0),
+                    "lecam_weight": _min(0)},
+    "TeacherTrainConfig": {"steps": _min(1), "batch_size": _min(1), "commitment": _min(0),
+                           "l2_weight": _min(0), "lpips_weight": _min(0), "gan_weight": _min(0),
+                           "gan_start": _min(0), "log_every": _min(1), "ckpt_every": _min(1)},
+    "EvalConfig": {"decode_steps": _EACH_POS_INT,
+                   "trace_steps": ((lambda v: v >= 0), "must be >= 0 (0 = no trace)"),
+                   "batch_size": _min(1), "max_images": _OPT_POS_INT, "temperature": _OPT_NONNEG,
+                   "seed": _min(0),
+                   "metrics": ((lambda v: len(v) > 0 and set(v) <= set(EVAL_METRICS)),
+                               f"must be a non-empty list of {', '.join(EVAL_METRICS)}"),
+                   "grid_images": _min(0)},
+    "ExperimentConfig": {"seed": _min(0)},
+}
+
+
+def check_ranges(cfg: Any, path: str = "") -> None:
+    """Range-check every field of `cfg` and of the configs nested in it (ConfigError names the
+    dotted field, its value and the allowed range)."""
+    rules = _RANGES.get(type(cfg).__name__, {})
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        where = f"{path}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where + ".")
+        elif f.name in rules:
+            ok, what = rules[f.name]
+            if not ok(value):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(where, f"{what}, got {shown!r}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
-    """Cross-field checks; raise ConfigError naming the fields involved."""
+    """Range checks of every field, then cross-field checks; ConfigError names the field."""
+    check_ranges(cfg)
     t, tok = cfg.teacher, cfg.tokenizer
     if tok.image_size % tok.encoder.patch_size:
         raise ConfigError("tokenizer.encoder.patch_size",
@@ -251,10 +352,6 @@ def validate(cfg: ExperimentConfig) -> None:
                        ("tokenizer.decoder", tok.decoder.width, tok.decoder.heads)]:
         if w % h:
             raise ConfigError(f"{path}.heads", f"must divide width={w}")
-    for name in ("stage1", "stage2", "stage3"):
-        st = getattr(cfg.train, name)
-        if not 0.0 <= st.replace_ratio <= 1.0:
-            raise ConfigError(f"train.{name}.replace_ratio", "must be in [0, 1]")
 
 
 def proxy_grid(cfg: ExperimentConfig) -> int:
@@ -272,7 +369,11 @@ class ConfigError(ValueError):
 
     def __init__(self, field_path: str, message: str):
         self.field = field_path
+        self.message = message
         super().__init__(f"{field_path}: {message}")
+
+    def __reduce__(self):  # survives pickling (Ray sends a trial's error to the driver)
+        return (type(self), (self.field, self.message))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -3,10 +3,16 @@
 Start with every proxy position masked. At step s of S (0-based), r = (s+1)/S:
   1. logits = logits_fn(ids)                                   B×N×V
   2. sample ids: Gumbel-max at temperature tau·(1−r) (tau = 0: argmax); fixed ids are kept
-  3. confidence = raw logit of the sampled id (+inf at fixed positions), plus optional Gumbel
-     noise scaled by confidence_noise·(1−r)
+  3. confidence = raw logit of the sampled id (+inf at fixed positions), plus fresh Gumbel
+     noise of the same scale tau·(1−r)
   4. keep masked the `keep_masked(...)` least confident positions (schedules.py), fix the rest;
      the last step fixes everything.
+
+tau is the paper's "randomize temperature" (Table 6: 1.0): one knob, `DecodeConfig.temperature`,
+annealed as tau·(1−r) and applied to sampling and to the confidence alike, as the reference
+sampler does. `DecodeConfig.confidence_noise` (advanced, None = tau) sets the confidence-noise
+scale separately. Noise is drawn in this order per step: sampling (B×N×V), then confidence (B×N),
+each only when its scale is non-zero.
 
 Mask polarity, stated once: in every boolean `masked` / `masked_before` tensor, True = masked
 (still to predict); masked positions hold `mask_id` in `ids`.
@@ -115,7 +121,7 @@ def decode_step(state: DecodeState, logits: Tensor, step: int, cfg: DecodeConfig
         # 3. confidence = raw logit of the sampled id; +inf where already fixed.
         conf = logits.detach().float().gather(-1, sampled[..., None]).squeeze(-1)
         conf = torch.where(state.masked, conf, torch.full_like(conf, math.inf))
-        noise = cfg.confidence_noise * (1.0 - r)
+        noise = cfg.confidence_scale * (1.0 - r)
         if noise != 0:
             conf = conf + noise * _gumbel(conf.shape, conf, generator)
         # 4. re-mask the `keep` least confident positions.
@@ -137,7 +143,7 @@ def _validate(batch: int, num_positions: int, mask_id: int, cfg: DecodeConfig) -
                          f"(known: {', '.join(SCHEDULES)})")
     if not cfg.temperature >= 0:
         raise ValueError(f"decode: cfg.temperature must be >= 0, got {cfg.temperature}")
-    if not cfg.confidence_noise >= 0:
+    if cfg.confidence_noise is not None and not cfg.confidence_noise >= 0:
         raise ValueError(f"decode: cfg.confidence_noise must be >= 0, got {cfg.confidence_noise}")
 
 
@@ -157,7 +163,7 @@ def decode(logits_fn: LogitsFn, batch: int, num_positions: int, mask_id: int, cf
 
     logits_fn: ids B×N long (mask_id at masked positions) -> logits B×N×V on the same device.
     generator: source of all randomness (sampling and confidence noise); must live on the
-        logits' device. Unused when temperature and confidence_noise are both 0.
+        logits' device. Unused when both noise scales are 0 (tau = 0: argmax, deterministic).
     device: where the ids live; default the generator's device, else CPU.
     trace: also return S `StepTrace`s (stores S float32 B×N×V logits; off by default).
     The loop does not disable autograd: `last_logits` keeps any graph `logits_fn` built; wrap

@@ -88,3 +88,69 @@ def test_exponent_floats_from_yaml_are_numbers():
     assert cfg.train.stage2.optim.lr == 1e-4 and cfg.train.stage1.optim.end_lr == 2e-5
     with pytest.raises(ConfigError, match="expected a number"):
         override(get_preset("smoke"), {"train.stage2.optim.lr": "fast"})
+
+
+# --------------------------------------------------------------------------------------------
+# Range validation (issue 13): every bad value is refused where the config is built
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dotted,value", [
+    ("train.stage2.steps", -5), ("train.stage1.optim.lr", -1.0), ("train.stage1.batch_size", 0),
+    ("train.stage1.grad_accum", 0), ("tokenizer.num_latent_tokens", 0),
+    ("train.stage2.ema_decay", 5.0), ("eval.decode_steps", [0]), ("eval.decode_steps", []),
+    ("eval.max_images", 0), ("eval.metrics", ["psnr", "fid"]), ("train.teacher.steps", 0),
+    ("tokenizer.quantizer.sinkhorn_epsilon", 0.0), ("teacher.channel_mult", [1, 0]),
+    ("train.stage3.optim.betas", [0.9, 1.0]), ("data.num_workers", -1), ("decode.steps", 0),
+])
+def test_out_of_range_values_are_refused_naming_the_field(dotted, value):
+    with pytest.raises(ConfigError) as err:
+        override(get_preset("smoke"), {dotted: value})
+    assert err.value.field == dotted
+    assert str(err.value).startswith(f"{dotted}: must ")
+
+
+def test_boundary_values_are_accepted():
+    cfg = override(get_preset("smoke"), {"train.stage2.ema_decay": 0.0, "eval.max_images": None,
+                                         "eval.trace_steps": 0, "train.stage1.optim.grad_clip": 0,
+                                         "train.stage2.replace_ratio": 1.0})
+    assert cfg.train.stage2.ema_decay == 0.0 and cfg.eval.max_images is None
+
+
+def _config_classes(cls=ExperimentConfig, seen=None):
+    import dataclasses
+    import typing
+
+    seen = {} if seen is None else seen
+    seen[cls.__name__] = cls
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp) and tp.__name__ not in seen:
+            _config_classes(tp, seen)
+    return seen
+
+
+def test_every_numeric_field_has_a_range():
+    """A new numeric field without a range would let bad values run again: name it here."""
+    import dataclasses
+    import typing
+
+    from sftok.config import _RANGES
+
+    missing = []
+    for name, cls in _config_classes().items():
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            leaves = {a for a in typing.get_args(tp) if a is not Ellipsis} or {tp}
+            if leaves & {int, float} and f.name not in _RANGES.get(name, {}):
+                missing.append(f"{name}.{f.name}")
+    assert missing == []
+
+
+def test_config_error_survives_pickling():
+    import copy
+    import pickle
+
+    e = ConfigError("train.stage1.lr", "must be > 0")
+    for back in (pickle.loads(pickle.dumps(e)), copy.copy(e)):
+        assert (type(back), back.field, str(back)) == (ConfigError, e.field, str(e))

@@ -298,3 +298,42 @@ def test_val_batches_bounded_and_ordered():
     assert [b.shape[0] for b in batches] == [4, 4, 1]
     assert torch.equal(torch.cat(batches), val.images.float() / 255)
     assert sum(b.shape[0] for b in val_batches(val, batch_size=4, max_images=5)) == 5
+
+
+def _with_bad_files(root):
+    """Truncated, empty and fake image files next to the good ones (issue 13)."""
+    good = (root / "n01" / "img0.JPEG").read_bytes()
+    (root / "n01" / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (root / "n02" / "empty.JPEG").write_bytes(b"")
+    (root / "n02" / "fake.png").write_bytes(b"not an image at all" * 20)
+    return 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_leaves_bad_files_out_and_counts_them(imagenet_like, workers):
+    """No bad file is replaced by a duplicate of a good one: 6 good files -> 6 distinct images."""
+    n_bad = _with_bad_files(imagenet_like)
+    val = ImageFolder(imagenet_like, SIZE, train=False)
+    assert len(val) == 6 + n_bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptImageWarning)
+        batches = val_batches(val, batch_size=4, num_workers=workers)
+        images = torch.cat(list(batches))
+    assert images.shape[0] == 6 and (batches.images, batches.skipped) == (6, n_bad)
+    assert len({img.numpy().tobytes() for img in images}) == 6
+    assert batches.summary() == f"{n_bad} undecodable validation image file(s) left out; 6 evaluated"
+    capped = val_batches(val, batch_size=2, max_images=5, num_workers=workers)
+    assert sum(b.shape[0] for b in capped) == 5 and capped.images == 5
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_stream_counts_replaced_files(imagenet_like, workers):
+    n_bad = _with_bad_files(imagenet_like)
+    ds = ImageFolder(imagenet_like, SIZE, train=True)
+    stream = TrainStream(ds, batch_size=len(ds), seed=0, num_workers=workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptImageWarning)
+        images, _ = next(stream)  # one epoch: every file looked up once
+    assert images.shape[0] == len(ds) and stream.skipped >= n_bad
+    if workers == 0:
+        assert stream.skipped == n_bad

@@ -288,3 +288,64 @@ def test_validation_errors():
         decode(fn, B, 8, MASK, DecodeConfig())
     with pytest.raises(ValueError, match="batch"):
         decode(fn, 0, 16, MASK, DecodeConfig())
+
+
+# --------------------------------------------------------------------------------------------
+# Temperature: the paper's one knob (Table 6 "randomize temperature"), the reference's annealing
+# --------------------------------------------------------------------------------------------
+
+
+def _scripted_gumbel(monkeypatch, draws):
+    """Replace the Gumbel source by scripted tensors (popped in call order); returns the log of
+    the shapes that were asked for."""
+    import sftok.decoding as dec
+
+    asked = []
+
+    def fake(shape, like, generator):
+        asked.append(tuple(shape))
+        out = torch.tensor(draws.pop(0), dtype=torch.float32)
+        assert tuple(out.shape) == tuple(shape)
+        return out
+
+    monkeypatch.setattr(dec, "_gumbel", fake)
+    return asked
+
+
+def test_temperature_anneals_sampling_and_confidence_like_the_reference(monkeypatch):
+    # Hand-computed, B=1, N=2, V=2, S=2, tau=1. Step 0: r=1/2, so both noises have scale 0.5.
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
+    asked = _scripted_gumbel(monkeypatch, [
+        [[[0.0, 3.0], [0.0, 0.0]]],  # sampling noise: pos0 scores [2, 1.5] -> id 0 (at scale
+                                     # 1.0, i.e. without annealing, [2, 3] would give id 1)
+        [[1.2, 3.0]],                # confidence: raw logits [2, 1] + 0.5 * [1.2, 3] = [2.6, 2.5]
+    ])
+    res = decode(lambda ids: logits, 1, 2, 2, DecodeConfig(steps=2, temperature=1.0),
+                 trace=True)
+    # keep_masked(arccos, N=2, step 0 of 2) = 1: the least confident (pos1, 2.5) stays masked;
+    # at scale 1.0 the confidences would be [3.2, 4.0] and pos0 would stay masked instead.
+    assert res.trace[0].fixed_now.tolist() == [[True, False]]
+    assert res.trace[0].ids_after.tolist() == [[0, 2]]
+    # Step 1 (the last): r = 1, scale 0 -> argmax, no noise drawn.
+    assert res.ids.tolist() == [[0, 1]]
+    assert asked == [(1, 2, 2), (1, 2)]
+
+
+def test_confidence_noise_override_is_separate(monkeypatch):
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
+    asked = _scripted_gumbel(monkeypatch, [[[[0.0, 3.0], [0.0, 0.0]]]])
+    cfg = DecodeConfig(steps=2, temperature=1.0, confidence_noise=0.0)
+    res = decode(lambda ids: logits, 1, 2, 2, cfg, trace=True)
+    assert asked == [(1, 2, 2)]  # sampling noise only
+    assert res.trace[0].fixed_now.tolist() == [[True, False]]  # raw confidences [2, 1]
+    assert DecodeConfig(temperature=0.7).confidence_scale == 0.7
+    assert DecodeConfig(temperature=0.7, confidence_noise=0.2).confidence_scale == 0.2
+
+
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_temperature_zero_draws_nothing_and_is_argmax(monkeypatch, steps):
+    asked = _scripted_gumbel(monkeypatch, [])
+    fn = input_dependent_logits_fn(2, 64, seed=3)
+    res = decode(fn, 2, 64, MASK, DecodeConfig(steps=steps, temperature=0.0))
+    ref_ids, _ = _reference_rule_decode(fn, 2, 64, steps)
+    assert asked == [] and torch.equal(res.ids, ref_ids)

@@ -81,19 +81,21 @@ def test_warmup_arms_share_the_step_budget():
 def test_seeds_and_set_override():
     spec, path = load_spec("step_sweep")
     plan = expand(spec, path, preset="smoke", seeds=3, sets=parse_set(["train.stage2.steps=5",
-                                                                        "decode.temperature=0.5"]))
-    assert [t.seed for t in plan.trials] == [0, 1, 2]
+                                                                        "decode.confidence_noise=0.5"]))
+    assert [t.seed for t in plan.trials] == [0, 1, 2] * 4  # arms: stage3/stage2 × tau 0/1
     assert all(t.config.train.stage2.steps == 5 for t in plan.trials)
-    assert all(t.config.decode.temperature == 0.5 for t in plan.trials)
+    assert all(t.config.decode.confidence_noise == 0.5 for t in plan.trials)
     assert plan.trials[0].config.eval.decode_steps == (1, 2, 4, 8, 16)
 
 
-def test_data_option():
+def test_data_option(tmp_path):
     spec, path = load_spec("ablation_replace_ratio")
     plan = expand(spec, path, preset="sftok-b", seeds=1,
-                  data=parse_data(["imagenet=/data/imagenet"]))
+                  data=parse_data([f"imagenet={tmp_path}"]))
     d = plan.trials[0].config.data
-    assert (d.source, d.path) == ("folder", "/data/imagenet")
+    assert (d.source, d.path) == ("folder", str(tmp_path))
+    with pytest.raises(SpecError, match=r"--data: imagenet=.*missing.*is not a directory"):
+        parse_data([f"imagenet={tmp_path / 'missing'}"])
     d = parse_data(["imagenet=/s/train-{0000..0009}.tar,/s/val-{0000..0001}.tar"])
     assert d["data.source"] == "webdataset" and d["data.val_path"].startswith("/s/val")
 
@@ -103,6 +105,7 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     from sftok_experiments.expand import absolute_paths
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel" / "path").mkdir(parents=True)
     spec = parse_spec(_with(overrides={"data.val_path": "val/imgs"}), "s.yaml")
     plan = expand(spec, Path("s.yaml"), data=parse_data(["imagenet=rel/path"]),
                   sets=parse_set(["teacher.weights=rel.bin"]))

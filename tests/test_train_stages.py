@@ -141,21 +141,29 @@ def test_each_stage_runs_and_reports_metrics(workdir, teacher, stage1):
     assert saved_cfg.tokenizer.finetune_decoder and model.pixel_decoder is not None
 
 
-def test_stage3_freezes_encoder_and_quantizer(workdir, teacher, stage1):
+@pytest.mark.parametrize("train_codebook", [True, False])
+def test_stage3_freezes_encoder_and_quantizer(workdir, teacher, stage1, train_codebook):
     from sftok.train.stage3 import PixelTask
 
-    cfg = stages_mod.stage_config(_cfg(), "stage3")
+    cfg = stages_mod.stage_config(_cfg(**{"train.stage3.train_pixel_codebook": train_codebook}),
+                                  "stage3")
     task = PixelTask(cfg, teacher, torch.device("cpu"), init=stage1.checkpoint)
     # pixel path starts as the teacher's codebook and decoder
     assert torch.equal(task.model.pixel_quantize.embedding.weight, teacher.codebook())
+    # the pixel codebook is trained iff configured (the released code trains it)
+    assert task.model.pixel_quantize.embedding.weight.requires_grad == train_codebook
+    # frozen quantizer keeps its training (Sinkhorn) assignment; frozen encoder in eval mode
+    assert task.model.quantize.training and not task.model.encoder.training
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     disc_before = {k: v.clone() for k, v in task.adversary.disc.state_dict().items()}
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     task.step([images], step=0)  # step 0 < gan_start=1: generator update only
     after = task.model.state_dict()
     for k, v in before.items():
-        if k.startswith(("encoder.", "quantize.", "pixel_quantize.")):
+        if k.startswith(("encoder.", "quantize.")):
             assert torch.equal(v, after[k]), f"{k} changed in stage 3"
+    codebook = "pixel_quantize.embedding.weight"
+    assert torch.equal(before[codebook], after[codebook]) != train_codebook
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert any(not torch.equal(before[k], after[k]) for k in before
                if k.startswith("pixel_decoder."))
@@ -164,6 +172,34 @@ def test_stage3_freezes_encoder_and_quantizer(workdir, teacher, stage1):
     for k, v in task.model.state_dict().items():
         if k.startswith(("encoder.", "quantize.")):
             assert torch.equal(before[k], v), k
+
+
+def test_stage3_input_is_guided_by_the_step1_prediction(teacher, stage1, monkeypatch):
+    """Table 6 stage 3 ("Guided Mask True"): visible positions carry the step-1 argmax."""
+    from sftok.train import stage3
+    from sftok.train.masking import build_proxy_inputs
+
+    cfg = stages_mod.stage_config(_cfg(), "stage3")
+    assert cfg.train.stage3.replacement == "sfvr" and cfg.train.stage3.replace_ratio == 1.0
+    task = stage3.PixelTask(cfg, teacher, torch.device("cpu"), init=stage1.checkpoint)
+    seen = []
+
+    def spy(targets, masked, mask_id, strategy, ratio, first_step_fn, generator):
+        out = build_proxy_inputs(targets, masked, mask_id, strategy, ratio, first_step_fn,
+                                 generator)
+        with torch.no_grad():
+            step1 = first_step_fn(torch.full_like(targets, mask_id)).argmax(-1)
+        seen.append((out, step1))
+        return out
+
+    monkeypatch.setattr(stage3, "build_proxy_inputs", lambda *a, **k: spy(*a, **k))
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    task.step([images], step=0)
+    (proxy, step1), = seen
+    visible = ~proxy.masked
+    assert visible.any() and proxy.masked.any()  # random arccos masks, not all-masked input
+    assert torch.equal(proxy.ids[visible], step1[visible])
+    assert (proxy.ids[proxy.masked] == task.model.mask_id).all()
 
 
 @pytest.mark.parametrize("stage", ["stage2", "stage3"])

@@ -124,14 +124,17 @@ def test_weighted_ce_hand_computed():
 
 def test_hinge_and_lecam():
     real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
-    assert hinge_d(real, fake).item() == pytest.approx((0 + 1) / 2 + (0 + 1.5) / 2)
+    # the paper's scale: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))
+    assert hinge_d(real, fake).item() == pytest.approx(0.5 * ((0 + 1) / 2 + (0 + 1.5) / 2))
     assert hinge_g(fake).item() == pytest.approx(0.75)
     lecam = LeCamEMA(decay=0.5)
-    lecam.update(real, fake)  # first update initialises the anchors
-    assert lecam.ema_real.item() == pytest.approx(1.0)
-    assert lecam.ema_fake.item() == pytest.approx(-0.75)
-    # relu(real - ema_fake)^2 mean + relu(ema_real - fake)^2 mean
-    expect = ((2.75 ** 2 + 0.75 ** 2) / 2) + ((3.0 ** 2 + 0.5 ** 2) / 2)
+    assert lecam.ema_real.item() == 0.0 and lecam.ema_fake.item() == 0.0  # anchors start at 0
+    # before any update: relu(real - 0)^2 mean + relu(0 - fake)^2 mean
+    assert lecam(real, fake).item() == pytest.approx((4 + 0) / 2 + (4 + 0) / 2)
+    lecam.update(real, fake)  # ema <- 0.5 * ema + 0.5 * mean
+    assert lecam.ema_real.item() == pytest.approx(0.5)
+    assert lecam.ema_fake.item() == pytest.approx(-0.375)
+    expect = ((2.375 ** 2 + 0.375 ** 2) / 2) + ((2.5 ** 2 + 0.0) / 2)
     assert lecam(real, fake).item() == pytest.approx(expect)
 
 
@@ -289,3 +292,26 @@ def test_compiled_token_step_matches_eager_on_cpu():
         assert eager.keys() == compiled.keys()
         for k in eager:
             assert compiled[k] == pytest.approx(eager[k], rel=1e-3, abs=1e-4), k
+def test_sfvr_step1_pass_runs_in_float32_under_autocast():
+    """StageConfig.sfvr_pass_fp32 (as the reference's generate_guided_mask): the step-1 argmax
+    pass ignores the surrounding autocast; with fp32=False it follows it."""
+    from sftok.train.masking import step1_logits_fn
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 8)
+            self.proj = nn.Linear(8, 8)
+
+        def decoder_logits(self, ids, z):
+            return self.proj(self.emb(ids) + z.mean(1, keepdim=True))
+
+    model, z = Toy(), torch.randn(2, 3, 8)
+    ids = torch.full((2, 5), 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_bf16 = z.to(torch.bfloat16)
+        assert step1_logits_fn(model, z_bf16, fp32=True)(ids).dtype == torch.float32
+        assert step1_logits_fn(model, z_bf16, fp32=False)(ids).dtype == torch.bfloat16
+    ref = model.decoder_logits(ids, z_bf16.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(step1_logits_fn(model, z_bf16)(ids), ref)

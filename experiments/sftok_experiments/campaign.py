@@ -44,6 +44,8 @@ class Options:
     trial_fn: Callable[[dict], None] | None = None  # default: trial.run_trial
     prepare_teacher: bool = True  # stage 0 in the driver before the trials
     share_stages: bool = True  # one copy of each distinct stage result per work dir
+    progress_every: float = 30.0  # seconds between progress lines of a trial (< 0: none)
+    resume_hint: str | None = None  # the command that continues this invocation (cli.py)
     echo: Callable[..., None] = print
 
 
@@ -59,6 +61,7 @@ class TrialSummary:
     run_id: str | None = None
     note: str = ""
     stage_sources: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # undecodable files: train / val
 
 
 @dataclass
@@ -85,7 +88,20 @@ class CampaignResult:
 
     @property
     def exit_code(self) -> int:
-        return 2 if self.usage_error else 0 if self.ok else 1
+        """0 all finished, 1 a failure, 2 a usage error, 130 interrupted (the shell's Ctrl-C)."""
+        if self.usage_error:
+            return 2
+        return 0 if self.ok else 130 if self.interrupted and not self.setup_error else 1
+
+
+def work_root(opts: Options) -> Path:
+    """Where campaign directories go: --work-dir, default ./runs of the checkout."""
+    return Path(opts.work_dir).expanduser().resolve() if opts.work_dir else ROOT / "runs"
+
+
+def cache_root(opts: Options) -> Path:
+    """The teacher / FID-statistics cache: --cache-dir, default ./.cache of the checkout."""
+    return Path(opts.cache_dir).expanduser().resolve() if opts.cache_dir else ROOT / ".cache"
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +145,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
                  logging_level="WARNING")
     else:
+        # Ray enables token authentication for a new local cluster and warns that it did (an
+        # opt-out notice, nothing to act on): keep the protection, drop the notice.
+        import logging
+
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
                  include_dashboard=False,
                  object_store_memory=200 * 1024 ** 2, runtime_env=runtime_env,
@@ -253,8 +275,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
             tags["overrides"] = " ".join(f"{k}={v}" for k, v in plan.cli_overrides.items())
         run = client.create_run(exp_id, run_name=f"{spec.name}-{plan.preset}-{stamp}", tags=tags)
         parent_id = run.info.run_id
-        root = Path(opts.work_dir).expanduser().resolve() if opts.work_dir else ROOT / "runs"
-        campaign_dir = root / spec.name / parent_id
+        campaign_dir = work_root(opts) / spec.name / parent_id
         trk.set_tags(client, parent_id, {"sftok.campaign_dir": str(campaign_dir)})
         try:
             client.log_artifact(parent_id, str(plan.spec_path))
@@ -283,7 +304,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
         echo(f"skipping {len(finished)} finished trial(s): {', '.join(sorted(finished))}",
              flush=True)
 
-    cache = Path(opts.cache_dir).expanduser().resolve() if opts.cache_dir else ROOT / ".cache"
+    cache = cache_root(opts)
     interrupted = False
     tracker = None
     started_ray = False
@@ -309,11 +330,17 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                 echo(f"error: {setup_error}", file=sys.stderr, flush=True)
                 trk.set_tags(client, parent_id, {"error": setup_error})
             else:
-                tracker = _run_tuner(plan, opts, todo, remaining, finished, client, exp_id,
-                                     parent_id, existing, campaign_dir, cache, echo)
+                # Made here so that what it recorded survives a Ctrl-C inside fit().
+                tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
+                                            existing={k: r for k, r in existing.items()
+                                                      if r.info.status != "FINISHED"},
+                                            echo=echo, progress_every=opts.progress_every)
+                _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache,
+                           echo)
     except KeyboardInterrupt:
         interrupted = True
-        echo("interrupted: finish later with --resume", flush=True)
+        echo(f"[{trk._now()}] interrupted: closing the runs (the command that continues is "
+             "printed at the end)", flush=True)
     except Exception as e:  # noqa: BLE001 — the driver itself failed: record it, exit non-zero
         import traceback
 
@@ -330,7 +357,8 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
         for rec in tracker.records.values():
             summaries[rec.key] = TrialSummary(rec.key, rec.arm, rec.seed, rec.status,
                                               dict(rec.metrics), rec.error, rec.seconds,
-                                              rec.run_id, stage_sources=dict(rec.stage_sources))
+                                              rec.run_id, skipped=dict(rec.skipped),
+                                              stage_sources=dict(rec.stage_sources))
     for t in plan.trials if not search else []:
         summaries.setdefault(t.key, TrialSummary(t.key, t.arm, t.seed, "NOT RUN"))
     # Children still RUNNING (driver interrupted mid-trial) are closed as KILLED.
@@ -344,27 +372,40 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     result = CampaignResult(parent_id, exp_id, uri, campaign_dir, trials, time.time() - t_start,
                             interrupted, setup_error)
     table = summary_table(result)
+    skipped = skipped_line(trials)
+    if skipped:
+        table += "\n" + skipped
     echo(table, flush=True)
     n_fin = sum(t.status == "FINISHED" for t in trials)
     n_fail = sum(t.status == "FAILED" for t in trials)
     trk.set_tags(client, parent_id, {"n_finished": n_fin, "n_failed": n_fail,
-                                     "wall_s": f"{result.wall_s:.1f}"})
+                                     "wall_s": f"{result.wall_s:.1f}",
+                                     **{f"data_skipped.{k}": max(t.skipped.get(k, 0)
+                                                                 for t in trials)
+                                        for k in ("train", "val")}})
     _log_stage_counts(client, parent_id, result)
     try:
         client.log_text(parent_id, table + "\n", "summary.txt")
     except Exception:  # noqa: BLE001
         pass
+    # Interrupted (Ctrl-C, between or during trials): KILLED, not FAILED — nothing went wrong
+    # that --resume would not continue; the failures of single trials stay on their runs.
     status = "FINISHED" if result.ok else (
-        "KILLED" if interrupted and not n_fail and not setup_error else "FAILED")
+        "KILLED" if interrupted and not setup_error else "FAILED")
+    if interrupted:
+        trk.set_tags(client, parent_id, {"interrupted": "true"})
     client.set_terminated(parent_id, status=status)
     if not result.ok:
         bad = [t for t in trials if t.status != "FINISHED"]
-        echo(f"{len(bad)} of {len(trials)} trial(s) did not finish: "
-             + "; ".join(f"{t.key}: {t.status}{' — ' + t.error if t.error else ''}"
+        echo(f"{len(bad)} of {len(trials)} trial(s) did not finish:\n"
+             + "\n".join(f"  {t.key}: {t.status}{' — ' + t.error if t.error else ''}"
                          for t in bad), file=sys.stderr, flush=True)
         if interrupted:
-            echo(f"continue with: python experiments/run.py {plan.spec_path} --resume "
-                 "(same preset/seeds/--set)", file=sys.stderr, flush=True)
+            hint = opts.resume_hint or (
+                f"python experiments/run.py {plan.spec_path} --tracking-uri {uri} --work-dir "
+                f"{work_root(opts)} --cache-dir {cache_root(opts)} --resume (and the same "
+                "--preset/--seeds/--set/--data)")
+            echo(f"continue with: {hint}", file=sys.stderr, flush=True)
     return result
 
 
@@ -378,11 +419,10 @@ def _local_gpu_shortfall(opts: Options) -> str | None:
     return gpu_shortfall(opts.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
 
 
-def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id, existing,
-               campaign_dir, cache, echo):
+def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache, echo):
     from ray import tune
 
-    from sftok_experiments.trial import run_trial
+    from sftok_experiments.trial import guarded, run_trial
 
     spec = plan.spec
     cpus = float(opts.cpus_per_trial)
@@ -394,10 +434,7 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
                "teacher_cache": str(cache / "teachers"),
                "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus)),
                "gpus": float(opts.gpus_per_trial), "device": opts.device}  # placement.py
-    tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
-                                existing={k: r for k, r in existing.items()
-                                          if r.info.status != "FINISHED"}, echo=echo)
-    trainable = tune.with_resources(opts.trial_fn or run_trial,
+    trainable = tune.with_resources(guarded(opts.trial_fn or run_trial),
                                     {"cpu": cpus, "gpu": float(opts.gpus_per_trial)})
     if plan.search:
         search = plan.search
@@ -415,6 +452,10 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=opts.max_concurrent,
                                       trial_dirname_creator=lambda t: t.config["trial"]["key"])
     max_failures = spec.max_failures if opts.max_failures is None else opts.max_failures
+    # Ctrl-C raises KeyboardInterrupt here (run_campaign closes the runs as KILLED and prints
+    # the --resume command) instead of Ray's handler, which ended fit() normally, hiding the
+    # interruption between trials, and advised Tuner.restore, which this runner does not use.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # Our tracker prints one line per trial event; silence Ray's own tables.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -427,10 +468,15 @@ def _run_tuner(plan, opts, todo, remaining, finished, client, exp_id, parent_id,
     echo(f"[{trk._now()}] {remaining} trial(s) on Ray: {cpus:g} CPU / "
          f"{opts.gpus_per_trial:g} GPU each, max concurrent "
          f"{opts.max_concurrent or 'unlimited'}, retries {max_failures}", flush=True)
+    import logging
+
+    # The tracker prints each failure as one line and logs its traceback as the child run's
+    # error.txt; Ray's own copies (a traceback per attempt, "Trials did not complete") repeat it.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
     tuner.fit()
-    return tracker
 
 
 def warm_start(search: dict, finished: dict[str, Any]) -> tuple[list[dict], list[float]]:
@@ -485,6 +531,15 @@ def _log_stage_counts(client, parent_id: str, result: CampaignResult) -> None:
         "campaign/stages_reused": result.stage_count("reused"),
         "campaign/stage_steps_trained": result.stage_count("trained", steps=True),
         "campaign/stage_steps_reused": result.stage_count("reused", steps=True)}, step)
+def skipped_line(trials: list[TrialSummary]) -> str | None:
+    """One line on undecodable image files met by the trials (None when there were none)."""
+    train = max((t.skipped.get("train", 0) for t in trials), default=0)
+    val = max((t.skipped.get("val", 0) for t in trials), default=0)
+    if not train and not val:
+        return None
+    return (f"data: undecodable image files skipped — training: up to {train} per trial "
+            f"(replaced by the next decodable file), validation: {val} per trial (left out, "
+            f"not scored); metrics train/<stage>/data_skipped, eval/skipped_images")
 
 
 def summary_table(result: CampaignResult) -> str:

@@ -37,6 +37,7 @@ SQLite mlruns/mlflow.db + mlruns/artifacts/); browse it with `python experiments
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="experiments/run.py", usage=USAGE, epilog=EPILOG,
+                                allow_abbrev=False,  # resume_command rewrites exact names
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Run an SFTok experiment spec: Ray Tune trials "
                                             "tracked in MLflow.")
@@ -72,10 +73,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-share-stages", action="store_true",
                    help="train every stage in every trial instead of reusing identical stage "
                         "results from <work dir>/stages (for timing comparisons)")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="a progress line per running trial at most this often (default 30; "
+                        "-1: none)")
     # Tests and plugins: a replacement trial function, "path/to/file.py:function" or "mod:fn".
     p.add_argument("--trial-fn", help=argparse.SUPPRESS)
     p.add_argument("--no-teacher", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+# Options resume_command replaces by the values actually used, and flags it drops.
+_STORE_OPTIONS = ("--tracking-uri", "--work-dir", "--cache-dir")
+_DROPPED_FLAGS = ("--resume", "--dry-run")
+
+
+def resume_command(argv: list[str], tracking_uri: str, work_dir: Path, cache_dir: Path) -> str:
+    """The command that continues this invocation: the same arguments, the store, work and cache
+    directories actually used (absolute, so it works from any directory), and --resume."""
+    out, skip_value = [], False
+    for a in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _STORE_OPTIONS:
+            skip_value = "=" not in a
+            continue
+        if a not in _DROPPED_FLAGS:
+            out.append(a)
+    out += ["--tracking-uri", tracking_uri, "--work-dir", str(work_dir),
+            "--cache-dir", str(cache_dir), "--resume"]
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("run.py") else "experiments/run.py"
+    return " ".join(shlex.quote(c) for c in ["python", script, *out])
 
 
 def _load_trial_fn(ref: str):
@@ -168,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --cpus-per-trial must be > 0 and --gpus-per-trial >= 0", file=sys.stderr)
         return 2
 
-    from sftok_experiments.campaign import Options, run_campaign
+    from sftok_experiments.campaign import Options, cache_root, run_campaign, work_root
+    from sftok_experiments.tracking import resolve_store
 
     print(describe(plan), flush=True)
     opts = Options(tracking=args.tracking_uri, ray_address=args.ray_address,
@@ -177,9 +207,17 @@ def main(argv: list[str] | None = None) -> int:
                    max_concurrent=args.max_concurrent, resume=args.resume,
                    work_dir=args.work_dir, cache_dir=args.cache_dir,
                    max_failures=args.max_failures, prepare_teacher=not args.no_teacher,
-                   share_stages=not args.no_share_stages)
+                   share_stages=not args.no_share_stages,
+                   progress_every=args.progress_every)
+    opts.resume_hint = resume_command(argv, resolve_store(args.tracking_uri)[0],
+                                      work_root(opts), cache_root(opts))
     if args.trial_fn:
         opts.trial_fn = _load_trial_fn(args.trial_fn)
     os.environ.setdefault("SFTOK_PROGRESS", "0")
+    import warnings
+
+    # A warning is one console line here, like every other message of the runner.
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"warning: {category.__name__}: {message}\n")
     result = run_campaign(plan, opts)
     return result.exit_code

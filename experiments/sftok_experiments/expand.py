@@ -94,7 +94,12 @@ def parse_data(items: list[str] | None) -> dict[str, Any]:
             out.update({"data.source": "webdataset", "data.path": train,
                         "data.val_path": val or None})
         else:
-            out.update({"data.source": "folder", "data.path": str(Path(path).expanduser())})
+            folder = Path(path).expanduser()
+            if not folder.is_dir():  # refused now, not after the teacher trained on it
+                raise SpecError("--data", item, f"{str(folder)!r} is not a directory; give an "
+                                "image folder (an ImageNet root with train/ and val/, or "
+                                "<root>/<class>/*.JPEG) or webdataset shards (a .tar pattern)")
+            out.update({"data.source": "folder", "data.path": str(folder)})
     return out
 
 

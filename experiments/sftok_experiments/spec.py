@@ -29,11 +29,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sftok import config
 from sftok_experiments import SPECS_DIR
 
 Stage = Literal["stage1", "stage2", "stage3"]
 STAGES: tuple[str, ...] = ("stage1", "stage2", "stage3")
-EVAL_METRICS = Literal["psnr", "ssim", "lpips", "rfid", "is", "tokens"]
+EVAL_METRICS = Literal[config.EVAL_METRICS]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -43,7 +44,11 @@ class SpecError(ValueError):
     def __init__(self, file: str | Path, field: str, message: str):
         self.file = str(file)
         self.field = field
+        self.message = message
         super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+
+    def __reduce__(self):  # survives pickling, like ConfigError
+        return (type(self), (self.file, self.field, self.message))
 
 
 class _Strict(BaseModel):
@@ -267,6 +272,9 @@ def resolve_spec_path(name_or_path: str) -> Path:
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
             raise SpecError(p, "", "no such file")
+        if not p.is_file():
+            raise SpecError(p, "", "is a directory, not a spec; give a YAML file or a spec name "
+                                   f"({', '.join(list_specs())})")
         return p
     cand = SPECS_DIR / f"{name_or_path}.yaml"
     if not cand.exists():
@@ -281,6 +289,8 @@ def load_spec(name_or_path: str) -> tuple[Spec, Path]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpecError(path, "", f"not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(path, "", f"cannot be read ({e.__class__.__name__}: {e})") from None
     return parse_spec(data, path), path
 
 

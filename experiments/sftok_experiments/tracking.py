@@ -18,6 +18,7 @@ logged are skipped (a retried trial re-reports the steps after its last checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -64,7 +65,39 @@ def resolve_store(tracking: str | None) -> tuple[str, str | None]:
     return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other stores or in-memory SQLite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """An exclusive file lock next to a SQLite store while its schema is created / migrated.
+
+    MLflow creates and migrates the schema on first open; two campaigns opening a new store at
+    once both ran the migration and one died (`table ... already exists`). Other stores (a
+    server, a database that is not a file) serialise this themselves.
+    """
+    db = _sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def client_for(uri: str):
+    """An MlflowClient whose store exists and is migrated (safe with concurrent campaigns)."""
     import logging
 
     from mlflow.tracking import MlflowClient
@@ -72,17 +105,37 @@ def client_for(uri: str):
     # SQLite schema migrations log at INFO on first use; keep the console for trial events.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri)
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opens the store: creates / migrates it
+    return client
+
+
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it shows the
+# GenAI (traces) overview, where training runs, their metrics and charts are not listed.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def get_experiment(client, name: str, artifact_root: str | None, tags: dict[str, str]) -> str:
+    """The id of experiment `name`, created (with `tags`) if missing, restored if deleted."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    loc = f"{artifact_root}/{name}" if artifact_root else None
-    return client.create_experiment(name, artifact_location=loc, tags=tags)
+    if exp is None:
+        loc = f"{artifact_root}/{name}" if artifact_root else None
+        try:
+            return client.create_experiment(
+                name, artifact_location=loc, tags={**tags, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # another campaign created it just now
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version of this runner
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def git_commit() -> tuple[str, bool]:
@@ -188,6 +241,8 @@ class TrialRecord:
         self.seconds = 0.0
         self.retries = 0
         self.stage_sources: dict[str, tuple[str, str, int]] = {}  # stage -> (source, key, steps)
+        self.skipped: dict[str, int] = {}  # "train" (max over stages) / "val": bad image files
+        self.progress = None  # progress.StageProgress, made on the first train report
 
 
 def _make_tracker_class():
@@ -198,7 +253,7 @@ def _make_tracker_class():
 
         def __init__(self, client, experiment_id: str, parent_id: str, spec_name: str,
                      preset: str, existing: dict[str, Any] | None = None,
-                     echo=print):
+                     echo=print, progress_every: float = 30.0):
             self.client = client
             self.exp_id = experiment_id
             self.parent_id = parent_id
@@ -207,6 +262,7 @@ def _make_tracker_class():
             self.existing = dict(existing or {})  # key -> MLflow run (from an earlier invocation)
             self.records: dict[str, TrialRecord] = {}  # by ray trial id
             self.echo = echo
+            self.progress_every = progress_every  # seconds between progress lines of a trial
 
         # Ray pickles the run config (tuner.pkl, for Tuner.restore); the store client and the
         # console are driver-only and are not part of that state.
@@ -285,7 +341,9 @@ def _make_tracker_class():
             rec = self._record(trial)
             rec.retries += 1
             self._line(rec, f"crashed, retrying from its last checkpoint "
-                            f"(retry {rec.retries}): {_error_summary(trial)}")
+                            f"(retry {rec.retries}): {rec.error or _error_summary(trial)}")
+            rec.error = None  # the next attempt reports its own
+            rec.progress = None  # and its own speed
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             rec = self._record(trial)
@@ -303,6 +361,10 @@ def _make_tracker_class():
                     rec.last_step[k] = step
                 if m:
                     log_metrics(self.client, rec.run_id, m, step)
+                self._progress(trial, rec, str(result.get("stage")), step, result)
+                skipped = [int(v) for k, v in result.items() if k.endswith("/data_skipped")]
+                if skipped:
+                    rec.skipped["train"] = max(rec.skipped.get("train", 0), *skipped)
             elif event == "stage_done":
                 stage, source = result.get("stage"), result.get("source")
                 if source and stage not in rec.stage_sources:  # a retry re-reports: keep the first
@@ -312,12 +374,21 @@ def _make_tracker_class():
                                                        f"stage.{stage}.key": result.get("key")})
                 how = f", {source} {result.get('key')}" if source else ""
                 self._line(rec, f"{stage} done (global step {result.get('global_step')}{how})")
+            elif event == "error":  # sent by trial.guarded just before the trial fails
+                rec.error = str(result.get("error") or "") or None
+                if not result.get("retry", True):
+                    # Deterministic (a non-finite loss, a bad config value): a retry would
+                    # fail the same way. Ray's FailureConfig cannot tell error kinds apart;
+                    # with no retries left for this trial its failure is final.
+                    trial.max_failures = 0
             elif event == "final":
                 m = {k: v for k, v in result.items() if k.startswith("eval/")
                      and isinstance(v, (int, float))}
                 log_metrics(self.client, rec.run_id, m, 0)
                 rec.metrics.update(m)
                 rec.got_final = True
+                if "eval/skipped_images" in m:
+                    rec.skipped["val"] = int(m["eval/skipped_images"])
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             rec = self._record(trial)
@@ -345,7 +416,7 @@ def _make_tracker_class():
                 self._open_run(trial, rec)
             rec.seconds = time.time() - (rec.started or time.time())
             text = _error_text(trial)
-            rec.error = _error_summary(trial)
+            rec.error = rec.error or _error_summary(trial)
             rec.status = "FAILED"
             set_tags(self.client, rec.run_id, {"error": rec.error})
             try:
@@ -353,7 +424,23 @@ def _make_tracker_class():
             except Exception:  # noqa: BLE001
                 pass
             self.client.set_terminated(rec.run_id, status="FAILED")
-            self._line(rec, f"FAILED: {rec.error}")
+            self._line(rec, f"FAILED: {rec.error} (traceback: error.txt of run "
+                            f"{rec.run_id[:8]})")
+
+        def _progress(self, trial, rec: TrialRecord, stage: str, step: int, result) -> None:
+            from sftok_experiments.progress import StageProgress
+            from sftok_experiments.trial import resolved_config
+
+            if rec.progress is None:
+                stages = list(trial.config["trial"]["stages"])
+                train = resolved_config(trial.config).train
+                rec.progress = StageProgress(stages, {s: getattr(train, s).steps for s in stages},
+                                             self.progress_every)
+            prefix = f"train/{stage}/"
+            line = rec.progress.update(stage, step, {k[len(prefix):]: v for k, v in result.items()
+                                                     if k.startswith(prefix)})
+            if line:
+                self._line(rec, line)
 
         # -- artifacts -----------------------------------------------------------------------
         def _log_artifacts(self, trial, rec: TrialRecord) -> None:

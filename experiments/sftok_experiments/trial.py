@@ -24,11 +24,13 @@ published result is never retrained).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from sftok_experiments.placement import end_tag, trial_placement
 
 FINAL_EVENT = "final"
 STAGE_DONE = "stage_done"
+ERROR_EVENT = "error"
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +83,81 @@ def report_final(metrics: dict[str, float], artifacts: Path) -> None:
     out: dict[str, Any] = {"event": FINAL_EVENT, **end_tag()}
     out.update({f"eval/{k}": float(v) for k, v in metrics.items()})
     tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(artifacts)))
+
+
+def _deterministic_errors() -> tuple[type[BaseException], ...]:
+    """Errors a retry would only repeat: same config + data + seed give the same failure."""
+    from sftok.config import ConfigError
+    from sftok.train import NonFiniteLossError
+
+    return (ConfigError, NonFiniteLossError)
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` on one line (what the driver prints and tags as `error`)."""
+    msg = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {msg}"[:1000] if msg else type(exc).__name__
+
+
+def report_error(exc: BaseException) -> None:
+    """Tell the driver why this trial is about to fail, and whether a retry could help.
+
+    Sent before the exception propagates, so the driver has the one-line cause even when the
+    exception does not survive Ray, and can turn off retries of a deterministic failure
+    (`MlflowTracker.on_trial_result`): Ray Tune's FailureConfig retries every error alike.
+    """
+    from ray import tune
+
+    tune.report({"event": ERROR_EVENT, "error": one_line(exc),
+                 "retry": not isinstance(exc, _deterministic_errors())})
+
+
+def _survives_ray(exc: BaseException) -> bool:
+    """Ray copies (`copy.copy`) and pickles a trial's exception; can it be rebuilt?"""
+    import copy
+
+    import ray.cloudpickle as cp
+
+    try:
+        copy.copy(exc)
+        cp.loads(cp.dumps(exc))
+        return True
+    except Exception:  # noqa: BLE001 — any failure to rebuild means "no"
+        return False
+
+
+def _quiet_exit_hook(unraisable) -> None:
+    """sys.unraisablehook of a trial process: a SystemExit raised by Ray's SIGTERM handler
+    while a finaliser runs (the worker being stopped at shutdown or on Ctrl-C) is the exit
+    that was asked for, not an error: no 'Exception ignored in ...' traceback for it."""
+    if isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def guarded(fn):
+    """Wrap a trial function: its error reaches the driver as one line, survives pickling, and
+    a deterministic failure is not retried (`report_error`)."""
+    import functools
+
+    @functools.wraps(fn)
+    def trial_fn(config: dict[str, Any]) -> None:
+        sys.unraisablehook = _quiet_exit_hook
+        try:
+            fn(config)
+        except Exception as e:
+            with contextlib.suppress(Exception):  # the error below still reaches the driver
+                report_error(e)
+            if _survives_ray(e):
+                raise
+            import traceback
+
+            # An exception class whose __init__ cannot be called with its args (a third-party
+            # one, say) would turn into a TypeError of Ray's: keep its text instead.
+            raise RuntimeError(f"{one_line(e)}\n{''.join(traceback.format_exception(e))}"
+                               ) from None
+
+    return trial_fn
 
 
 def trial_key(config: dict[str, Any]) -> str:
@@ -180,6 +258,13 @@ def run_trial(config: dict[str, Any]) -> None:
     cpus = max(1, int(runtime.get("cpus", 1)))
     torch.set_num_threads(cpus)  # intra-op threads = the CPUs Ray gave this trial
     os.environ.setdefault("SFTOK_PROGRESS", "0")  # no progress bars inside Ray workers
+    import warnings
+
+    from sftok.data import CorruptImageWarning
+
+    # Skipped files are counted and reported to the driver (train/<stage>/data_skipped,
+    # eval/skipped_images), which prints one line for the campaign: no warning per worker.
+    warnings.filterwarnings("ignore", category=CorruptImageWarning)
 
     from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import dataset_key, evaluate
@@ -242,8 +327,9 @@ def run_trial(config: dict[str, Any]) -> None:
         result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
                           cache_dir=runtime.get("eval_cache"), progress=False,
                           decode_cfg=cfg.decode, dataset_key=dataset_key(cfg))
-        art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, result.metrics,
+        metrics = {**result.metrics, "skipped_images": images.skipped}  # left out, not scored
+        art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, metrics,
                               result.unavailable, result.trace, result.grids, init)
-        report_final(result.metrics, art)
+        report_final(metrics, art)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

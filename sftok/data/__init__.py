@@ -94,9 +94,9 @@ def build_train_dataset(cfg: DataConfig):
                                        f"set it to {_HOW[cfg.source]}")
     if cfg.source == "folder":
         # Training needs its own split: an explicit val_path, or train/ and val/ under path.
-        # train_crop=center: the deterministic view (a finite pool, teacher ids cached).
-        return ImageFolder(_train_root(cfg), cfg.image_size, train=cfg.train_crop == "random",
-                           field="data.path")
+        # train_crop=center: centre crops only (a finite pool, teacher ids cached).
+        return ImageFolder(_train_root(cfg), cfg.image_size, train=True, field="data.path",
+                           crop=cfg.train_crop)
     if cfg.val_path is None:
         raise ConfigError("data.val_path", "is required for data.source=webdataset: set it "
                                            "to the validation shards (a brace pattern)")

@@ -25,8 +25,9 @@ class CorruptImageWarning(UserWarning):
 class SkipLog:
     """Counts undecodable files; warns once, on the first one."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, consequence: str = "training goes on"):
         self.what = what  # e.g. "data.path /data/imagenet/train"
+        self.consequence = consequence  # what happens instead, e.g. "it is left out"
         self.count = 0
         self.first: str | None = None
         self._seen: set[str] = set()
@@ -40,8 +41,8 @@ class SkipLog:
             self.first = name
             warnings.warn(
                 f"skipping an image that cannot be decoded: {name} ({type(error).__name__}: "
-                f"{error}); training goes on. Further undecodable files in {self.what} are "
-                f"skipped silently and counted in `dataset.skipped`.",
+                f"{error}); {self.consequence}. Further undecodable files in {self.what} are "
+                f"skipped silently and counted.",
                 CorruptImageWarning, stacklevel=3)
 
     def report(self) -> str | None:

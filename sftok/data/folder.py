@@ -1,9 +1,10 @@
 """An image folder: ImageNet layout root/<class>/*.JPEG (labels = sorted class folders) or a flat
 folder of images (label 0), with the paper's preprocessing (`transforms.py`).
 
-A file that cannot be decoded is skipped, counted in `skipped`, and reported once (`decode.py`);
-in its place the dataset returns the next decodable file in index order, so the substitution is
-deterministic and a resumed run sees the same images.
+A file that cannot be decoded is skipped, counted in `skipped`, and reported once (`decode.py`).
+Training view: in its place the dataset returns the next decodable file in index order, so the
+substitution is deterministic and a resumed run sees the same images. Evaluation view: the item
+is None, and `val_batches` leaves it out and counts it, so no image is scored twice.
 """
 from __future__ import annotations
 
@@ -60,16 +61,20 @@ class ImageFolder(Dataset):
 
     `sample(i, seed)`: with `train=True` and a seed, a random crop drawn from that seed (the
     horizontal flip is added by `TrainStream`); otherwise the deterministic centre crop.
+    `crop="center"` makes the training view use the centre crop too (a finite pool).
     `__getitem__(i)` is `sample(i)`: the evaluation view.
     """
 
     def __init__(self, root: str | Path, image_size: int, train: bool = False,
-                 field: str = "data.path"):
+                 field: str = "data.path", crop: str = "random"):
         self.root = Path(root).expanduser()
         self.files, self.labels, self.classes = scan_folder(self.root, field)
         self.image_size = image_size
         self.train = train
-        self.skip_log = SkipLog(f"{field} {str(self.root)!r}")
+        self.crop = crop
+        self.skip_log = SkipLog(f"{field} {str(self.root)!r}",
+                                "training goes on with the next decodable file" if train else
+                                "it is left out: only decodable images are evaluated")
         self._bad: set[int] = set()
 
     @property
@@ -81,9 +86,10 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def pool_key(self) -> str | None:
-        """A finite pool (sftok.train.teacher_ids) when every sample is the centre crop: the
-        files (paths, sizes, mtimes) and the size identify its images; None with random crops."""
-        if self.train:
+        """A finite pool (sftok.train.teacher_ids) of the training view with `crop="center"`:
+        the files (paths, sizes, mtimes) and the size identify its images. None otherwise
+        (random crops; the evaluation view, which drops undecodable files)."""
+        if not self.train or self.crop != "center":
             return None
         h = hashlib.sha256(f"folder|{self.image_size}".encode())
         for f in self.files:
@@ -91,8 +97,17 @@ class ImageFolder(Dataset):
             h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         return f"folder-{h.hexdigest()}"
 
-    def sample(self, index: int, seed: int | None = None) -> tuple[torch.Tensor, int]:
+    def sample(self, index: int, seed: int | None = None) -> tuple[torch.Tensor, int] | None:
+        """(image, label); an undecodable file: the next decodable one (training view), None
+        (evaluation view: the caller drops it, see `val_batches`)."""
         n = len(self.files)
+        if not self.train:
+            try:
+                img = load_rgb(self.files[index])
+            except DECODE_ERRORS as e:
+                self.skip_log.record(str(self.files[index]), e)
+                return None
+            return eval_transform(img, self.image_size), self.labels[index]
         for step in range(n):
             i = (index + step) % n  # deterministic substitute for a bad file: the next good one
             if i in self._bad:
@@ -103,12 +118,12 @@ class ImageFolder(Dataset):
                 self._bad.add(i)
                 self.skip_log.record(str(self.files[i]), e)
                 continue
-            if self.train and seed is not None:
+            if seed is not None and self.crop == "random":
                 image = train_transform(img, self.image_size, generator(seed))
             else:
                 image = eval_transform(img, self.image_size)
             return image, self.labels[i]
         raise RuntimeError(f"none of the {n} images in {str(self.root)!r} can be decoded")
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         return self.sample(index)

@@ -29,6 +29,18 @@ def _collate(items: list[tuple[torch.Tensor, int]]) -> Batch:
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
+def _collate_counted(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """(images, labels, undecodable files met) of a batch of (image, label[, skipped]) items;
+    None items (undecodable, evaluation view) are left out and counted. The count travels
+    with the batch because DataLoader workers keep their own dataset copies."""
+    kept = [it for it in items if it is not None]
+    skipped = len(items) - len(kept) + sum(int(it[2]) for it in kept if len(it) > 2)
+    if not kept:
+        return None, None, skipped
+    images, labels = _collate([(it[0], it[1]) for it in kept])
+    return images, labels, skipped
+
+
 class _Keyed(Dataset):
     """Looks up (index, sample seed, flip) keys: what the workers run for map-style data."""
 
@@ -38,13 +50,16 @@ class _Keyed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int, bool]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int, bool]) -> tuple[torch.Tensor, int, int]:
+        """(image, label, undecodable files this lookup met and replaced)."""
         index, seed, flip = key
+        before = getattr(self.dataset, "skipped", 0)
         if hasattr(self.dataset, "sample"):
             image, label = self.dataset.sample(index, seed)
         else:  # any map-style dataset of (image, label) works, without its own augmentation
             image, label = self.dataset[index]
-        return (hflip(image) if flip else image), int(label)
+        met = getattr(self.dataset, "skipped", 0) - before
+        return (hflip(image) if flip else image), int(label), met
 
 
 class _KeyBatches:
@@ -95,8 +110,15 @@ class TrainStream:
         if self.num_samples == 0:
             raise ValueError("TrainStream: the dataset is empty")
         self.epoch, self.position = 0, 0  # the next sample: position-th of epoch `epoch`
+        self._skipped = 0
         self._it: Iterator | None = None
         self._perm_cache: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Undecodable files met (and replaced) by this stream so far; with DataLoader workers,
+        a file met by two workers counts twice. Shards: those met in this process."""
+        return getattr(self.dataset, "skipped", 0) if self.iterable else self._skipped
 
     # --- state ---------------------------------------------------------------------------
 
@@ -131,10 +153,10 @@ class TrainStream:
         if self.num_workers == 0:
             keyed = _Keyed(self.dataset)
             for keys in sampler:
-                yield _collate([keyed[k] for k in keys])
+                yield _collate_counted([keyed[k] for k in keys])
         else:
             yield from DataLoader(_Keyed(self.dataset), batch_sampler=sampler,
-                                  num_workers=self.num_workers, collate_fn=_collate,
+                                  num_workers=self.num_workers, collate_fn=_collate_counted,
                                   pin_memory=self.pin_memory)
 
     # --- iterable -------------------------------------------------------------------------
@@ -175,34 +197,67 @@ class TrainStream:
         if self.iterable:
             self.epoch, self.position = self._next_state
         else:  # the state is pure arithmetic on sample counts, whatever the workers prefetched
+            images, labels, met = batch
+            batch, self._skipped = (images, labels), self._skipped + met
             self.position += self.batch_size
             self.epoch += self.position // self.num_samples
             self.position %= self.num_samples
         return batch
 
 
-def val_batches(val_dataset, batch_size: int, max_images: int | None = None,
-                num_workers: int = 0) -> Iterator[torch.Tensor]:
-    """Evaluation images in dataset order, B×3×H×W float [0, 1] (last batch may be smaller).
+class ValBatches:
+    """Evaluation images in dataset order, B×3×H×W float [0, 1] (the last batch may be smaller).
 
-    Uses the deterministic (centre-crop) view; holds one batch at a time. `max_images` caps the
-    total (None: the whole split).
+    Uses the deterministic (centre-crop) view and holds one batch at a time. An undecodable
+    file is left out, never replaced, and counted: after iterating, `images` is the number of
+    images yielded and `skipped` the number of undecodable files met on the way. `max_images`
+    caps the images yielded (None: the whole split); files are read until it is reached.
     """
-    if isinstance(val_dataset, IterableDataset):
-        source = val_dataset.configured(flip=False) if hasattr(val_dataset, "configured") \
-            else val_dataset
-        loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=_collate)
-    else:
-        n = len(val_dataset) if max_images is None else min(max_images, len(val_dataset))
-        loader = DataLoader(torch.utils.data.Subset(val_dataset, range(n)), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=_collate)
-    remaining = max_images
-    for images, _labels in loader:
-        if remaining is not None:
-            images = images[:remaining]
-            remaining -= images.shape[0]
-        if images.shape[0]:
-            yield images
-        if remaining is not None and remaining <= 0:
-            return
+
+    def __init__(self, val_dataset, batch_size: int, max_images: int | None = None,
+                 num_workers: int = 0):
+        self.dataset, self.batch_size = val_dataset, batch_size
+        self.max_images, self.num_workers = max_images, num_workers
+        self.images = 0
+        self.skipped = 0
+
+    def summary(self) -> str | None:
+        """'N undecodable image file(s) left out; M evaluated' (None when nothing was skipped)."""
+        if not self.skipped:
+            return None
+        return (f"{self.skipped} undecodable validation image file(s) left out; "
+                f"{self.images} evaluated")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        ds = self.dataset
+        self.images, self.skipped = 0, 0
+        if isinstance(ds, IterableDataset):  # shards skip bad samples themselves; count here
+            source = ds.configured(flip=False) if hasattr(ds, "configured") else ds
+            before = getattr(ds, "skipped", 0)
+        else:
+            source, before = ds, None
+        loader = DataLoader(source, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=_collate_counted)
+        remaining = self.max_images
+        try:
+            for images, _labels, met in loader:
+                self.skipped += met
+                if images is None:
+                    continue
+                if remaining is not None:
+                    images = images[:remaining]
+                    remaining -= images.shape[0]
+                if images.shape[0]:
+                    self.images += images.shape[0]
+                    yield images
+                if remaining is not None and remaining <= 0:
+                    return
+        finally:
+            if before is not None and self.num_workers == 0:
+                self.skipped += getattr(ds, "skipped", 0) - before
+
+
+def val_batches(val_dataset, batch_size: int, max_images: int | None = None,
+                num_workers: int = 0) -> ValBatches:
+    """The evaluation batches of `val_dataset` (see `ValBatches`: bad files left out, counted)."""
+    return ValBatches(val_dataset, batch_size, max_images, num_workers)

@@ -46,6 +46,60 @@ def _data_overrides(item: str | None) -> dict:
     return {"data.source": "folder", "data.path": path, "data.val_path": None}
 
 
+# CLI option -> the EvalConfig field it sets (their ranges are checked by sftok.config).
+_EVAL_OPTIONS = {"--steps": "decode_steps", "--trace-steps": "trace_steps",
+                 "--max-images": "max_images", "--batch-size": "batch_size"}
+
+
+def check_args(args) -> str | None:
+    """Everything that can be checked before loading a model or data: one message, or None."""
+    from sftok.config import ConfigError, EvalConfig, check_ranges
+
+    given = {field: getattr(args, opt[2:].replace("-", "_")) for opt, field in _EVAL_OPTIONS.items()}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+    try:
+        check_ranges(dataclasses.replace(EvalConfig(), **given))
+    except ConfigError as e:
+        opt = next(o for o, f in _EVAL_OPTIONS.items() if f == e.field)
+        return f"{opt}: {e.message}"
+    bad = [s for s in args.sets if "=" not in s]
+    if bad:
+        return f"--set {bad[0]}: expected KEY=VALUE, e.g. eval.temperature=1.0"
+    ckpt = Path(args.checkpoint).expanduser()
+    if args.official:
+        if not ckpt.is_file():
+            return (f"{ckpt}: no such file; with --official CHECKPOINT is the official SFTok "
+                    "state-dict file (.bin / .safetensors)")
+        if not args.teacher_weights:
+            return "--official needs --teacher-weights /path/to/maskgit-vqgan-imagenet-f16-256.bin"
+    else:
+        from sftok.checkpoint import CONFIG, WEIGHTS
+
+        if not ckpt.is_dir():
+            hint = (" (an official SFTok file? add --official)" if ckpt.is_file() else
+                    f" (a directory written by training: .../<stage>/final with {WEIGHTS} "
+                    f"+ {CONFIG})")
+            return f"{ckpt}: checkpoint directory not found{hint}"
+        for name in (CONFIG, WEIGHTS):
+            if not (ckpt / name).is_file():
+                return (f"{ckpt / name}: missing; a checkpoint directory holds {WEIGHTS} + "
+                        f"{CONFIG} (point at .../<stage>/final)")
+    for opt, value, kind in (("--teacher-weights", args.teacher_weights, "file"),
+                             ("--teacher-checkpoint", args.teacher_checkpoint, "dir"),
+                             ("--inception-weights", args.inception_weights, "file"),
+                             ("--lpips-weights", args.lpips_weights, "file")):
+        if value and not (Path(value).expanduser().is_file() if kind == "file"
+                          else Path(value).expanduser().is_dir()):
+            return f"{opt} {value}: no such {'file' if kind == 'file' else 'directory'}"
+    data = _data_overrides(args.data)
+    if data.get("data.source") == "folder" and not Path(data["data.path"]).is_dir():
+        return (f"--data {args.data}: {data['data.path']} is not a directory; give an image "
+                "folder, .tar shards or 'embedded'")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out}: exists and is not a directory"
+    return None
+
+
 def _load(args, device):
     """-> (tokenizer, teacher, ExperimentConfig)."""
     from sftok.presets import get_preset
@@ -59,8 +113,6 @@ def _load(args, device):
             assign_at_inference=args.assign_at_inference or "nearest")
         cfg = get_preset(args.preset or "sftok-b")
         cfg = dataclasses.replace(cfg, tokenizer=tok_cfg)
-        if not args.teacher_weights:
-            sys.exit("--official needs --teacher-weights /path/to/maskgit-vqgan-imagenet-f16-256.bin")
     else:
         from sftok.checkpoint import load_model
 
@@ -120,6 +172,11 @@ def write_outputs(out: Path, result, cfg: ExperimentConfig) -> None:
         Image.fromarray(grid).save(out / "grids" / f"recon_s{s}.png")
 
 
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sftok.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "config; sftok-b with --official)")
     p.add_argument("--data", help="embedded | NAME=PATH | PATH (image folder or .tar shards)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. eval.temperature=1.0 (repeatable)")
+                   help="config override, e.g. decode.temperature=1.0 (repeatable)")
     p.add_argument("--steps", type=int, nargs="+", help="decode steps S (default: eval config)")
     p.add_argument("--trace-steps", type=int, help="S of the Figure-4a trace (0 = none)")
     p.add_argument("--max-images", type=int)
@@ -149,31 +206,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    problem = check_args(args)  # before any model, weights or data is loaded
+    if problem:
+        return _fail(problem)
+
+    from sftok.config import ConfigError
     from sftok.train import TeacherUnavailableError
     from sftok.train.loop import resolve_device
+    from sftok.weights import WeightsFileError
 
     device = resolve_device(args.device)
 
     try:
         tokenizer, teacher, cfg = _load(args, device)
+        ev = {"decode_steps": tuple(args.steps) if args.steps else None,
+              "trace_steps": args.trace_steps, "max_images": args.max_images,
+              "batch_size": args.batch_size,
+              "metrics": tuple(args.metrics) if args.metrics else None}
+        cfg = override(cfg, {f"eval.{k}": v for k, v in ev.items() if v is not None})
+
+        from sftok.data import build_val_dataset, val_batches
+
+        val = build_val_dataset(cfg.data)
     except TeacherUnavailableError as e:  # a clear message, not a traceback
-        sys.exit(f"teacher unavailable: {e}\nUse --teacher-weights FILE, --teacher-checkpoint "
-                 "DIR, or --cache-dir pointing at the cache the tokenizer was trained with.")
-    ev = {"decode_steps": tuple(args.steps) if args.steps else None,
-          "trace_steps": args.trace_steps, "max_images": args.max_images,
-          "batch_size": args.batch_size, "metrics": tuple(args.metrics) if args.metrics else None}
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
-        cfg.eval, **{k: v for k, v in ev.items() if v is not None}))
-
-    from sftok.data import build_val_dataset, val_batches
-
-    images = val_batches(build_val_dataset(cfg.data), cfg.eval.batch_size, cfg.eval.max_images,
+        return _fail(f"teacher unavailable: {e} — use --teacher-weights FILE, "
+                     "--teacher-checkpoint DIR, or --cache-dir pointing at the cache the "
+                     "tokenizer was trained with")
+    except (FileNotFoundError, WeightsFileError, ConfigError) as e:
+        return _fail(str(e))
+    images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images,
                          num_workers=cfg.data.num_workers)
     result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
                       cache_dir=Path(args.cache_dir) / "eval", inception_weights=args.inception_weights,
                       progress=not args.no_progress, decode_cfg=cfg.decode,
                       dataset_key=dataset_key(cfg), lpips_weights=args.lpips_weights)
     print(format_table(result, cfg.eval.decode_steps))
+    if images.summary():
+        print(images.summary())
     if args.out:
         write_outputs(Path(args.out), result, cfg)
     return 0

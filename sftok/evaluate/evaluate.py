@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sftok.config import DecodeConfig, EvalConfig
+from sftok.config import EVAL_METRICS, DecodeConfig, EvalConfig
 from sftok.evaluate.fid import (
     INCEPTION_NAME,
     ContentHash,
@@ -44,7 +44,7 @@ from sftok.evaluate.tokens import TokenAccumulator
 from sftok.evaluate.trace import TraceAccumulator
 from sftok.progress import progress_disabled
 
-KNOWN_METRICS = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
+KNOWN_METRICS = EVAL_METRICS
 # What loading a wrong or corrupt weights file raises (torch.load, load_state_dict, vassert).
 _LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
 
@@ -127,9 +127,10 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
 
     images: iterable of float B×3×H×W in [0, 1] (or (images, labels) batches); re-chunked to
         cfg.batch_size, cut at cfg.max_images.
-    cfg: which S (decode_steps), which metrics, trace_steps, temperature (0 = argmax), seed.
-    decode_cfg: base decode settings (schedule, confidence_noise; e.g. ExperimentConfig.decode);
-        steps and temperature are taken from `cfg`.
+    cfg: which S (decode_steps), which metrics, trace_steps, seed, and an optional temperature
+        override (None: decode_cfg's).
+    decode_cfg: the decode settings (schedule, temperature tau with the paper's semantics, see
+        sftok.decoding; e.g. ExperimentConfig.decode); steps are taken from `cfg`.
     cache_dir + dataset_key: cache the FID reference statistics of these validation images
         under cache_dir/fid_stats/ (checked against a hash of the images).
     inception_weights / lpips_weights: local weight files (else env vars / torch hub cache).
@@ -143,8 +144,9 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
         raise ValueError(f"evaluate: unknown metrics {sorted(unknown)} (known: {KNOWN_METRICS})")
     device = torch.device(device) if device is not None else _default_device(tokenizer)
     base = decode_cfg or DecodeConfig()
-    decode_cfgs = {s: dataclasses.replace(base, steps=s, temperature=cfg.temperature)
-                   for s in cfg.decode_steps}
+    if cfg.temperature is not None:
+        base = dataclasses.replace(base, temperature=cfg.temperature)
+    decode_cfgs = {s: dataclasses.replace(base, steps=s) for s in cfg.decode_steps}
     result = EvalResult()
 
     # ---- pretrained feature networks: detect absence first, never download (DESIGN §2)
@@ -189,7 +191,7 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
     rec_logits: dict[int, list[Tensor]] = {s: [] for s in steps}
     tokens = TokenAccumulator(_codebook_size(tokenizer)) if "tokens" in wanted else None
     trace_acc = TraceAccumulator() if cfg.trace_steps > 0 else None
-    trace_cfg = dataclasses.replace(base, steps=cfg.trace_steps, temperature=cfg.temperature)
+    trace_cfg = dataclasses.replace(base, steps=cfg.trace_steps)
     gens = {s: _generator(device, cfg.seed) for s in steps}
     trace_gen = _generator(device, cfg.seed)
     grid_orig: list[Tensor] = []

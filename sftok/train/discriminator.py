@@ -2,26 +2,30 @@
 
 - `PatchGAN`: a small convolutional patch discriminator (pix2pix / taming style, GroupNorm
   instead of BatchNorm so its output does not depend on the batch); needs no pretrained weights.
-- `DinoDiscriminator`: frozen DINO ViT-S/16 features (timm `vit_small_patch16_224.dino`) from a
-  few blocks, each with a small trainable head producing per-token logits (StyleGAN-T style; the
-  paper's stage 3 uses a DINO discriminator, Table 6). Its backbone weights must exist locally;
-  otherwise `build_discriminator` falls back to PatchGAN with one warning (issue 3).
+- `DinoDiscriminator`: the paper's "dinodisc" (Table 6): a frozen DINO ViT-S/16 (timm
+  `vit_small_patch16_224.dino`) read at the patch embedding and blocks 2/5/8/11, each read-out
+  with a spectral-normalised, virtual-batch-normed head producing per-token logits; its inputs
+  (real and fake) pass through `diff_augment` first. Its backbone weights must exist locally;
+  otherwise `build_discriminator` falls back to PatchGAN with one warning naming the file.
+- `Adversary`: a discriminator with its optimiser, learning-rate schedule, hinge loss and LeCam.
 
-Both take images in [0, 1] (B×3×H×W) and return logits (any shape; the hinge loss averages).
+Both discriminators take images in [0, 1] (B×3×H×W) and return logits (any shape; the hinge
+loss averages).
 """
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sftok.train.dino_discriminator import (
+    DINO_REPO,
+    DinoDiscriminator,
+    diff_augment,
+    find_dino_weights,
+)
 from sftok.train.losses import warn_once
-
-DINO_REPO = "timm/vit_small_patch16_224.dino"
 
 
 def _gn(ch: int) -> nn.GroupNorm:
@@ -51,95 +55,26 @@ class PatchGAN(nn.Module):
         return self.net(images * 2 - 1)
 
 
-class _Head(nn.Module):
-    """Per-token head on a B×L×D feature map: conv1d blocks -> B×L logits."""
-
-    def __init__(self, dim: int, hidden: int = 128):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv1d(dim, hidden, 1), nn.LeakyReLU(0.2),
-            nn.Conv1d(hidden, hidden, 9, padding=4, padding_mode="circular"), _gn(hidden),
-            nn.LeakyReLU(0.2), nn.Conv1d(hidden, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.transpose(1, 2)).squeeze(1)
-
-
-class DinoDiscriminator(nn.Module):
-    """Frozen DINO ViT-S/16 backbone + trainable heads on blocks `taps`.
-
-    The backbone is frozen (requires_grad False, eval) and is never in an optimiser; gradients
-    still flow *through* it to a generated image during the generator update.
-    """
-
-    def __init__(self, weights: Path, taps: tuple[int, ...] = (2, 5, 8, 11)):
-        super().__init__()
-        import timm
-
-        self.backbone = timm.create_model(
-            "vit_small_patch16_224.dino", pretrained=True, num_classes=0,
-            pretrained_cfg_overlay={"file": str(weights)})
-        self.backbone.requires_grad_(False).eval()
-        self.taps = taps
-        dim = self.backbone.embed_dim
-        self.heads = nn.ModuleList(_Head(dim) for _ in taps)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def train(self, mode: bool = True) -> DinoDiscriminator:
-        super().train(mode)
-        self.backbone.eval()  # frozen features: never in train mode
-        return self
-
-    def forward(self, images: Tensor) -> Tensor:
-        """images B×3×H×W in [0, 1] -> logits B×(len(taps)·L)."""
-        x = F.interpolate(images, size=224, mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
-        bb = self.backbone
-        x = bb.patch_embed(x)
-        x = bb._pos_embed(x)
-        x = bb.norm_pre(x)
-        outs = []
-        for i, block in enumerate(bb.blocks):
-            x = block(x)
-            if i in self.taps:
-                outs.append(self.heads[self.taps.index(i)](x))
-            if i >= max(self.taps):
-                break
-        return torch.cat(outs, dim=1)
-
-
-def find_dino_weights() -> Path | None:
-    """Local DINO ViT-S/16 weights: $SFTOK_DINO_WEIGHTS, else the Hugging Face cache."""
-    env = os.environ.get("SFTOK_DINO_WEIGHTS")
-    if env and Path(env).exists():
-        return Path(env)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            hit = try_to_load_from_cache(DINO_REPO, name)
-            if isinstance(hit, str):
-                return Path(hit)
-    except Exception:  # noqa: BLE001 (no hub, no cache: treat as absent)
-        return None
-    return None
+DINO_MISSING = ("DINO discriminator unavailable: its frozen ViT-S/16 weights were not found. "
+                "Provide a local file via SFTOK_DINO_WEIGHTS=FILE (timm "
+                f"'vit_small_patch16_224.dino' model.safetensors from {DINO_REPO}, or the DINO "
+                "release's dino_deitsmall16_pretrain.pth), or cache that Hugging Face repo; "
+                "falling back to a PatchGAN discriminator.")
 
 
 def build_discriminator(kind: str, image_size: int) -> nn.Module:
-    """"patchgan" or "dino" (falls back to PatchGAN, with a warning, without local weights)."""
+    """"patchgan" or "dino" (falls back to PatchGAN, with one warning, without local weights)."""
     if kind == "dino":
         weights = find_dino_weights()
-        if weights is not None:
-            try:
-                return DinoDiscriminator(weights)
-            except Exception as e:  # noqa: BLE001
-                warn_once("dino", f"DINO discriminator unavailable ({e}); using PatchGAN")
-                return PatchGAN(image_size)
-        warn_once("dino", "DINO discriminator weights not found (set SFTOK_DINO_WEIGHTS to a "
-                          f"local 'vit_small_patch16_224.dino' file or cache the Hugging Face "
-                          f"repo {DINO_REPO}); falling back to a PatchGAN discriminator.")
-        return PatchGAN(image_size)
+        if weights is None:
+            warn_once("dino", DINO_MISSING)
+            return PatchGAN(image_size)
+        try:
+            return DinoDiscriminator(weights)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            warn_once("dino", f"DINO discriminator unavailable: could not load {weights} ({e}); "
+                              "using PatchGAN")
+            return PatchGAN(image_size)
     if kind == "patchgan":
         return PatchGAN(image_size)
     raise ValueError(f"unknown discriminator {kind!r} (known: patchgan, dino)")
@@ -154,22 +89,40 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 # --------------------------------------------------------------------------------------------
 
 
+def discriminator_lr(step: int, start: int, total_steps: int, cfg) -> float:
+    """The discriminator's learning rate at optimiser step `step`: 0 before `start` (gan_start),
+    then the stage's schedule (`optim.lr_at`: warm-up, cosine to end_lr) restarted at `start`
+    over the remaining `total_steps - start` steps -- the reference steps its discriminator
+    scheduler only once the discriminator trains."""
+    from sftok.train.optim import lr_at
+
+    if step < start:
+        return 0.0
+    return lr_at(step - start, max(1, total_steps - start), cfg)
+
+
 class Adversary:
-    """A discriminator with its own AdamW, grad scaler and LeCam anchors.
+    """A discriminator with its own AdamW, learning-rate schedule, grad scaler and LeCam anchors.
 
     Used in two phases per optimiser step (DESIGN §1 stage 3):
     1. `generator_loss(fake)` inside the generator's update, with the discriminator's trainable
        parameters frozen (requires_grad False) so the generator's backward leaves no gradient in
        them (the reference leaks it; DESIGN says do not copy that);
-    2. `update(reals, fakes, lr)` on detached fakes: hinge loss + lecam_weight · LeCam.
+    2. `update(reals, fakes, lr)` on detached fakes: 0.5·hinge + lecam_weight · LeCam, at
+       `lr_at(step)` (its own schedule, warming up from `start`).
+    The DINO discriminator sees `diff_augment`ed images in both phases, real and fake alike
+    (random draws from `generator`, the stage's, so a resumed run draws the same).
     """
 
     def __init__(self, kind: str, image_size: int, optim_cfg, device: torch.device,
-                 precision, lecam_weight: float = 0.0):
+                 precision, lecam_weight: float = 0.0, start: int = 0,
+                 total_steps: int | None = None, generator: torch.Generator | None = None):
         from sftok.train.losses import LeCamEMA
         from sftok.train.optim import build_optimizer
 
         self.disc = build_discriminator(kind, image_size).to(device)
+        self.augment = isinstance(self.disc, DinoDiscriminator)  # as the reference: dino only
+        self.generator = generator
         self.params = trainable_parameters(self.disc)
         self.optimizer = build_optimizer([{"params": self.params,
                                            "weight_decay": optim_cfg.weight_decay}],
@@ -178,10 +131,22 @@ class Adversary:
         self.lecam_weight = lecam_weight
         self.precision = precision
         self.scaler = precision.scaler()
+        self.optim_cfg, self.start, self.total_steps = optim_cfg, start, total_steps
         self.grad_clip = optim_cfg.grad_clip
 
     def modules(self) -> dict[str, nn.Module]:
         return {"discriminator": self.disc, "lecam": self.lecam}
+
+    def lr_at(self, step: int) -> float:
+        """`discriminator_lr` for this adversary's start and the stage's length."""
+        total = self.total_steps if self.total_steps is not None else step + 1
+        return discriminator_lr(step, self.start, total, self.optim_cfg)
+
+    def logits(self, images: Tensor) -> Tensor:
+        """D(augment(images)) as float32 logits."""
+        if self.augment:
+            return self.disc(diff_augment(images, self.generator), self.generator).float()
+        return self.disc(images).float()
 
     def _set_trainable(self, flag: bool) -> None:
         for p in self.params:
@@ -193,7 +158,7 @@ class Adversary:
 
         self._set_trainable(False)
         try:
-            return hinge_g(self.disc(fake).float())
+            return hinge_g(self.logits(fake))
         finally:
             # requires_grad is read when the graph is built, so re-enabling it now does not
             # route the generator's backward into the discriminator's parameters.
@@ -208,18 +173,20 @@ class Adversary:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         n = len(reals)
-        d_total, lecam_total = 0.0, 0.0
+        out = {"gan_d": 0.0, "lecam": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
         for real, fake in zip(reals, fakes):
             with self.precision.autocast():
-                lr_real = self.disc(real).float()
-                lr_fake = self.disc(fake.detach()).float()
+                lr_real = self.logits(real)
+                lr_fake = self.logits(fake.detach())
             d = hinge_d(lr_real, lr_fake)
             reg = self.lecam(lr_real, lr_fake)
             loss = d + self.lecam_weight * reg
             check_finite("discriminator loss", loss)
             self.scaler.scale(loss / n).backward()
             self.lecam.update(lr_real.detach(), lr_fake.detach())
-            d_total += scalar(d) / n
-            lecam_total += scalar(reg) / n
+            for k, v in (("gan_d", d), ("lecam", reg), ("logits_real", lr_real.mean()),
+                         ("logits_fake", lr_fake.mean())):
+                out[k] += scalar(v) / n
         clip_and_step(self.optimizer, self.scaler, self.params, self.grad_clip)
-        return {"gan_d": d_total, "lecam": lecam_total}
+        out["disc_lr"] = lr
+        return out

@@ -58,6 +58,12 @@ class NonFiniteLossError(RuntimeError):
             f"training stopped. Last good checkpoint: {where}. Lower the learning rate, use "
             f"fp32/bf16 instead of fp16, or check the data, then resume.")
 
+    def __reduce__(self):
+        # Ray pickles a trial's exception to the driver; rebuild it from its fields (the
+        # default would call __init__ with the message alone and fail).
+        return (type(self), (self.stage, self.step, self.global_step, self.name, self.value,
+                             self.last_checkpoint))
+
 
 class NonFinite(Exception):
     """Raised inside a step when a loss is not finite; run_loop turns it into the error above."""
@@ -394,6 +400,8 @@ def run_loop(task: LoopTask, stream: Any, out_dir: Path, spec: LoopSpec,
                 check_watch()
                 metrics = window.means()
                 metrics["images_per_s"] = win_images / max(win_time, 1e-9)
+                if hasattr(stream, "skipped"):  # undecodable files replaced so far (issue 13)
+                    metrics["data_skipped"] = float(stream.skipped)
                 history.append({"step": done_steps, **metrics})
                 window, win_images, win_time = _Window(), 0, 0.0
                 if "loss" in metrics:

@@ -52,8 +52,9 @@ def weighted_ce(logits: Tensor, targets: Tensor, masked: Tensor,
 
 
 def hinge_d(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """Discriminator hinge loss: mean relu(1 - D(x)) + mean relu(1 + D(G(z)))."""
-    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+    """Discriminator hinge loss at the paper's scale (the reference's, and taming's):
+    0.5 · (mean relu(1 - D(x)) + mean relu(1 + D(x̂)))."""
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
 
 def hinge_g(fake_logits: Tensor) -> Tensor:
@@ -64,8 +65,9 @@ def hinge_g(fake_logits: Tensor) -> Tensor:
 class LeCamEMA(nn.Module):
     """LeCam regulariser (Tseng et al. 2021) with EMA anchors of the discriminator outputs.
 
-    reg = mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(G(z)))^2). The anchors are
-    buffers so they are checkpointed with the discriminator (exact resume).
+    reg = mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(x̂))^2). The anchors start at 0
+    and move by `decay` per update, as in the reference (its anchors are zero-initialised
+    buffers); they are buffers so they are checkpointed with the discriminator (exact resume).
     """
 
     def __init__(self, decay: float = 0.999):
@@ -73,18 +75,11 @@ class LeCamEMA(nn.Module):
         self.decay = decay
         self.register_buffer("ema_real", torch.zeros(()))
         self.register_buffer("ema_fake", torch.zeros(()))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def update(self, real_logits: Tensor, fake_logits: Tensor) -> None:
-        r, f = real_logits.float().mean(), fake_logits.float().mean()
-        if not bool(self.initialised):
-            self.ema_real.copy_(r)
-            self.ema_fake.copy_(f)
-            self.initialised.fill_(True)
-        else:
-            self.ema_real.lerp_(r, 1.0 - self.decay)
-            self.ema_fake.lerp_(f, 1.0 - self.decay)
+        self.ema_real.lerp_(real_logits.float().mean(), 1.0 - self.decay)
+        self.ema_fake.lerp_(fake_logits.float().mean(), 1.0 - self.decay)
 
     def forward(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         return (F.relu(real_logits.float() - self.ema_fake).pow(2).mean()

@@ -57,6 +57,24 @@ def sample_mask(strategy: str, batch: int, num_positions: int, schedule: str,
     return random_mask(batch, num_positions, schedule, generator, gen_device).to(device)
 
 
+def step1_logits_fn(model, z_q: Tensor, fp32: bool = True) -> Callable[[Tensor], Tensor]:
+    """The SFVR step-1 pass of `model` (anything with `decoder_logits(ids B×N, z_q B×K×C)`),
+    conditioned on z_q (no gradient is needed: `build_proxy_inputs` runs it under no_grad).
+
+    fp32=True: autocast off and z_q in float32, as the reference runs `generate_guided_mask`
+    (outside its autocast wrapper); the argmax of bf16/fp16 logits can flip at near-ties.
+    """
+    z = z_q.detach()
+
+    def fn(ids: Tensor) -> Tensor:
+        if not fp32:
+            return model.decoder_logits(ids, z)
+        with torch.autocast(z.device.type, enabled=False):
+            return model.decoder_logits(ids, z.float())
+
+    return fn
+
+
 def build_proxy_inputs(targets: Tensor, masked: Tensor, mask_id: int, strategy: str,
                        replace_ratio: float = 1.0,
                        first_step_fn: Callable[[Tensor], Tensor] | None = None,

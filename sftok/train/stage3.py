@@ -1,19 +1,24 @@
 """Stage 3: pixel-space fine-tuning through the soft path (DESIGN §1, paper Table 6).
 
-The encoder and quantizer are frozen (requires_grad False, eval); the token decoder and the
-tokenizer's own copy of the teacher decoder (`pixel_decoder`) are trained on pixels produced by
-the soft path: softmax(logits) @ pixel codebook -> pixel decoder. The pixel codebook
-(`pixel_quantize`, initialised from the teacher's codebook) stays frozen: DESIGN names only
-"the decoder and the teacher's decoder" as trained.
+What trains: the token decoder, the tokenizer's own copy of the teacher decoder
+(`pixel_decoder`) and, when `train_pixel_codebook` (default, as the released code does), the
+pixel codebook (`pixel_quantize`, initialised from the teacher's codebook). The encoder and the
+quantizer are frozen (requires_grad False); the encoder runs in eval mode, the quantizer in
+train mode so that its assignment is the one training used (OptVQ: Sinkhorn over the batch),
+not the eval-mode nearest code.
 
-Losses: l2_weight · L2 + lpips_weight · LPIPS (skipped with a warning when the VGG weights are
-absent) + gan_weight · hinge-G from `gan_start` on; the discriminator is updated from
-`gan_start` with hinge-D + lecam_weight · LeCam. During the generator's update the
+Decoder input: guided like stage 2 (Table 6 "Guided Mask True, Single Step False"): random
+arccos masks, visible positions carry the step-1 argmax (`replacement: sfvr`, ratio 1.0), so
+the decoder and the soft path see the partly filled inputs of decode steps 2..S.
+
+Losses (logged names in brackets; Figures 9-14): l2_weight · L2 [l2] + lpips_weight · LPIPS
+[lpips] (skipped with a warning when the VGG weights are absent) + gan_weight · hinge-G [gan_g]
+from `gan_start` on; the quantizer loss [quant_loss] of the frozen quantizer is logged and
+added to the total [loss] as in the reference (it carries no gradient). The discriminator
+(discriminator.py) is updated from `gan_start` with 0.5·hinge-D [gan_d] + lecam_weight · LeCam
+[lecam] on its own learning-rate schedule [disc_lr]. During the generator's update the
 discriminator's parameters have requires_grad False, so none of the generator's gradient
 reaches them (the reference leaks it; DESIGN says do not copy that).
-
-Decoder input: `replacement` of the stage config as in stages 1/2 — `none` (the presets'
-choice) feeds the all-masked input, i.e. the one-shot prediction.
 """
 from __future__ import annotations
 
@@ -38,10 +43,14 @@ from sftok.train.loop import (
     to_images,
 )
 from sftok.train.losses import load_lpips, lpips_loss
-from sftok.train.masking import build_proxy_inputs, sample_mask
+from sftok.train.masking import build_proxy_inputs, sample_mask, step1_logits_fn
 from sftok.train.optim import build_optimizer
 
-TRAINABLE_PREFIXES = ("decoder.", "pixel_decoder.")
+
+def trainable_prefixes(s: StageConfig) -> tuple[str, ...]:
+    """Parameter-name prefixes stage 3 trains (module docstring)."""
+    return ("decoder.", "pixel_decoder.") + (("pixel_quantize.",) if s.train_pixel_codebook
+                                             else ())
 
 
 @torch.no_grad()
@@ -51,12 +60,12 @@ def init_pixel_path(model: nn.Module, teacher: FrozenTeacher) -> None:
     model.pixel_decoder.load_state_dict(teacher.model.decoder.state_dict(), strict=True)
 
 
-def freeze_for_stage3(model: nn.Module) -> list[nn.Parameter]:
-    """requires_grad only for decoder.* and pixel_decoder.*; frozen children in eval mode.
-    Returns the trainable parameters."""
+def freeze_for_stage3(model: nn.Module, s: StageConfig) -> list[nn.Parameter]:
+    """requires_grad only for `trainable_prefixes(s)`; returns the trainable parameters."""
+    prefixes = trainable_prefixes(s)
     trainable = []
     for name, p in model.named_parameters():
-        on = name.startswith(TRAINABLE_PREFIXES)
+        on = name.startswith(prefixes)
         p.requires_grad_(on)
         if on:
             trainable.append(p)
@@ -64,10 +73,10 @@ def freeze_for_stage3(model: nn.Module) -> list[nn.Parameter]:
 
 
 def set_stage3_mode(model: nn.Module) -> None:
+    """Train mode, except the frozen encoder (eval). The frozen quantizer stays in train mode:
+    its assignment must be the training one (Sinkhorn), and it has no other train-mode state."""
     model.train()
-    for name, child in model.named_children():
-        if not f"{name}.".startswith(TRAINABLE_PREFIXES):
-            child.eval()
+    model.encoder.eval()
 
 
 class PixelTask(LoopTask):
@@ -86,7 +95,7 @@ class PixelTask(LoopTask):
         # A stage-2 tokenizer has no pixel path yet: start it from the teacher (DESIGN §1).
         if init is None or missing:
             init_pixel_path(self.model, teacher)
-        self.params = freeze_for_stage3(self.model)
+        self.params = freeze_for_stage3(self.model, s)
         set_stage3_mode(self.model)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.precision = Precision(s.precision, device)
@@ -95,7 +104,9 @@ class PixelTask(LoopTask):
         self.ema = EMA(self.model, s.ema_decay) if s.ema_decay > 0 else None
         self.lpips = load_lpips(device) if s.lpips_weight > 0 else None
         self.adversary = (Adversary(s.discriminator, cfg.tokenizer.image_size, s.optim, device,
-                                    self.precision, lecam_weight=s.lecam_weight)
+                                    self.precision, lecam_weight=s.lecam_weight,
+                                    start=s.gan_start, total_steps=s.steps,
+                                    generator=self.generator)
                           if s.gan_weight > 0 else None)
         if s.compile:
             compile_children(self.model)
@@ -114,17 +125,18 @@ class PixelTask(LoopTask):
             masked = sample_mask(s.replacement, b, num, s.mask_schedule, self.generator,
                                  self.device)
             with torch.no_grad():
-                z_q = model.encode(images).z_q  # frozen encoder + quantizer
+                q = model.encode(images)  # frozen encoder + quantizer (Sinkhorn assignment)
+            z_q = q.z_q
             with self.precision.autocast():
                 proxy = build_proxy_inputs(
                     targets, masked, model.mask_id, s.replacement, s.replace_ratio,
-                    first_step_fn=lambda ids, z=z_q: model.decoder_logits(ids, z),
+                    first_step_fn=step1_logits_fn(model, z_q, s.sfvr_pass_fp32),
                     generator=self.generator)
                 logits = model.decoder_logits(proxy.ids, z_q)
                 recon = model.pixels_from_logits(logits)
             recon = recon.float()
-            parts = {"l2": F.mse_loss(recon, images)}
-            loss = s.l2_weight * parts["l2"]
+            parts = {"l2": F.mse_loss(recon, images), "quant_loss": q.loss.float()}
+            loss = s.l2_weight * parts["l2"] + s.quantizer_weight * parts["quant_loss"]
             if self.lpips is not None:
                 parts["lpips"] = lpips_loss(self.lpips, recon, images)
                 loss = loss + s.lpips_weight * parts["lpips"]
@@ -145,6 +157,6 @@ class PixelTask(LoopTask):
         if self.ema is not None:
             self.ema.update(model)
         if gan_on:
-            acc.update(self.adversary.update(reals, fakes, lr))
+            acc.update(self.adversary.update(reals, fakes, self.adversary.lr_at(step)))
         acc["lr"] = lr
         return acc

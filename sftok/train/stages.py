@@ -45,7 +45,7 @@ from sftok.train.loop import (
     to_images,
 )
 from sftok.train.losses import weighted_ce
-from sftok.train.masking import build_proxy_inputs, sample_mask
+from sftok.train.masking import build_proxy_inputs, sample_mask, step1_logits_fn
 from sftok.train.optim import build_optimizer
 from sftok.train.teacher_stage import teacher_identity
 
@@ -181,10 +181,9 @@ class TokenTask(LoopTask):
                                  self.device)
             with self.precision.autocast():
                 q = model.encode(images)
-                z_cond = q.z_q.detach()  # step-1 pass: same condition, no gradient (SFVR)
-                proxy = build_proxy_inputs(
+                proxy = build_proxy_inputs(  # step-1 pass: same condition, no gradient
                     targets, masked, model.mask_id, s.replacement, s.replace_ratio,
-                    first_step_fn=lambda ids, z=z_cond: model.decoder_logits(ids, z),
+                    first_step_fn=step1_logits_fn(model, q.z_q, s.sfvr_pass_fp32),
                     generator=self.generator)
                 logits = model.decoder_logits(proxy.ids, q.z_q)
             ce = weighted_ce(logits, targets, masked, s.unmasked_weight)
