@@ -52,6 +52,8 @@ SPECS = {
     "step_sweep": "Figure 8 (+ Figure 7's stage-2 model)",
     "per_step_trace": "Figure 4a",
     "reconstruction": "Table 1 + Figures 9-14",
+    "generation": "Table 2",
+    "generation_guidance_sweep": "Table 2 (guidance sweep)",
 }
 
 # Evaluation metrics: direction (True = higher is better) and a display label.
@@ -63,6 +65,8 @@ METRICS: dict[str, tuple[bool, str]] = {
     "lpips": (False, "LPIPS"),
     "token_ce": (False, "token CE (step 1)"),
     "token_top1": (True, "token top-1 (step 1)"),
+    "gfid": (False, "gFID"),
+    "sample_codebook_usage": (True, "code usage (samples)"),
 }
 # When rFID is unavailable (no Inception weights offline) the tables fall back, in this order.
 PROXY_ORDER = ("rfid", "lpips", "psnr", "ssim", "token_ce")

@@ -31,7 +31,7 @@ from pathlib import Path
 ANALYSIS = Path(__file__).resolve().parent
 NOTEBOOKS = ["table3_sfvr_warmup", "table4_replace_ratio", "figure4_per_step",
              "figure8_step_sweep", "table1_reconstruction", "figures9_14_stage3_losses",
-             "table5_compute"]
+             "table5_compute", "table2_generation"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

@@ -15,7 +15,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sftok.config import ExperimentConfig, TeacherConfig, TokenizerConfig, from_dict, to_dict
+from sftok.config import (
+    ExperimentConfig,
+    GeneratorModelConfig,
+    TeacherConfig,
+    TokenizerConfig,
+    from_dict,
+    to_dict,
+)
+from sftok.generation.model import MaskGITGenerator
 from sftok.teacher import FrozenTeacher, MaskGitVQGAN, check_state_dict
 from sftok.tokenizer import SFTok
 from sftok.weights import WeightsFileError, read_safetensors
@@ -26,7 +34,7 @@ _CONFIG_TYPES = {c.__name__: c for c in (ExperimentConfig, TokenizerConfig, Teac
 
 
 def save_model(path: str | Path, module: nn.Module, cfg: Any) -> Path:
-    """Write `module` (SFTok, MaskGitVQGAN or FrozenTeacher) and its config under directory `path`.
+    """Write `module` (SFTok, MaskGitVQGAN, FrozenTeacher or MaskGITGenerator) and its config under directory `path`.
 
     For a FrozenTeacher the inner MaskGitVQGAN's weights are written (official key layout).
     """
@@ -46,6 +54,10 @@ def save_model(path: str | Path, module: nn.Module, cfg: Any) -> Path:
         weights = module.model.state_dict()
     elif isinstance(module, MaskGitVQGAN):
         meta.update(teacher=json.dumps(to_dict(module.cfg)))
+        weights = module.state_dict()
+    elif isinstance(module, MaskGITGenerator):
+        meta.update(generator=json.dumps(to_dict(module.cfg)), num_codes=str(module.num_codes),
+                    num_tokens=str(module.num_tokens), num_classes=str(module.num_classes))
         weights = module.state_dict()
     else:
         raise TypeError(f"save_model: unsupported module {type(module).__name__}")
@@ -93,6 +105,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         module: nn.Module = SFTok(tok, num_codes, grid, teacher)
     elif kind in ("MaskGitVQGAN", "FrozenTeacher"):
         module = MaskGitVQGAN(from_dict(TeacherConfig, json.loads(meta["teacher"])))
+    elif kind == "MaskGITGenerator":
+        module = MaskGITGenerator(from_dict(GeneratorModelConfig, json.loads(meta["generator"])),
+                                  int(meta["num_codes"]), int(meta["num_tokens"]),
+                                  int(meta["num_classes"]))
     else:
         raise ValueError(f"{wfile}: unknown module type {kind!r}")
     sd = read_safetensors(wfile)

@@ -10,6 +10,7 @@ overrides with type checking, and `to_dict()` / `from_dict()` round-trip through
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,6 +238,108 @@ class EvalConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Class-conditional generation on tokenizer tokens (paper §3.3, §4.3, Table 2)
+# --------------------------------------------------------------------------------------------
+
+GuidanceSchedule = Literal["constant", "linear", "power-cosine"]
+
+
+@dataclass(frozen=True)
+class GeneratorModelConfig:
+    """Bidirectional (BERT-style) transformer over [class token ; K image tokens].
+
+    Paper §4.3 "consistent with the original MaskGIT"; the released generator config (the
+    authors' fork of TiTok's `configs/training/generator/maskgit.yaml`): 24 layers, width 768,
+    16 heads, MLP 3072 (ratio 4), dropout 0.1.
+    """
+
+    width: int = 768
+    depth: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class GeneratorTrainConfig:
+    """Generator training (the authors' `configs/sftok_maskgit.yaml`): AdamW 2e-4, betas
+    (0.9, 0.96), wd 0.03, 10k warm-up then cosine to 1e-5, clip 1.0, EMA, bf16, label smoothing
+    0.1, weight 0.1 on visible tokens, class dropped to the null class with probability 0.1,
+    1M steps at 128 images per GPU."""
+
+    steps: int = 1_000_000
+    batch_size: int = 128
+    grad_accum: int = 1
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=2.0e-4, betas=(0.9, 0.96), weight_decay=0.03, warmup_steps=10_000, end_lr=1.0e-5))
+    label_dropout: float = 0.1  # P(class -> null class), for classifier-free guidance
+    label_smoothing: float = 0.1
+    unmasked_weight: float = 0.1
+    mask_schedule: Literal["arccos", "cosine", "linear", "square", "sqrt"] = "arccos"
+    ema_decay: float = 0.999  # 0 disables EMA; sampling uses the EMA weights when on
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    log_every: int = 50
+    ckpt_every: int = 5000
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Guided multi-step sampling (released SFTok inference config: tau 1.0, s 4.5 constant).
+
+    Guidance convention of the released code: logits = cond + s_k * (cond - uncond), s_k = 0 is
+    the conditional model alone; `linear` uses s*k/S at step k, `power-cosine` the MDT schedule
+    (see sftok.generation.guidance). tau anneals as tau*(1 - r) on sampling and confidence.
+    """
+
+    steps: int = 8
+    schedule: Literal["arccos", "cosine", "linear", "square", "sqrt"] = "arccos"
+    temperature: float = 1.0  # tau
+    guidance_scale: float = 4.5  # s
+    guidance_schedule: GuidanceSchedule = "constant"
+    guidance_power: float = 3.0  # power-cosine exponent
+    softmax_annealing: bool = False  # divide logits by 0.5 + 0.8 * (1 - r)
+
+
+@dataclass(frozen=True)
+class GenerationEvalConfig:
+    """gFID protocol: `samples_per_class` per class (50 for ImageNet's 50k), uint8 images, FID
+    against reference statistics of the training set (`reference_stats`: an .npz with mu/sigma,
+    e.g. ADM's VIRTUAL_imagenet256_labeled.npz; None: computed from the training images)."""
+
+    samples_per_class: int = 50
+    batch_size: int = 125
+    seed: int = 0
+    reference_stats: str | None = None
+    max_reference_images: int | None = None  # None: every training image (centre view)
+    max_heldout_images: int | None = None  # calibration rows; None: the whole held-out split
+    metrics: tuple[str, ...] = ("gfid", "is", "calibration", "tokens")
+    grid_classes: int = 8  # classes drawn in the per-class sample grids
+    grid_per_class: int = 8
+    # Guidance sweep (s x schedule x tau), sampled from one trained generator; empty = the
+    # `sampling` value alone. Each point logs eval/sweep/<schedule>/s<s>/tau<tau>/<metric>.
+    sweep_scales: tuple[float, ...] = ()
+    sweep_schedules: tuple[GuidanceSchedule, ...] = ()
+    sweep_temperatures: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """The `generation` stage: pre-tokenise the training data with a finished tokenizer, train
+    the generator on the tokens, sample class-balanced images, score them."""
+
+    tokenizer: str | None = None  # checkpoint dir; None: the trial's own tokenizer stages
+    num_classes: int = 1000  # C
+    flips: bool = True  # also tokenise the horizontally flipped images
+    # How token ids are assigned when pre-tokenising (recorded with the cache); nearest makes an
+    # image's tokens independent of the rest of its batch (DESIGN §1).
+    assign: Literal["nearest", "sinkhorn"] = "nearest"
+    model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
+    train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
 # The whole trial
 # --------------------------------------------------------------------------------------------
 
@@ -252,6 +355,7 @@ class ExperimentConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -271,6 +375,7 @@ def _min(lo: float) -> tuple[Any, str]:
 
 _POS = ((lambda v: v > 0), "must be > 0")
 _UNIT = ((lambda v: 0.0 <= v <= 1.0), "must be in [0, 1]")
+_UNIT_OPEN = ((lambda v: 0.0 <= v < 1.0), "must be in [0, 1)")
 _EACH_POS_INT = ((lambda v: len(v) > 0 and all(x >= 1 for x in v)),
                  "must be a non-empty list of integers >= 1")
 _OPT_POS_INT = ((lambda v: v is None or v >= 1), "must be >= 1 (or null for all)")
@@ -316,6 +421,28 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
                                f"must be a non-empty list of {', '.join(EVAL_METRICS)}"),
                    "grid_images": _min(0)},
     "ExperimentConfig": {"seed": _min(0)},
+    # Generation (Table 2)
+    "GenerationConfig": {"num_classes": _min(1)},
+    "GeneratorModelConfig": {"width": _min(1), "depth": _min(1), "heads": _min(1),
+                             "mlp_ratio": _POS, "dropout": _UNIT_OPEN},
+    "GeneratorTrainConfig": {"steps": _min(1), "batch_size": _min(1), "grad_accum": _min(1),
+                             "label_dropout": _UNIT_OPEN, "label_smoothing": _UNIT_OPEN,
+                             "unmasked_weight": _min(0),
+                             "ema_decay": ((lambda v: 0.0 <= v < 1.0),
+                                           "must be in [0, 1) (0 = no EMA)"),
+                             "log_every": _min(1), "ckpt_every": _min(1)},
+    # s may be negative (s = -1 is the unconditional model alone); it must be a number.
+    "SamplingConfig": {"steps": _min(1), "temperature": _min(0),
+                       "guidance_scale": ((lambda v: math.isfinite(v)), "must be finite"),
+                       "guidance_power": _POS},
+    "GenerationEvalConfig": {"samples_per_class": _min(1), "batch_size": _min(1),
+                             "seed": _min(0), "max_reference_images": _OPT_POS_INT,
+                             "max_heldout_images": _OPT_POS_INT, "grid_classes": _min(0),
+                             "grid_per_class": _min(0),
+                             "sweep_scales": ((lambda v: all(math.isfinite(x) for x in v)),
+                                              "must all be finite"),
+                             "sweep_temperatures": ((lambda v: all(x >= 0 for x in v)),
+                                                    "must all be >= 0")},
 }
 
 
@@ -352,6 +479,20 @@ def validate(cfg: ExperimentConfig) -> None:
                        ("tokenizer.decoder", tok.decoder.width, tok.decoder.heads)]:
         if w % h:
             raise ConfigError(f"{path}.heads", f"must divide width={w}")
+    validate_generation(cfg.generation)
+
+
+GENERATION_METRICS = ("gfid", "is", "calibration", "tokens")
+
+
+def validate_generation(g: GenerationConfig) -> None:
+    """Checks of the `generation` block across fields (ranges are in `_RANGES`)."""
+    if g.model.width % g.model.heads:
+        raise ConfigError("generation.model.heads", f"must divide width={g.model.width}")
+    bad = [m for m in g.eval.metrics if m not in GENERATION_METRICS]
+    if bad:
+        raise ConfigError("generation.eval.metrics",
+                          f"unknown {bad} (known: {', '.join(GENERATION_METRICS)})")
 
 
 def proxy_grid(cfg: ExperimentConfig) -> int:

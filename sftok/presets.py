@@ -17,14 +17,20 @@ from sftok.config import (
     EncoderConfig,
     EvalConfig,
     ExperimentConfig,
+    GenerationConfig,
+    GenerationEvalConfig,
+    GeneratorModelConfig,
+    GeneratorTrainConfig,
     OptimConfig,
     QuantizerConfig,
+    SamplingConfig,
     StageConfig,
     TeacherConfig,
     TeacherTrainConfig,
     TokenizerConfig,
     TrainConfig,
 )
+from sftok.data.embedded import PHOTOS
 
 # Paper Table 6 "Randomize Temperature 1.0": tau = 1 with the reference's semantics (sftok.decoding:
 # Gumbel noise tau*(1-r) on sampling and on the confidence); evaluation draws it from a generator
@@ -55,6 +61,23 @@ def _stages(steps1: int, steps2: int, steps3: int, batch: int, optim: OptimConfi
     }
 
 
+def _generation(width: int, depth: int, heads: int, steps: int, batch: int, lr: float,
+                warmup: int, samples_per_class: int, eval_batch: int, num_classes: int,
+                accum: int = 1, precision: str = "fp32", ema: float = 0.999, log_every: int = 50,
+                ckpt_every: int = 5000, dropout: float = 0.1) -> GenerationConfig:
+    """The `generation` block of a preset (Table 2). Optimiser betas, weight decay, label
+    smoothing, label dropout and loss weights are the released MaskGIT config's at every scale."""
+    return GenerationConfig(
+        num_classes=num_classes,
+        model=GeneratorModelConfig(width=width, depth=depth, heads=heads, dropout=dropout),
+        train=GeneratorTrainConfig(
+            steps=steps, batch_size=batch, grad_accum=accum, precision=precision, ema_decay=ema,
+            log_every=log_every, ckpt_every=ckpt_every,
+            optim=OptimConfig(lr=lr, betas=(0.9, 0.96), weight_decay=0.03, warmup_steps=warmup,
+                              end_lr=lr / 20)),
+        eval=GenerationEvalConfig(samples_per_class=samples_per_class, batch_size=eval_batch))
+
+
 def smoke() -> ExperimentConfig:
     size = 16
     return ExperimentConfig(
@@ -74,6 +97,12 @@ def smoke() -> ExperimentConfig:
                       optim=OptimConfig(lr=1e-3, warmup_steps=1, end_lr=1e-4))),
         eval=EvalConfig(decode_steps=(1, 2, 4), trace_steps=4, batch_size=8, max_images=8,
                         metrics=("psnr", "ssim", "tokens"), grid_images=4),
+        # Classes of the embedded photos: the source photo (labels index PHOTOS).
+        generation=dataclasses.replace(
+            _generation(32, 1, 2, steps=3, batch=8, lr=1e-3, warmup=1, samples_per_class=2,
+                        eval_batch=8, num_classes=len(PHOTOS), ema=0.9, log_every=1,
+                        ckpt_every=2, dropout=0.0),
+            sampling=SamplingConfig(steps=4)),
     )
 
 
@@ -105,6 +134,11 @@ def tiny() -> ExperimentConfig:
                       optim=OptimConfig(lr=1e-3, warmup_steps=20, end_lr=1e-4))),
         eval=EvalConfig(decode_steps=(1, 2, 4, 8, 16), trace_steps=8, batch_size=64,
                         max_images=None, grid_images=8),
+        # 7 training photos x 64 crops x 2 flips = 896 token rows of K = 16.
+        generation=_generation(128, 4, 4, steps=1500, batch=64, lr=1e-3, warmup=50,
+                               samples_per_class=50, eval_batch=128,
+                               num_classes=len(PHOTOS), ema=0.99, log_every=25,
+                               ckpt_every=500),
     )
 
 
@@ -129,6 +163,9 @@ def small() -> ExperimentConfig:
                       optim=OptimConfig(lr=4e-4, warmup_steps=500, end_lr=4e-5))),
         decode=PAPER_DECODE,
         eval=EvalConfig(batch_size=128),
+        generation=_generation(384, 8, 6, steps=20_000, batch=128, lr=4e-4, warmup=1000,
+                               samples_per_class=50, eval_batch=250, num_classes=len(PHOTOS),
+                               precision="bf16", log_every=50, ckpt_every=2000),
     )
 
 
@@ -162,6 +199,14 @@ def _paper(decoder: DecoderConfig, name: str) -> ExperimentConfig:
                               warmup_steps=10_000, end_lr=1e-5))),
         decode=PAPER_DECODE,
         eval=EvalConfig(batch_size=64),
+        # The authors' generator (configs/sftok_maskgit.yaml; Table 2, §4.3): 24 x 768, 16
+        # heads, 1M steps at 128 per GPU (the paper trains on 8 GPUs: 128 x 8 accumulated
+        # here), lr 2e-4, 10k warm-up, cosine to 1e-5; 50 samples per class of 1000 (50k).
+        # Point generation.eval.reference_stats at ADM's VIRTUAL_imagenet256_labeled.npz.
+        generation=_generation(768, 24, 16, steps=1_000_000, batch=128, accum=8, lr=2e-4,
+                               warmup=10_000, samples_per_class=50, eval_batch=125,
+                               num_classes=1000, precision="bf16", log_every=100,
+                               ckpt_every=5000),
     )
 
 

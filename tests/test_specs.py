@@ -11,9 +11,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from sftok_experiments import cli  # noqa: E402
-from sftok_experiments.expand import expand, parse_data, parse_set  # noqa: E402
-from sftok_experiments.spec import SpecError, list_specs, load_spec, parse_spec  # noqa: E402
+from sftok_experiments import cli
+from sftok_experiments.expand import expand, parse_data, parse_set
+from sftok_experiments.spec import (
+    STAGES,
+    SpecError,
+    list_specs,
+    load_spec,
+    parse_spec,
+)
 
 SPECS = list_specs()
 REQUIRED = {"ablation_sfvr_warmup", "ablation_replace_ratio", "step_sweep", "per_step_trace",
@@ -34,7 +40,7 @@ def test_spec_parses_and_expands(name, preset):
     assert len({t.key for t in plan.trials}) == len(plan.trials)
     for t in plan.trials:
         assert t.config.preset == (preset or spec.preset)
-        assert t.stages and all(s in ("stage1", "stage2", "stage3") for s in t.stages)
+        assert t.stages and all(s in STAGES for s in t.stages)
         assert t.config.seed == t.seed
 
 

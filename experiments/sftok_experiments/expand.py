@@ -105,7 +105,8 @@ def parse_data(items: list[str] | None) -> dict[str, Any]:
 
 # Config fields that name files: made absolute in the driver, because Ray runs each trial with
 # its trial directory as the working directory (and maybe on another node).
-PATH_FIELDS = ("data.path", "data.val_path", "teacher.weights")
+PATH_FIELDS = ("data.path", "data.val_path", "teacher.weights", "generation.tokenizer",
+               "generation.eval.reference_stats")
 
 
 def absolute_paths(cfg: ExperimentConfig, cwd: str | Path | None = None) -> dict[str, str]:
@@ -281,8 +282,31 @@ def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int
     for t in trials:
         for s in t.stages:
             assert s in STAGES
+        _check_generation_source(t, spec_path)
     return Plan(spec=spec, spec_path=spec_path, preset=preset, trials=trials, search=search,
                 cli_overrides=sets)
+
+
+def _check_generation_source(t: Trial, file: Path) -> None:
+    """A generation stage needs exactly one tokenizer: trained in the trial or a checkpoint."""
+    if "generation" not in t.stages:
+        return
+    own = [s for s in t.stages if s != "generation"]
+    path = t.config.generation.tokenizer
+    if not own and not path:
+        raise SpecError(file, "stages", f"trial {t.key}: the generation stage needs a tokenizer: "
+                        "add tokenizer stages before it (e.g. [stage1, stage2, generation]) or "
+                        "set generation.tokenizer to a checkpoint directory")
+    if own and path:
+        raise SpecError(file, "generation.tokenizer", f"trial {t.key}: set both to a checkpoint "
+                        f"({path}) and trains its own tokenizer ({', '.join(own)}); keep one")
+
+
+def stage_steps(cfg: ExperimentConfig, stage: str) -> int:
+    """Optimiser steps of one pipeline stage of `cfg`."""
+    if stage == "generation":
+        return cfg.generation.train.steps
+    return getattr(cfg.train, stage).steps
 
 
 def describe(plan: Plan) -> str:
@@ -298,7 +322,7 @@ def describe(plan: Plan) -> str:
                      f"over {', '.join(s['space'])}")
     w = max(len(t.key) for t in plan.trials)
     for t in plan.trials:
-        steps = " + ".join(f"{s}:{getattr(t.config.train, s).steps}" for s in t.stages)
+        steps = " + ".join(f"{s}:{stage_steps(t.config, s)}" for s in t.stages)
         extra = ", ".join(f"{k}={v}" for k, v in t.arm_values.items()
                           if not k.endswith(".steps"))
         lines.append(f"  {t.key:<{w}}  arm={t.arm} seed={t.seed} stages=[{steps}]"

@@ -32,8 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sftok import config
 from sftok_experiments import SPECS_DIR
 
-Stage = Literal["stage1", "stage2", "stage3"]
-STAGES: tuple[str, ...] = ("stage1", "stage2", "stage3")
+TokenizerStage = Literal["stage1", "stage2", "stage3"]
+# `generation` (Table 2) trains a class-conditional generator on the tokens of the tokenizer the
+# earlier stages produced, or of `generation.tokenizer` when it is the only stage.
+Stage = Literal["stage1", "stage2", "stage3", "generation"]
+STAGES: tuple[str, ...] = ("stage1", "stage2", "stage3", "generation")
 EVAL_METRICS = Literal[config.EVAL_METRICS]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
@@ -63,7 +66,7 @@ class NamedArm(_Strict):
     stages: list[Stage] | None = None  # None: the spec's pipeline
     # Step budgets relative to the preset: {stage2: [stage1, stage2]} gives this arm's stage 2
     # the preset's stage-1 + stage-2 steps ("same total budget", Table 3); an int is absolute.
-    stage_steps: dict[Stage, int | list[Stage]] = Field(default_factory=dict)
+    stage_steps: dict[TokenizerStage, int | list[TokenizerStage]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -207,8 +210,8 @@ def _check_pipeline(v: list[str]) -> list[str]:
         raise ValueError("needs at least one stage (stage0, the teacher, runs once per campaign)")
     if len(set(v)) != len(v):
         raise ValueError("a stage appears twice")
-    if list(v) != sorted(v):
-        raise ValueError("stages must be in order (stage1 < stage2 < stage3)")
+    if list(v) != sorted(v, key=STAGES.index):
+        raise ValueError("stages must be in order (stage1 < stage2 < stage3 < generation)")
     return v
 
 

@@ -449,7 +449,8 @@ def _make_tracker_class():
                 return
             with ckpt.as_directory() as d:
                 d = Path(d)
-                for name in ("config.json", "eval.json", "trace.csv"):
+                for name in ("config.json", "eval.json", "trace.csv", "generation.json",
+                             "sweep.csv"):
                     if (d / name).exists():
                         self.client.log_artifact(rec.run_id, str(d / name))
                 for sub in ("grids", "checkpoint"):
@@ -504,6 +505,7 @@ def _error_summary(trial) -> str:
 
 
 KEY_METRICS = ("psnr", "ssim", "lpips", "rfid")
+GENERATION_SUMMARY = ("eval/gfid", "eval/is", "eval/calib_fid_recon", "eval/sample_codebook_usage")
 
 
 def _short_metrics(metrics: dict[str, float]) -> str:
@@ -522,4 +524,6 @@ def summary_metric_keys(all_metrics: list[dict[str, float]]) -> list[str]:
             out.append(f"eval/{m}_s{max(steps)}")
     if "eval/token_top1" in present:
         out.append("eval/token_top1")
+    # Generation trials (Table 2) report S-independent names.
+    out += [k for k in GENERATION_SUMMARY if k in present]
     return out

@@ -217,8 +217,10 @@ def write_artifacts(out: Path, cfg_dict: dict[str, Any], payload: dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
-def _restore_from_ray_checkpoint(store) -> None:
-    """A retry on another node: publish the finished stages of the last Ray checkpoint."""
+def _restore_from_ray_checkpoint(store, work: Path | None = None) -> None:
+    """A retry on another node: publish the finished stages of the last Ray checkpoint (a
+    content-addressed one into the store; one without a key, e.g. the generator, back into
+    `work/<stage>/final`)."""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
@@ -227,15 +229,22 @@ def _restore_from_ray_checkpoint(store) -> None:
     with ckpt.as_directory() as d:
         for stage_dir in Path(d).iterdir():
             key_file = stage_dir / "key.txt"
-            if (stage_dir / "final").is_dir() and key_file.exists():
+            if not (stage_dir / "final").is_dir():
+                continue
+            if key_file.exists():
                 store.adopt(key_file.read_text().strip(), stage_dir / "final")
+            elif work is not None and not (work / stage_dir.name / "final").exists():
+                (work / stage_dir.name).mkdir(parents=True, exist_ok=True)
+                shutil.copytree(stage_dir / "final", work / stage_dir.name / "final")
 
 
 def _snapshot(outcomes: list, tmp: Path) -> Path:
+    """Ray checkpoint of the finished stages: <stage>/final (+ key.txt when content-addressed)."""
     snap = tmp / f"snapshot-{len(outcomes)}"
     for o in outcomes:
         shutil.copytree(o.checkpoint, snap / o.stage / "final")
-        (snap / o.stage / "key.txt").write_text(o.key)
+        if o.key:
+            (snap / o.stage / "key.txt").write_text(o.key)
     return snap
 
 
@@ -292,7 +301,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     store = StageStore(runtime["stage_store"] if runtime.get("share_stages", True)
                        and runtime.get("stage_store") else work / "stages")
-    _restore_from_ray_checkpoint(store)
+    _restore_from_ray_checkpoint(store, work)
 
     device = resolve_device(cfg.device)
     # The driver trained (or loaded) the teacher before any trial: trials only load it. On a
@@ -308,7 +317,7 @@ def run_trial(config: dict[str, Any]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sftok-trial-"))
     try:
         prev, offset, done = None, 0, []
-        for stage in payload["stages"]:
+        for stage in [s for s in payload["stages"] if s != "generation"]:
             def callback(step: int, metrics: dict[str, float], _stage: str = stage) -> None:
                 report_train(_stage, step, metrics)
 
@@ -320,7 +329,14 @@ def run_trial(config: dict[str, Any]) -> None:
             report_stage_done(stage, offset, _snapshot(done, tmp), source=prev.source,
                               key=prev.key, steps=prev.steps)
 
-        init = prev.checkpoint
+        init = prev.checkpoint if prev is not None else None
+        if "generation" in payload["stages"]:  # Table 2: the tokenizer feeds a generator
+            from sftok_experiments.generation import run_generation
+
+            source = init if init is not None else Path(cfg.generation.tokenizer)
+            run_generation(cfg, source, teacher, work, tmp, payload, device, runtime, offset,
+                           done)
+            return
         tokenizer = _load_tokenizer(init, device)
         val = build_val_dataset(cfg.data)  # never scans the training data
         images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images)

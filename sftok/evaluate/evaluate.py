@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -28,14 +27,14 @@ from torch import Tensor
 from sftok.config import EVAL_METRICS, DecodeConfig, EvalConfig
 from sftok.evaluate.fid import (
     INCEPTION_NAME,
+    LOAD_ERRORS,
     ContentHash,
     FeatureStats,
-    FidelityFeatures,
     ReferenceStats,
     ReferenceStatsCache,
     fid_from_statistics,
-    find_inception_weights,
     inception_score,
+    open_features,
 )
 from sftok.evaluate.grid import image_grid
 from sftok.evaluate.metrics import psnr, ssim, to_uint8
@@ -45,8 +44,6 @@ from sftok.evaluate.trace import TraceAccumulator
 from sftok.progress import progress_disabled
 
 KNOWN_METRICS = EVAL_METRICS
-# What loading a wrong or corrupt weights file raises (torch.load, load_state_dict, vassert).
-_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
 
 
 @dataclass
@@ -151,27 +148,18 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
 
     # ---- pretrained feature networks: detect absence first, never download (DESIGN §2)
     features = None
-    want_fid = bool(wanted & {"rfid", "is"})
-    if want_fid:
-        weights, msg = (None, "")
-        if fid_feature_extractor == INCEPTION_NAME:
-            weights, msg = find_inception_weights(inception_weights)
-        if not msg:
-            try:
-                features = FidelityFeatures(fid_feature_extractor, weights, device)
-            except _LOAD_ERRORS as e:  # a corrupt or wrong file: say which, keep the rest running
-                msg = f"could not load the FID feature extractor from {weights}: {e}"
-        if msg:
-            for m in ("rfid", "is"):
-                if m in wanted:
-                    result.unavailable[m] = msg
+    if wanted & {"rfid", "is"}:
+        features, msg = open_features(fid_feature_extractor, inception_weights, device)
+        for m in ("rfid", "is"):
+            if msg and m in wanted:
+                result.unavailable[m] = msg
     lpips_metric = None
     if "lpips" in wanted:
         path, msg = find_lpips_backbone(lpips_net, lpips_weights)
         if path is not None:
             try:
                 lpips_metric = LPIPSMetric(path, lpips_net, device)
-            except _LOAD_ERRORS as e:
+            except LOAD_ERRORS as e:
                 msg = f"could not load LPIPS backbone weights from {path}: {e}"
         if msg:
             result.unavailable["lpips"] = msg

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,3 +249,40 @@ class ReferenceStatsCache:
         np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=stats.num_images,
                  content_sha256=stats.content_sha256)
         os.replace(tmp, self.path)  # atomic: concurrent trials never read a half-written file
+
+
+# What loading a wrong or corrupt weights file raises (torch.load, load_state_dict, vassert).
+LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
+
+
+def open_features(name: str = INCEPTION_NAME, weights: str | os.PathLike | None = None,
+                  device: torch.device | str = "cpu") -> tuple[FidelityFeatures | None, str]:
+    """(FidelityFeatures, "") or (None, one message saying why FID / IS are unavailable).
+
+    The standard Inception network is looked up offline (`find_inception_weights`); a test
+    extractor registered with torch-fidelity needs no file. Never downloads (DESIGN §2).
+    """
+    path, msg = (None, "")
+    if name == INCEPTION_NAME:
+        path, msg = find_inception_weights(weights)
+    if msg:
+        return None, msg
+    try:
+        return FidelityFeatures(name, path, device), ""
+    except LOAD_ERRORS as e:  # a corrupt or wrong file: say which
+        return None, f"could not load the FID feature extractor from {path}: {e}"
+
+
+def load_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{'mu', 'sigma'} from an .npz file of FID reference statistics (ADM's
+    VIRTUAL_imagenet256_labeled.npz layout: arrays `mu` (D,) and `sigma` D×D; extra arrays
+    such as ADM's `arr_0` features are ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"FID reference statistics {p} not found: provide an .npz with "
+                                "arrays mu and sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    with np.load(p, allow_pickle=False) as z:
+        if "mu" not in z or "sigma" not in z:
+            raise ValueError(f"{p}: FID reference statistics need arrays 'mu' and 'sigma', "
+                             f"found {sorted(z.files)}")
+        return {"mu": np.asarray(z["mu"], np.float64), "sigma": np.asarray(z["sigma"], np.float64)}

@@ -29,14 +29,16 @@ class CEOutput:
 
 
 def weighted_ce(logits: Tensor, targets: Tensor, masked: Tensor,
-                unmasked_weight: float = 0.1) -> CEOutput:
+                unmasked_weight: float = 0.1, label_smoothing: float = 0.0) -> CEOutput:
     """Weighted token cross-entropy.
 
     logits: B×N×V, targets: B×N long (M_g), masked: B×N bool (True = masked, weight 1; False =
     visible, weight `unmasked_weight`). loss = sum(w·ce) / sum(w). Computed in float32 so that
-    bf16/fp16 autocast does not degrade the log-softmax.
+    bf16/fp16 autocast does not degrade the log-softmax. `label_smoothing`: 0 for the tokenizer
+    (DESIGN §1); the class-conditional generator uses 0.1 (released MaskGIT config).
     """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",
+                         label_smoothing=label_smoothing)
     ce = ce.view_as(targets)
     w = torch.where(masked, torch.ones_like(ce), torch.full_like(ce, unmasked_weight))
     loss = (ce * w).sum() / w.sum()
