@@ -428,13 +428,14 @@ def _make_tracker_class():
                             f"{rec.run_id[:8]})")
 
         def _progress(self, trial, rec: TrialRecord, stage: str, step: int, result) -> None:
+            from sftok_experiments.expand import stage_steps
             from sftok_experiments.progress import StageProgress
             from sftok_experiments.trial import resolved_config
 
             if rec.progress is None:
                 stages = list(trial.config["trial"]["stages"])
-                train = resolved_config(trial.config).train
-                rec.progress = StageProgress(stages, {s: getattr(train, s).steps for s in stages},
+                cfg = resolved_config(trial.config)
+                rec.progress = StageProgress(stages, {s: stage_steps(cfg, s) for s in stages},
                                              self.progress_every)
             prefix = f"train/{stage}/"
             line = rec.progress.update(stage, step, {k[len(prefix):]: v for k, v in result.items()
