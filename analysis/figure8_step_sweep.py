@@ -90,6 +90,11 @@ for ax, metric in zip(axes.ravel(), present):
                             linewidth=0)
     if metric == "is":
         ax.plot(list(paper_is), list(paper_is.values()), "k--s", ms=4, label="paper (SFTok-B)")
+    bounds = md.bound_values(camp, metric)  # naive-codec floors and the teacher ceiling
+    for prefix, style in (("floor_tokenizer", ":"), ("teacher", "--")):
+        if prefix in bounds:
+            ax.axhline(bounds[prefix], color="grey", linestyle=style, linewidth=1,
+                       label=md.BOUNDS[prefix].split(":")[0])
     ax.set_xscale("log", base=2)
     ticks = sorted(set(summary["steps"]))
     ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -254,6 +259,13 @@ if tau_note:
 if missing:
     sentences.append(f"Not available here: {missing_note} — the paper's rFID/IS curve can only be "
                      "compared through the metrics above.")
+placed = next((m for m in md.PROXY_ORDER if m in present), None)
+if placed is not None:
+    evaluated = set(long[long["metric"] == placed]["steps"])
+    at = max([s for s in evaluated if s <= 8] or evaluated)
+    sub = summary[(summary["metric"] == placed) & (summary["steps"] == at)]
+    sentences.append(f"At {at} decode steps: " + md.bounds_reading(
+        camp, placed, dict(zip(sub["arm"], sub["mean"])), fmt=lambda a: f"`{a}`"))
 reading = " ".join(sentences) or "Only one decode-step count was evaluated; nothing to compare."
 out.reading(reading)
 display(Markdown(reading))

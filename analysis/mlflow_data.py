@@ -460,6 +460,75 @@ def higher_is_better(metric: str) -> bool:
     return METRICS.get(metric, (False, metric))[0]
 
 
+# --------------------------------------------------------------------------------------------
+# Floor and ceiling (sftok.evaluate.bounds): eval/<prefix>_<metric>, the same in every trial
+# that shares data and teacher
+# --------------------------------------------------------------------------------------------
+
+BOUNDS = {
+    "floor_tokenizer": "floor: naive codec with the tokenizer's bits (K px, Q colours)",
+    "floor_teacher": "floor: naive codec with the teacher's bits (N px, V colours)",
+    "teacher": "ceiling: the teacher from its own codes",
+}
+
+
+def bound_values(camp: Campaign, metric: str) -> dict[str, float]:
+    """prefix -> mean over trials of eval/<prefix>_<metric>, for the bounds that were logged."""
+    out = {}
+    for prefix in BOUNDS:
+        vals = pd.to_numeric(camp.column(f"eval/{prefix}_{metric}"), errors="coerce").dropna()
+        if len(vals):
+            out[prefix] = float(vals.mean())
+    return out
+
+
+def with_bounds(md_table: pd.DataFrame, camp: Campaign, metric: str, value_col: str
+                ) -> pd.DataFrame:
+    """`md_table` plus one row per logged bound: its label in the first column, its value in
+    `value_col`, '—' elsewhere (a Markdown table of the arms with their floor and ceiling)."""
+    values = bound_values(camp, metric)
+    if not values:
+        return md_table
+    first = md_table.columns[0]
+    extra = [{c: (BOUNDS[p] if c == first else f"{v:.3f}" if c == value_col else "—")
+              for c in md_table.columns} for p, v in values.items()]
+    return pd.concat([md_table, pd.DataFrame(extra)], ignore_index=True)
+
+
+def bounds_reading(camp: Campaign, metric: str, arm_means: dict[Any, float],
+                   fmt=fmt_num) -> str:
+    """Where the arms stand between the tokenizer's floor (0%) and the teacher ceiling (100%)."""
+    values = bound_values(camp, metric)
+    label = metric_label(metric)
+    floor, ceiling = values.get("floor_tokenizer"), values.get("teacher")
+    if floor is None or ceiling is None:
+        logged = any(k.startswith("eval/teacher_") for k in camp.metric_keys("eval/"))
+        return (f"No floor/ceiling of {label} was logged ("
+                + ("they exist for reconstruction metrics only" if logged else
+                   "trials evaluated before floors and ceilings existed")
+                + "), so the arms cannot be placed between a naive codec and the teacher.")
+    hib = higher_is_better(metric)
+    gap = (ceiling - floor) if hib else (floor - ceiling)
+    text = (f"On {label}, a naive codec with the tokenizer's bits scores {floor:.3g} (the floor) "
+            f"and the teacher reconstructing from its own codes {ceiling:.3g} (the ceiling)")
+    if "floor_teacher" in values:
+        text += f"; a naive codec with the teacher's bits scores {values['floor_teacher']:.3g}"
+    if gap <= 0:
+        return (text + ". The ceiling is not above the floor: the teacher is no better than a "
+                "thumbnail with the tokenizer's bits, so at this scale the arms' differences say "
+                "nothing about the method.")
+    pos = {arm: ((v - floor) if hib else (floor - v)) / gap for arm, v in arm_means.items()
+           if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    if not pos:
+        return text + "."
+    below = [arm for arm, p in pos.items() if p < 0]
+    return (text + ". Measured from floor (0%) to ceiling (100%), the arms stand at "
+            + ", ".join(f"{fmt(arm)} at {p:.0%}" for arm, p in pos.items()) + (
+                f"; {len(below)} of {len(pos)} arm(s) are below the floor (worse than a "
+                "thumbnail with the same bits), so their ordering says little about the method"
+                if below else "") + ".")
+
+
 def unavailable_note(camp: Campaign, metric: str, chosen: str) -> str:
     """Caption sentence when `chosen` stands in for `metric` (e.g. rFID offline)."""
     if chosen == metric:

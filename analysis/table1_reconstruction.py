@@ -82,6 +82,17 @@ for name, p in paper.items():
                     "codebook": str(p["codebook"]), "seeds": "—",
                     **{md.metric_label(m): (f"{p['rfid']:.2f}" if m == "rfid" else "—")
                        for m in METRICS}})
+# The naive-codec floors and the teacher ceiling of the same images (sftok.evaluate.bounds).
+for prefix, what in md.BOUNDS.items():
+    vals = {m: md.bound_values(camp, m).get(prefix) for m in METRICS}
+    if all(v is None for v in vals.values()):
+        continue
+    rows.append({"model": what, "source": "ours (same images)", "steps": None,
+                 **{f"{m}_mean": v for m, v in vals.items()}})
+    md_rows.append({"model": what, "source": "ours (same images)", "tokens": "—",
+                    "codebook": "—", "seeds": "—",
+                    **{md.metric_label(m): "—" if v is None else f"{v:.3f}"
+                       for m, v in vals.items()}})
 table = pd.DataFrame(rows)
 md_table = pd.DataFrame(md_rows)
 notes = [(f"Table 1 — reconstruction at {S} decode steps ({camp.describe()}); ours: mean ± 95% "
@@ -121,6 +132,11 @@ for arm in sorted(runs["arm"].unique()):
         sentences.append(f"{head}: rFID is unavailable ({camp.why_missing('rfid')}), so it "
                          f"cannot be set against the paper's SFTok-B {sftok_b:.2f}; measured: "
                          f"{others}.")
+placed = next((m for m in md.PROXY_ORDER if m in present), None)
+if placed is not None:
+    sentences.append(md.bounds_reading(
+        camp, placed, {arm: ivs[(arm, placed)].mean for arm in sorted(runs["arm"].unique())},
+        fmt=lambda a: f"`{a}`"))
 reading = " ".join(sentences)
 out.reading(reading)
 display(Markdown(reading))

@@ -84,6 +84,8 @@ md_table = pd.DataFrame({
         ivs[a].fmt(3) if a in ivs else "—" for a in table["arm"]],
     "paper rFID": ["—" if pd.isna(v) else f"{v:.2f}" for v in table["paper_rfid"]],
 })
+# The naive-codec floors and the teacher ceiling of the same images, beside the arms.
+md_table = md.with_bounds(md_table, camp, metric, f"ours: {label} @ {S} steps (mean ± 95% CI)")
 caption = (f"Table 3 — training strategy and warm-up ({camp.describe()}). "
            f"{md.unavailable_note(camp, 'rfid', metric)}").strip()
 display(Markdown(out.table("table3", table, caption, md=md_table)))
@@ -155,6 +157,8 @@ if len(ivs) >= 2 and len(camp.seeds) >= 2:
                      + (f"overlap for {', '.join(overl)}" if overl else
                         "are disjoint" if not undet else "are otherwise disjoint")
                      + (f"; undetermined (n < 2) for {', '.join(undet)}" if undet else "") + ".")
+sentences.append(md.bounds_reading(camp, metric, {a: ivs[a].mean for a in ivs if ivs[a].n},
+                                   fmt=lambda a: f"`{a}`"))
 reading = " ".join(sentences)
 out.reading(reading)
 display(Markdown(reading))

@@ -64,12 +64,15 @@ for ratio, g in runs.groupby("replace_ratio", sort=True):
                  "ci_high": iv.high, "paper_rfid": paper.get(float(ratio))})
 table = pd.DataFrame(rows)
 label = md.metric_label(metric)
+ours_col = f"ours: {label} @ {S} steps (mean ± 95% CI)"
 md_table = pd.DataFrame({
     "replace ratio": [md.fmt_num(r) for r in table["replace_ratio"]],
     "seeds": table["n_seeds"],
-    f"ours: {label} @ {S} steps (mean ± 95% CI)": [ivs[r].fmt(3) for r in table["replace_ratio"]],
+    ours_col: [ivs[r].fmt(3) for r in table["replace_ratio"]],
     "paper rFID": [("—" if pd.isna(v) else f"{v:.2f}") for v in table["paper_rfid"]],
 })
+# The naive-codec floors and the teacher ceiling of the same images, beside the arms.
+md_table = md.with_bounds(md_table, camp, metric, ours_col)
 caption = (f"Table 4 — replacement ratio of SFVR ({camp.describe()}). "
            f"{md.unavailable_note(camp, 'rfid', metric)}").strip()
 display(Markdown(out.table("table4", table, caption, md=md_table)))
@@ -147,6 +150,8 @@ else:
         f"{sum(steps_ok)} of {len(steps_ok)} adjacent steps of the paper's ordering are supported "
         "by a paired 95% CI excluding 0 in the paper's direction; the rest are within seed noise "
         "or reversed.")
+sentences.append(md.bounds_reading(camp, metric, {r: ivs[r].mean for r in ratios},
+                                   fmt=lambda r: f"ratio {md.fmt_num(r)}"))
 reading = " ".join(sentences)
 out.reading(reading)
 display(Markdown(reading))

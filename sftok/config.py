@@ -123,12 +123,19 @@ class DataConfig:
     path: str | None = None  # folder root / shard pattern; its validation counterpart below
     val_path: str | None = None
     image_size: int = 32
-    # Embedded data: this many deterministic crops per training photo / per validation photo.
+    # Embedded data: this many deterministic crops per training photo / per validation photo
+    # (with fresh_crops: the number of samples per photo in one epoch of the training stream).
     train_crops_per_image: int = 64
     val_crops_per_image: int = 8
     # Folder data: "random" crops for training (the paper's preprocessing), or the fixed
     # "center" crop (+ the stream's flip): a finite pool whose teacher ids are computed once.
     train_crop: Literal["random", "center"] = "random"
+    # Embedded training data that generalises (issue 9, sftok/data/embedded.py): a new crop for
+    # every training sample instead of a fixed pool; the extra photos of scikit-image (greyscale
+    # photos and textures), scikit-learn and matplotlib; this fraction of dead-leaves images.
+    fresh_crops: bool = False
+    extra_photos: bool = False
+    dead_leaves: float = 0.0
     num_workers: int = 0
     seed: int = 0
 
@@ -398,7 +405,8 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
     "DecodeConfig": {"steps": _min(1), "temperature": _min(0),
                      "confidence_noise": _OPT_NONNEG},
     "DataConfig": {"image_size": _min(1), "train_crops_per_image": _min(1),
-                   "val_crops_per_image": _min(1), "num_workers": _min(0), "seed": _min(0)},
+                   "val_crops_per_image": _min(1), "num_workers": _min(0), "seed": _min(0),
+                   "dead_leaves": _UNIT_OPEN},
     "OptimConfig": {"lr": _POS, "betas": ((lambda v: all(0.0 <= b < 1.0 for b in v)),
                                           "must both be in [0, 1)"),
                     "weight_decay": _min(0), "warmup_steps": _min(0), "end_lr": _min(0),

@@ -110,7 +110,12 @@ def tiny() -> ExperimentConfig:
     size = 32
     return ExperimentConfig(
         preset="tiny",
-        data=DataConfig(image_size=size, train_crops_per_image=64, val_crops_per_image=16),
+        # Issue 9: a fresh crop for every training sample, the extra photos that installed
+        # packages ship (greyscale photos and textures included) and 25% dead-leaves images:
+        # trained on 64 fixed crops of 7 photos the teacher reached 21.8 dB on its training
+        # crops but 14.9 dB on the held-out photos; variety of content is what generalises.
+        data=DataConfig(image_size=size, train_crops_per_image=64, val_crops_per_image=16,
+                        fresh_crops=True, extra_photos=True, dead_leaves=0.25),
         teacher=TeacherConfig(hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                               z_channels=32, codebook_size=256, source="train"),
         tokenizer=TokenizerConfig(
@@ -123,10 +128,19 @@ def tiny() -> ExperimentConfig:
             # step takes ~0.14 s (stage 1) / ~0.2 s (stage 2, which adds the no-grad SFVR pass)
             # with 2 threads. Below ~100 steps stage 1 only fits the marginal of the teacher ids
             # (CE ~ 4.97 nats); conditioning on the tokens starts after that.
-            # Teacher: 1000 steps take ~70 s on 2 idle cores (train PSNR 21.8 dB, held-out
-            # photos 14.9 dB; 400 steps gave 17.8 / 14.0). Trained once per machine, then cached.
+            # Teacher: 1000 steps take ~70 s on 2 idle cores; trained once per machine, then
+            # cached. On the old data (64 fixed crops of 7 photos) it reached 21.8 dB on its
+            # training crops and 14.9 dB on the held-out photos. Issue 9 learning curve on this
+            # data (2000-step schedule; train = fixed crops of the 7 colour training photos,
+            # held-out = the validation photos): step 250: 15.4 / 15.4 dB, 500: 17.0 / 17.2,
+            # 1000: 18.8 / 19.1, 1500: 21.3 / 22.5, 2000: 22.1 / 23.3 — no generalisation gap
+            # (targets: held-out >= 20 dB, within 2 dB of train). 2000 steps is ~140 s on idle
+            # cores. For scale, on the same held-out images a naive codec with the tokenizer's
+            # 128 bits scores 22.7 dB and one with the teacher's 512 bits 25.2 dB
+            # (sftok.evaluate.bounds). (Fresh crops of the 7 photos alone: 18.9 / 14.3 dB at
+            # step 500, the gap grows; lr 1.5e-3: 14.4 dB held-out at step 250.)
             teacher=TeacherTrainConfig(
-                steps=1000, batch_size=16, log_every=20, ckpt_every=100,
+                steps=2000, batch_size=16, log_every=20, ckpt_every=100,
                 optim=OptimConfig(lr=5e-4, betas=(0.5, 0.9), weight_decay=0.0, warmup_steps=20,
                                   end_lr=5e-5)),
             **_stages(200, 400, 100, batch=16, ema=0.99, log_every=10, ckpt_every=100,

@@ -121,6 +121,15 @@ def _log_trial(client, exp_id, parent_id, spec, arm, seed, p, with_fid, rng, dro
         if with_fid:
             metrics += [Metric(f"eval/rfid_s{s}", 4 + 5 * q + 3 * gain + 0.1 * rng.standard_normal(), t0, 0),
                         Metric(f"eval/is_s{s}", 180 - 20 * q - 8 * gain, t0, 0)]
+    if spec != "ablation_sfvr_warmup":  # Table 3's store predates floors and ceilings
+        bounds = {"floor_tokenizer": {"psnr": 17.0, "ssim": 0.6, "lpips": 0.4, "rfid": 12.0,
+                                      "is": 100.0},
+                  "floor_teacher": {"psnr": 20.0, "ssim": 0.7, "lpips": 0.3, "rfid": 9.0,
+                                    "is": 130.0},
+                  "teacher": {"psnr": 23.0, "ssim": 0.85, "lpips": 0.1, "rfid": 3.0,
+                              "is": 200.0}}
+        metrics += [Metric(f"eval/{prefix}_{m}", v, t0, 0) for prefix, vals in bounds.items()
+                    for m, v in vals.items() if with_fid or m not in ("rfid", "is")]
     metrics += [Metric("eval/token_ce", 3 + q, t0, 0), Metric("eval/token_top1", 0.3 - 0.1 * q, t0, 0),
                 Metric("eval/codebook_usage", 0.9, t0, 0)]
     rows = []
@@ -313,6 +322,9 @@ def check_outputs(out: Path, name: str, n_arms: dict | None = None) -> dict:
         header = mdtext.splitlines()[0]
         assert header.startswith("|") and mdtext.splitlines()[1].startswith("|")
         md_rows = sum(1 for ln in mdtext.splitlines() if ln.startswith("|")) - 2
+        if table != "table1":  # the Markdown adds the floor/ceiling rows beside the arms
+            md_rows -= sum(1 for ln in mdtext.splitlines()
+                           if any(f"| {label}" in ln for label in md.BOUNDS.values()))
         if table in PIVOTED:  # Markdown: one row per arm × step, the quantities as columns
             step = "step" if "step" in df else "steps"
             assert md_rows == len(df.drop_duplicates(["arm", step])), (table, md_rows)
@@ -567,6 +579,16 @@ def test_render_all_notebooks(store, tmp_path):
     assert "proxy" not in (tmp_path / "out/table4_replace_ratio/table4.md").read_text()
     reading = (tmp_path / "out/table4_replace_ratio/reading.md").read_text()
     assert "ordering is reproduced" in reading  # the synthetic store is built so that it is
+    # Floor and ceiling beside the arms, and where the arms stand between them (rFID: the
+    # synthetic arms lie between the floor 12 and the ceiling 3, none below the floor).
+    md4 = (tmp_path / "out/table4_replace_ratio/table4.md").read_text()
+    assert all(label in md4 for label in md.BOUNDS.values())
+    assert "12.000" in md4 and "3.000" in md4
+    assert "from floor (0%) to ceiling (100%)" in reading and "below the floor" not in reading
+    assert "(the floor)" in (tmp_path / "out/figure8_step_sweep/reading.md").read_text()
+    assert "ceiling: the teacher" in (tmp_path / "out/table1_reconstruction/table1.md").read_text()
+    # a store without them says so instead of placing the arms
+    assert "No floor/ceiling" in (tmp_path / "out/table3_sfvr_warmup/reading.md").read_text()
     md3 = (tmp_path / "out/table3_sfvr_warmup/table3.md").read_text()
     assert "LPIPS is reported as a proxy" in md3 and "Inception" in md3
     t3 = pd.read_csv(tmp_path / "out/table3_sfvr_warmup/table3.csv")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from sftok.config import ConfigError, DataConfig
 from sftok.data import (
+    EXTRA_TRAIN_PHOTOS,
     PHOTOS,
     TRAIN_PHOTOS,
     VAL_PHOTOS,
@@ -82,7 +83,8 @@ def test_embedded_split_disjoint_shapes_ranges():
                                            val_crops_per_image=2, seed=0))
     assert len(train) == 3 * len(TRAIN_PHOTOS) and len(val) == 2 * len(VAL_PHOTOS)
     assert set(train.labels.tolist()).isdisjoint(val.labels.tolist())
-    assert set(train.labels.tolist()) | set(val.labels.tolist()) == set(range(len(PHOTOS)))
+    # the fixed pool (no extra_photos) uses the first ten photos, every one of them
+    assert set(train.labels.tolist()) | set(val.labels.tolist()) == set(range(10))
     image, label = train[0]
     assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and isinstance(label, int)
@@ -100,7 +102,10 @@ def test_presets_build(preset):
     cfg = get_preset(preset).data
     train, val = build_datasets(cfg)
     assert train[0][0].shape == (3, cfg.image_size, cfg.image_size)
-    assert len(train) == cfg.train_crops_per_image * len(TRAIN_PHOTOS)
+    photos = TRAIN_PHOTOS + (EXTRA_TRAIN_PHOTOS if cfg.extra_photos else ())
+    assert train.num_photo_samples == cfg.train_crops_per_image * len(photos)
+    assert len(train) == train.num_photo_samples + round(
+        cfg.dead_leaves / (1 - cfg.dead_leaves) * train.num_photo_samples)
     assert len(val) == cfg.val_crops_per_image * len(VAL_PHOTOS)
 
 
@@ -240,20 +245,24 @@ def _embedded(crops=3):
     return EmbeddedPhotos(TRAIN_PHOTOS, SIZE, crops, seed=0)
 
 
-@pytest.mark.parametrize("k", [0, 3, 7])
-def test_stream_resume_exact(k):
-    ds = _embedded()  # 21 samples; batch 4 spans epoch boundaries
-    ref = TrainStream(ds, batch_size=4, seed=11)
+def check_resume_exact(ds, k: int, batch_size: int = 4, seed: int = 11) -> None:
+    """A stream restored after k batches yields exactly the uninterrupted stream's next 6."""
+    ref = TrainStream(ds, batch_size=batch_size, seed=seed)
     expected = [next(ref) for _ in range(k + 6)]
-    first = TrainStream(ds, batch_size=4, seed=11)
+    first = TrainStream(ds, batch_size=batch_size, seed=seed)
     for _ in range(k):
         next(first)
     state = first.state_dict()
-    resumed = TrainStream(ds, batch_size=4, seed=11)
+    resumed = TrainStream(ds, batch_size=batch_size, seed=seed)
     resumed.load_state_dict(state)
     for want in expected[k:]:
         got = next(resumed)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("k", [0, 3, 7])
+def test_stream_resume_exact(k):
+    check_resume_exact(_embedded(), k)  # 21 samples; batch 4 spans epoch boundaries
 
 
 def test_stream_epochs_cover_dataset_and_flip():

@@ -185,6 +185,9 @@ def test_cli_on_saved_checkpoint(offline, capsys):
     saved = json.loads((out / "eval.json").read_text())
     assert saved["metrics"]["num_images"] == 3 and "rfid" in saved["unavailable"]
     assert (out / "trace.csv").is_file() and (out / "grids" / "recon_s2.png").is_file()
+    # the floors and the ceiling come with every evaluation (issue 9); the palettes are cached
+    assert {"floor_tokenizer_psnr", "floor_teacher_psnr", "teacher_psnr"} <= set(saved["metrics"])
+    assert len(list((offline / "cache" / "eval" / "floor_palettes").glob("*.pt"))) == 2
 
 
 def test_single_image_rfid_is_unavailable_not_a_crash(offline):

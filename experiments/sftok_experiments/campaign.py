@@ -563,6 +563,7 @@ def summary_table(result: CampaignResult) -> str:
               f"({result.stage_count('reused', steps=True)} steps)")
     out = [title, stages, line(head), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
+    out += trk.bounds_lines([t.metrics for t in result.trials])
     return "\n".join(out)
 
 

@@ -179,6 +179,10 @@ def reported_metrics(cfg: ExperimentConfig) -> list[str]:
     """The eval/* metric names a trial with this config reports."""
     out = [f"eval/{n}_s{s}" for n in _PER_S if n in cfg.eval.metrics
            for s in cfg.eval.decode_steps]
+    # Floors and ceiling (sftok.evaluate.bounds): the same metrics, S-independent.
+    from sftok.evaluate.bounds import BOUND_PREFIXES
+
+    out += [f"eval/{b}_{n}" for b in BOUND_PREFIXES for n in _PER_S if n in cfg.eval.metrics]
     out.append("eval/num_images")
     for n, names in _S_FREE.items():
         if n in cfg.eval.metrics:

@@ -514,6 +514,23 @@ def _short_metrics(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k.removeprefix('eval/')}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
+def bounds_lines(all_metrics: list[dict[str, float]]) -> list[str]:
+    """'floor/ceiling' lines for the summary: the naive-codec floors and the teacher ceiling
+    (sftok.evaluate.bounds), identical for trials sharing data and teacher (first one shown)."""
+    from sftok.evaluate.bounds import BOUND_PREFIXES
+
+    out = []
+    for prefix in BOUND_PREFIXES:
+        values = next((m for m in all_metrics if any(k.startswith(f"eval/{prefix}_") for k in m)),
+                      None)
+        if values is None:
+            continue
+        cells = [f"{k.removeprefix(f'eval/{prefix}_')} {v:.4f}" for k, v in sorted(values.items())
+                 if k.startswith(f"eval/{prefix}_")]
+        out.append(f"{prefix:<16} " + "  ".join(cells))
+    return ([""] + out) if out else []
+
+
 def summary_metric_keys(all_metrics: list[dict[str, float]]) -> list[str]:
     """eval/<m>_s<S> at the largest S present for the key metrics, then token_top1."""
     present = set().union(*[set(m) for m in all_metrics]) if all_metrics else set()

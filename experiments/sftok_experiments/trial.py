@@ -277,6 +277,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import dataset_key, evaluate
+    from sftok.evaluate.bounds import build_bounds
     from sftok.train import TeacherUnavailableError, get_teacher
     from sftok.train.loop import resolve_device
 
@@ -340,9 +341,12 @@ def run_trial(config: dict[str, Any]) -> None:
         tokenizer = _load_tokenizer(init, device)
         val = build_val_dataset(cfg.data)  # never scans the training data
         images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images)
+        # Floors (naive codecs with the tokenizer's / teacher's bits) and the teacher ceiling
+        # are scored on the same images: every table places the arms between them (issue 9).
+        bounds = build_bounds(cfg, runtime.get("eval_cache"))
         result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
                           cache_dir=runtime.get("eval_cache"), progress=False,
-                          decode_cfg=cfg.decode, dataset_key=dataset_key(cfg))
+                          decode_cfg=cfg.decode, dataset_key=dataset_key(cfg), bounds=bounds)
         metrics = {**result.metrics, "skipped_images": images.skipped}  # left out, not scored
         art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, metrics,
                               result.unavailable, result.trace, result.grids, init)

@@ -11,12 +11,19 @@ from pathlib import Path
 
 from sftok.config import ConfigError, DataConfig
 from sftok.data.decode import CorruptImageWarning
-from sftok.data.embedded import PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS, EmbeddedPhotos
+from sftok.data.embedded import (
+    EXTRA_TRAIN_PHOTOS,
+    PHOTOS,
+    TRAIN_PHOTOS,
+    VAL_PHOTOS,
+    EmbeddedPhotos,
+)
 from sftok.data.folder import ImageFolder
 from sftok.data.shards import ShardDataset
 from sftok.data.stream import TrainStream, val_batches
 
 __all__ = [
+    "EXTRA_TRAIN_PHOTOS",
     "PHOTOS",
     "TRAIN_PHOTOS",
     "VAL_PHOTOS",
@@ -53,8 +60,8 @@ class _EmbeddedPool(EmbeddedPhotos):
     """The embedded training split as a finite pool (sftok.train.teacher_ids): its crops are
     drawn once at build time from (photos, size, crops, seed), and `sample` ignores its seed."""
 
-    def __init__(self, photos, image_size: int, crops_per_image: int, seed: int = 0):
-        super().__init__(photos, image_size, crops_per_image, seed)
+    def __init__(self, photos, image_size: int, crops_per_image: int, seed: int = 0, **kw):
+        super().__init__(photos, image_size, crops_per_image, seed, **kw)
         self._seed = seed
 
     def pool_key(self) -> str:
@@ -86,7 +93,12 @@ def build_val_dataset(cfg: DataConfig):
 def build_train_dataset(cfg: DataConfig):
     """The training split alone (with training augmentation); errors name the field to fix."""
     if cfg.source == "embedded":
-        return _EmbeddedPool(TRAIN_PHOTOS, cfg.image_size, cfg.train_crops_per_image, cfg.seed)
+        photos = TRAIN_PHOTOS + (EXTRA_TRAIN_PHOTOS if cfg.extra_photos else ())
+        # Fixed crops and no procedural images: a finite pool (teacher ids computed once).
+        pool = not cfg.fresh_crops and not cfg.dead_leaves
+        return (_EmbeddedPool if pool else EmbeddedPhotos)(
+            photos, cfg.image_size, cfg.train_crops_per_image, cfg.seed,
+            fresh=cfg.fresh_crops, dead_leaves=cfg.dead_leaves)
     if cfg.source not in _HOW:
         raise ConfigError("data.source", f"unknown source {cfg.source!r}")
     if cfg.path is None:
@@ -106,8 +118,9 @@ def build_train_dataset(cfg: DataConfig):
 def build_datasets(cfg: DataConfig):
     """(train, val) datasets for `cfg.source`: `build_train_dataset`, `build_val_dataset`.
 
-    embedded: `EmbeddedPhotos` over TRAIN_PHOTOS / VAL_PHOTOS with cfg.train_crops_per_image /
-    cfg.val_crops_per_image crops each, seeded by cfg.seed. folder: `ImageFolder` (train with
+    embedded: `EmbeddedPhotos` over TRAIN_PHOTOS (+ EXTRA_TRAIN_PHOTOS with cfg.extra_photos;
+    fresh crops with cfg.fresh_crops; + cfg.dead_leaves procedural images) / VAL_PHOTOS with
+    cfg.train_crops_per_image / cfg.val_crops_per_image crops each, seeded by cfg.seed. folder: `ImageFolder` (train with
     random crops, val with centre crops). webdataset: `ShardDataset` over cfg.path / cfg.val_path.
     """
     return build_train_dataset(cfg), build_val_dataset(cfg)

@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lpips-weights", help="torchvision alexnet weights file for LPIPS")
     p.add_argument("--out", help="write eval.json, trace.csv and grids/*.png here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-bounds", action="store_true",
+                   help="skip the naive-codec floors and the teacher ceiling (bounds.py)")
     args = p.parse_args(argv)
 
     problem = check_args(args)  # before any model, weights or data is loaded
@@ -236,10 +238,22 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images,
                          num_workers=cfg.data.num_workers)
+    bounds = None
+    if not args.no_bounds:
+        from sftok.config import ConfigError
+        from sftok.evaluate.bounds import Bounds, build_bounds
+
+        try:
+            bounds = build_bounds(cfg, Path(args.cache_dir) / "eval")
+        except ConfigError as e:  # no training split to fit the floors' palettes on
+            print(f"note: no naive-codec floors ({e}); the teacher ceiling is still reported",
+                  file=sys.stderr)
+            bounds = Bounds(ceiling=True)
     result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
                       cache_dir=Path(args.cache_dir) / "eval", inception_weights=args.inception_weights,
                       progress=not args.no_progress, decode_cfg=cfg.decode,
-                      dataset_key=dataset_key(cfg), lpips_weights=args.lpips_weights)
+                      dataset_key=dataset_key(cfg), lpips_weights=args.lpips_weights,
+                      bounds=bounds)
     print(format_table(result, cfg.eval.decode_steps))
     if images.summary():
         print(images.summary())

@@ -5,6 +5,8 @@ reconstructed with an S-step decode and scored: psnr_s{S}, ssim_s{S}, lpips_s{S}
 is_s{S}. S-independent: token_top1 / token_ce (decoder step-1 prediction vs the teacher's ids),
 codebook_usage / codebook_entropy (tokenizer ids), num_images. Plus the Figure-4a trace of a
 `cfg.trace_steps`-step decode (trace.py) and one grid per S (originals over reconstructions).
+With `bounds` (bounds.py), the same metrics for the bit-matched naive-codec floors and the
+teacher's ceiling: floor_tokenizer_<metric>, floor_teacher_<metric>, teacher_<metric>.
 
 Streaming (bounded memory): the images arrive in batches and are never kept; per S we keep
 metric sums, FID feature sums (D + D² floats) and IS logits (1008 floats / image), and the first
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sftok.config import EVAL_METRICS, DecodeConfig, EvalConfig
+from sftok.evaluate.bounds import CEILING_PREFIX, Bounds
 from sftok.evaluate.fid import (
     INCEPTION_NAME,
     LOAD_ERRORS,
@@ -119,7 +122,8 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
              cache_dir: str | os.PathLike | None = None, inception_weights: str | None = None,
              progress: bool = True, *, decode_cfg: DecodeConfig | None = None,
              dataset_key: str | None = None, lpips_weights: str | None = None,
-             lpips_net: str = "alex", fid_feature_extractor: str = INCEPTION_NAME) -> EvalResult:
+             lpips_net: str = "alex", fid_feature_extractor: str = INCEPTION_NAME,
+             bounds: Bounds | None = None) -> EvalResult:
     """Evaluate `tokenizer` (SFTok) with its frozen `teacher` on a stream of image batches.
 
     images: iterable of float B×3×H×W in [0, 1] (or (images, labels) batches); re-chunked to
@@ -132,6 +136,7 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
         under cache_dir/fid_stats/ (checked against a hash of the images).
     inception_weights / lpips_weights: local weight files (else env vars / torch hub cache).
     fid_feature_extractor: a torch-fidelity registered extractor (tests register a tiny one).
+    bounds: floors and ceiling to score on the same images (`bounds.build_bounds(cfg)`).
     Deterministic for a fixed seed and batch order: each decode gets a generator seeded with
     cfg.seed.
     """
@@ -172,11 +177,15 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
     ref_stats = FeatureStats() if need_ref else None
     content = ContentHash() if ref_cache is not None else None
 
-    # ---- accumulators (sums only; see module docstring)
+    # ---- accumulators (sums only; see module docstring), one set per reconstruction:
+    # the S-step decodes (keys S, metric "psnr_s8") and the bounds (keys "floor_tokenizer",
+    # "floor_teacher", "teacher"; metric "teacher_psnr").
     steps = list(cfg.decode_steps)
-    sums = {s: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for s in steps}
-    rec_stats = {s: FeatureStats() for s in steps}
-    rec_logits: dict[int, list[Tensor]] = {s: [] for s in steps}
+    bounds = bounds or Bounds(ceiling=False)
+    keys: list[int | str] = steps + bounds.metric_prefixes()
+    sums = {k: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for k in keys}
+    rec_stats = {k: FeatureStats() for k in keys}
+    rec_logits: dict[int | str, list[Tensor]] = {k: [] for k in keys}
     tokens = TokenAccumulator(_codebook_size(tokenizer)) if "tokens" in wanted else None
     trace_acc = TraceAccumulator() if cfg.trace_steps > 0 else None
     trace_cfg = dataclasses.replace(base, steps=cfg.trace_steps)
@@ -210,7 +219,7 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                         f"{lpips_net} (needs at least {lpips_metric.min_size} px)")
                     lpips_metric = None
 
-                need_gt = tokens is not None or trace_acc is not None
+                need_gt = tokens is not None or trace_acc is not None or bounds.ceiling
                 gt = teacher.encode_ids(x) if need_gt else None  # M_g, B×N
                 enc = tokenizer.encode(x)  # once per batch, shared by every step count S
                 if tokens is not None or trace_acc is not None:
@@ -227,24 +236,29 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                 take = min(b, cfg.grid_images - n_grid)
                 if take > 0:
                     grid_orig.append(x_u8[:take].cpu())
-                for s in steps:
-                    rec = tokenizer.pixels_from_latent(enc.z_q, teacher, decode_cfgs[s],
-                                                       generator=gens[s])
+                for k in keys:
+                    if isinstance(k, int):
+                        rec = tokenizer.pixels_from_latent(enc.z_q, teacher, decode_cfgs[k],
+                                                           generator=gens[k])
+                    elif k == CEILING_PREFIX:  # the ceiling: the teacher's decoder on its own codes
+                        rec = teacher.decode_ids(gt)
+                    else:  # a floor codec, on the same 8-bit originals as every metric
+                        rec = bounds.floors[k.removeprefix("floor_")].reconstruct(x_q)
                     rec_u8 = to_uint8(rec)
                     if "psnr" in wanted:
-                        sums[s]["psnr"] += psnr(rec_u8, x_u8).sum().item()
+                        sums[k]["psnr"] += psnr(rec_u8, x_u8).sum().item()
                     if "ssim" in wanted:
-                        sums[s]["ssim"] += ssim(rec_u8, x_u8).sum().item()
+                        sums[k]["ssim"] += ssim(rec_u8, x_u8).sum().item()
                     if lpips_metric is not None:
-                        sums[s]["lpips"] += lpips_metric(rec_u8.float() / 255, x_q).sum().item()
+                        sums[k]["lpips"] += lpips_metric(rec_u8.float() / 255, x_q).sum().item()
                     if features is not None:
                         f_fid, f_isc = features(rec_u8)
                         if "rfid" in wanted:
-                            rec_stats[s].update(f_fid)
+                            rec_stats[k].update(f_fid)
                         if "is" in wanted:
-                            rec_logits[s].append(f_isc)
-                    if take > 0:
-                        grid_rec[s].append(rec_u8[:take].cpu())
+                            rec_logits[k].append(f_isc)
+                    if take > 0 and isinstance(k, int):
+                        grid_rec[k].append(rec_u8[:take].cpu())
                 n_grid += max(take, 0)
                 n_images += b
                 bar.update(b)
@@ -258,12 +272,16 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
     # ---- reduce
     m = result.metrics
     m["num_images"] = float(n_images)
-    for s in steps:
+
+    def name_of(metric: str, k: int | str) -> str:
+        return f"{metric}_s{k}" if isinstance(k, int) else f"{k}_{metric}"
+
+    for k in keys:
         for name in ("psnr", "ssim"):
             if name in wanted:
-                m[f"{name}_s{s}"] = sums[s][name] / n_images
+                m[name_of(name, k)] = sums[k][name] / n_images
         if lpips_metric is not None:
-            m[f"lpips_s{s}"] = sums[s]["lpips"] / n_images
+            m[name_of("lpips", k)] = sums[k]["lpips"] / n_images
 
     if features is not None and "rfid" in wanted:
         ref = ref_cached
@@ -281,11 +299,12 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                 f"(dataset_key={dataset_key!r}); delete the file or use another dataset_key")
             ref = None
         if ref is not None:
-            for s in steps:
-                m[f"rfid_s{s}"] = fid_from_statistics(ref.statistics(), rec_stats[s].statistics())
+            for k in keys:
+                m[name_of("rfid", k)] = fid_from_statistics(ref.statistics(),
+                                                            rec_stats[k].statistics())
     if features is not None and "is" in wanted:
-        for s in steps:
-            m[f"is_s{s}"] = inception_score(torch.cat(rec_logits[s]))[0]
+        for k in keys:
+            m[name_of("is", k)] = inception_score(torch.cat(rec_logits[k]))[0]
     if tokens is not None:
         m.update(tokens.result())
 
