@@ -127,6 +127,9 @@ class DataConfig:
     # (with fresh_crops: the number of samples per photo in one epoch of the training stream).
     train_crops_per_image: int = 64
     val_crops_per_image: int = 8
+    # Folder data: "random" crops for training (the paper's preprocessing), or the fixed
+    # "center" crop (+ the stream's flip): a finite pool whose teacher ids are computed once.
+    train_crop: Literal["random", "center"] = "random"
     # Embedded training data that generalises (issue 9, sftok/data/embedded.py): a new crop for
     # every training sample instead of a fixed pool; the extra photos of scikit-image (greyscale
     # photos and textures), scikit-learn and matplotlib; this fraction of dead-leaves images.
@@ -177,6 +180,9 @@ class StageConfig:
     # autocast wrapper): under bf16/fp16 near-tied logits can flip the argmax. False: autocast.
     sfvr_pass_fp32: bool = True
     compile: bool = False
+    # Teacher ids M_g: "cache" looks them up when the training data is a finite pool
+    # (sftok.train.teacher_ids; encoded once), "encode" runs the teacher on every batch.
+    teacher_ids: Literal["cache", "encode"] = "cache"
     log_every: int = 10
     ckpt_every: int = 500
     # Stage 3 only (pixel-space fine-tuning through the soft path).

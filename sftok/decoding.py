@@ -90,18 +90,23 @@ def _least_confident(confidence: Tensor, masked: Tensor, keep: int) -> Tensor:
 
 
 def decode_step(state: DecodeState, logits: Tensor, step: int, cfg: DecodeConfig, mask_id: int,
-                generator: torch.Generator | None = None) -> tuple[DecodeState, Tensor]:
+                generator: torch.Generator | None = None,
+                num_masked: int | None = None) -> tuple[DecodeState, Tensor]:
     """Advance one step given its logits B×N×V; returns (new state, fixed_now B×N bool).
 
     Requires every row of `state.masked` to hold the same number of masked positions (true for
-    states produced by this loop, whose per-step counts are exact).
+    states produced by this loop, whose per-step counts are exact). `num_masked`: that count
+    when the caller knows it (`decode` does, from the schedule), which saves reading it back
+    from the device every step; None counts and checks it.
     """
     n = state.ids.shape[1]
     r = (step + 1) / cfg.steps
-    per_row = state.masked.sum(1)
-    num_masked = int(per_row[0])
-    if not bool((per_row == num_masked).all()):
-        raise ValueError(f"decode_step: rows hold different masked counts {per_row.tolist()}")
+    if num_masked is None:
+        per_row = state.masked.sum(1)
+        num_masked = int(per_row[0])
+        if not bool((per_row == num_masked).all()):
+            raise ValueError(f"decode_step: rows hold different masked counts "
+                             f"{per_row.tolist()}")
 
     # 2. sample ids (Gumbel-max, annealed temperature) and keep the fixed ones.
     tau = cfg.temperature * (1.0 - r)
@@ -170,10 +175,13 @@ def decode(logits_fn: LogitsFn, batch: int, num_positions: int, mask_id: int, cf
     state = DecodeState.all_masked(batch, num_positions, mask_id, device)
     steps: list[StepTrace] | None = [] if trace else None
     logits = None
+    num_masked = num_positions  # exact per row at every step: the schedule's counts
     for s in range(cfg.steps):
         logits = logits_fn(state.ids)
         _check_logits(logits, batch, num_positions, mask_id, s)
-        new_state, fixed_now = decode_step(state, logits, s, cfg, mask_id, generator)
+        new_state, fixed_now = decode_step(state, logits, s, cfg, mask_id, generator,
+                                           num_masked=num_masked)
+        num_masked = keep_masked(cfg.schedule, num_positions, s, cfg.steps, num_masked)
         if steps is not None:
             steps.append(StepTrace(logits=logits.detach().float(), masked_before=state.masked,
                                    fixed_now=fixed_now, ids_after=new_state.ids))

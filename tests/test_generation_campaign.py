@@ -66,7 +66,7 @@ def test_generation_sweep_smoke_end_to_end_then_from_the_checkpoint(ray_session,
     assert {f"grids/samples_class{c}.png" for c in gen["grid_classes"]} <= arts
 
     # From the checkpoint path: same tokenizer and data, so the tokens come from the cache.
-    tok_dir = next(work.glob("generation_guidance_sweep/*/trials/base_s0/stage2/final"))
+    tok_dir = next(work.glob("stages/stage2-*"))  # the shared stage store (issue 10)
     spec = tmp_path / "gen_from_ckpt.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "gen_from_ckpt", "preset": "smoke", "stages": ["generation"],

@@ -214,6 +214,7 @@ def make_crashing(log_dir: Path, work_root: Path):
         import shutil
         import tempfile
 
+        from sftok_experiments.stage_store import StageOutcome, StageStore
         from sftok_experiments.trial import (
             _restore_from_ray_checkpoint,
             _snapshot,
@@ -229,21 +230,26 @@ def make_crashing(log_dir: Path, work_root: Path):
         Path(log_dir, f"{key}.attempt{attempt}").write_text("")
         shutil.rmtree(work, ignore_errors=True)  # as if the retry ran on another node
         work.mkdir(parents=True)
-        _restore_from_ray_checkpoint(work)
+        store = StageStore(work / "stages")
+        _restore_from_ray_checkpoint(store)
         step, done = 0, []
         for stage in config["trial"]["stages"]:
-            if (work / stage / "final").is_dir():
+            skey = f"{stage}-fake"
+            if store.published(skey) is not None:
                 step += 3
-                done.append(stage)
+                done.append(StageOutcome(stage, skey, store.path(skey), 3, "reused"))
                 continue
             Path(log_dir, f"{key}.trained-{stage}").write_text("")
             for _ in range(3):
                 step += 1
                 report_train(stage, step, {"loss": 1.0 / step})
-            (work / stage / "final").mkdir(parents=True)
-            (work / stage / "final" / "model.safetensors").write_text("weights")
-            done.append(stage)
-            report_stage_done(stage, step, _snapshot(work, done, Path(tempfile.mkdtemp())))
+            result = store.path(skey)
+            result.mkdir(parents=True)
+            (result / "model.safetensors").write_text("weights")
+            (result / "stage.json").write_text('{"steps": 3, "metrics": {}, "history": []}')
+            done.append(StageOutcome(stage, skey, result, 3, "trained"))
+            report_stage_done(stage, step, _snapshot(done, Path(tempfile.mkdtemp())),
+                              source="trained", key=skey, steps=3)
             if attempt == 0:
                 raise RuntimeError("simulated crash after stage 1")
         out = Path(tempfile.mkdtemp()) / "artifacts"
@@ -454,3 +460,32 @@ def test_smoke_end_to_end(ray_session, store, client, tmp_path):
         assert "checkpoint/model.safetensors" in ck
     # Stage 0 ran once, in the driver, and is logged on the parent run.
     assert any(k.startswith("train/stage0/") for k in parents[0].data.metrics)
+    # The arms share stage 1 (issue 10): trained once, reused twice; stage 2 is per arm.
+    m = parents[0].data.metrics
+    assert (m["campaign/stages_trained"], m["campaign/stages_reused"]) == (4, 2)
+    s1 = {c.data.tags["stage.stage1.key"] for c in children}
+    assert len(s1) == 1 and sorted(c.data.tags["stage.stage1.source"] for c in children) == [
+        "reused", "reused", "trained"]
+    assert all(c.data.tags["stage.stage2.source"] == "trained" for c in children)
+    # Every child shows the stage-1 curve, the reused ones replayed from the shared result.
+    curves = {c.info.run_id: [(p.step, p.value) for p in
+                              client.get_metric_history(c.info.run_id, "train/stage1/loss")]
+              for c in children}
+    assert len({tuple(v) for v in curves.values()}) == 1 and next(iter(curves.values()))
+
+    # The same campaign with every trial training every stage itself gives bitwise the same
+    # numbers, and a third invocation in the shared work dir reuses everything.
+    rc = main(["ablation_replace_ratio", "--preset", "smoke", "--seeds", "1",
+               "--tracking-uri", str(store), "--work-dir", str(tmp_path / "unshared"),
+               "--cache-dir", str(tmp_path / "cache"), "--no-share-stages"])
+    assert rc == 0
+    parents, children2 = runs_of(client, "ablation_replace_ratio")
+    latest = max(parents, key=lambda p: p.info.start_time)
+    assert (latest.data.metrics["campaign/stages_trained"],
+            latest.data.metrics["campaign/stages_reused"]) == (6, 0)
+    evals = lambda runs: {c.data.tags["arm"]: {k: v for k, v in c.data.metrics.items()
+                                              if k.startswith("eval/")} for c in runs}
+    first = evals(children)
+    second = evals([c for c in children2 if c.data.tags["mlflow.parentRunId"]
+                    == latest.info.run_id])
+    assert first == second and first

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sftok.config import OptimConfig
+from sftok.config import OptimConfig, override
 from sftok.train.checkpointing import latest_checkpoint, list_checkpoints, save_checkpoint
 from sftok.train.discriminator import Adversary, PatchGAN
 from sftok.train.ema import EMA
@@ -264,6 +264,34 @@ def test_benchmark_reports_throughput_per_stage():
     assert "images/s" in format_table(rows)
 
 
+@pytest.mark.slow
+def test_compiled_token_step_matches_eager_on_cpu():
+    """`train.<stage>.compile` (torch.compile of the tokenizer's children, in place) runs on
+    CPU where a C++ compiler exists, keeps the state-dict keys, and gives the eager numbers up
+    to float reassociation. Slow: inductor's first compile takes minutes on 2 cores."""
+    import shutil
+
+    from sftok.presets import get_preset
+    from sftok.teacher import FrozenTeacher, MaskGitVQGAN
+    from sftok.train.stages import build_stage_task
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    cfg = get_preset("smoke")
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size)
+    batches = [(torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))]
+    out, keys = {}, {}
+    for comp in (False, True):
+        task = build_stage_task(override(cfg, {"train.stage2.compile": comp}), "stage2",
+                                teacher, torch.device("cpu"))
+        out[comp] = [{k: float(v) for k, v in task.step(batches, i).items()} for i in range(2)]
+        keys[comp] = list(task.model.state_dict())
+    assert keys[True] == keys[False]
+    for eager, compiled in zip(out[False], out[True]):
+        assert eager.keys() == compiled.keys()
+        for k in eager:
+            assert compiled[k] == pytest.approx(eager[k], rel=1e-3, abs=1e-4), k
 def test_sfvr_step1_pass_runs_in_float32_under_autocast():
     """StageConfig.sfvr_pass_fp32 (as the reference's generate_guided_mask): the step-1 argmax
     pass ignores the surrounding autocast; with fp32=False it follows it."""

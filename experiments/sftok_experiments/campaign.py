@@ -43,6 +43,7 @@ class Options:
     max_failures: int | None = None  # default: the spec's
     trial_fn: Callable[[dict], None] | None = None  # default: trial.run_trial
     prepare_teacher: bool = True  # stage 0 in the driver before the trials
+    share_stages: bool = True  # one copy of each distinct stage result per work dir
     progress_every: float = 30.0  # seconds between progress lines of a trial (< 0: none)
     resume_hint: str | None = None  # the command that continues this invocation (cli.py)
     echo: Callable[..., None] = print
@@ -59,6 +60,7 @@ class TrialSummary:
     seconds: float = 0.0
     run_id: str | None = None
     note: str = ""
+    stage_sources: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # undecodable files: train / val
 
 
@@ -73,6 +75,11 @@ class CampaignResult:
     interrupted: bool = False
     setup_error: str | None = None  # e.g. the teacher could not be trained / loaded
     usage_error: str | None = None  # nothing ran: e.g. --resume found no campaign to continue
+
+    def stage_count(self, source: str, steps: bool = False) -> int:
+        """Stage results this invocation's trials trained / reused (or their steps)."""
+        return sum(n if steps else 1 for t in self.trials
+                   for src, _key, n in t.stage_sources.values() if src == source)
 
     @property
     def ok(self) -> bool:
@@ -350,7 +357,8 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
         for rec in tracker.records.values():
             summaries[rec.key] = TrialSummary(rec.key, rec.arm, rec.seed, rec.status,
                                               dict(rec.metrics), rec.error, rec.seconds,
-                                              rec.run_id, skipped=dict(rec.skipped))
+                                              rec.run_id, skipped=dict(rec.skipped),
+                                              stage_sources=dict(rec.stage_sources))
     for t in plan.trials if not search else []:
         summaries.setdefault(t.key, TrialSummary(t.key, t.arm, t.seed, "NOT RUN"))
     # Children still RUNNING (driver interrupted mid-trial) are closed as KILLED.
@@ -375,6 +383,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                                      **{f"data_skipped.{k}": max(t.skipped.get(k, 0)
                                                                  for t in trials)
                                         for k in ("train", "val")}})
+    _log_stage_counts(client, parent_id, result)
     try:
         client.log_text(parent_id, table + "\n", "summary.txt")
     except Exception:  # noqa: BLE001
@@ -417,7 +426,12 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
 
     spec = plan.spec
     cpus = float(opts.cpus_per_trial)
-    runtime = {"work_root": str(campaign_dir / "trials"), "teacher_cache": str(cache / "teachers"),
+    # The stage store sits beside the campaign dirs (<work dir>/stages, campaign_dir is
+    # <work dir>/<spec>/<parent run>), so campaigns sharing a work dir share stage results.
+    runtime = {"work_root": str(campaign_dir / "trials"),
+               "stage_store": str(campaign_dir.parent.parent / "stages"),
+               "share_stages": bool(opts.share_stages),
+               "teacher_cache": str(cache / "teachers"),
                "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus)),
                "gpus": float(opts.gpus_per_trial), "device": opts.device}  # placement.py
     trainable = tune.with_resources(guarded(opts.trial_fn or run_trial),
@@ -507,6 +521,16 @@ def _summary_from_run(key: str, run, note: str) -> TrialSummary:
                         t.get("error"), 0.0, run.info.run_id, note)
 
 
+def _log_stage_counts(client, parent_id: str, result: CampaignResult) -> None:
+    """Parent metrics campaign/stages_trained, campaign/stages_reused (+ their steps); step =
+    the invocation's resume count, so a resumed campaign adds points instead of overwriting."""
+    run = client.get_run(parent_id)
+    step = int(run.data.tags.get("resumed", "0"))
+    trk.log_metrics(client, parent_id, {
+        "campaign/stages_trained": result.stage_count("trained"),
+        "campaign/stages_reused": result.stage_count("reused"),
+        "campaign/stage_steps_trained": result.stage_count("trained", steps=True),
+        "campaign/stage_steps_reused": result.stage_count("reused", steps=True)}, step)
 def skipped_line(trials: list[TrialSummary]) -> str | None:
     """One line on undecodable image files met by the trials (None when there were none)."""
     train = max((t.skipped.get("train", 0) for t in trials), default=0)
@@ -531,8 +555,13 @@ def summary_table(result: CampaignResult) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    out = [f"summary: {len(result.trials)} trial(s), wall {result.wall_s:.0f}s, parent run "
-           f"{result.parent_run_id}", line(head), line(["-" * w for w in widths])]
+    title = (f"summary: {len(result.trials)} trial(s), wall {result.wall_s:.0f}s, parent run "
+             f"{result.parent_run_id}")
+    stages = (f"stage results: {result.stage_count('trained')} trained "
+              f"({result.stage_count('trained', steps=True)} steps), "
+              f"{result.stage_count('reused')} reused "
+              f"({result.stage_count('reused', steps=True)} steps)")
+    out = [title, stages, line(head), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     out += trk.bounds_lines([t.metrics for t in result.trials])
     return "\n".join(out)

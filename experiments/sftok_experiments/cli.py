@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--work-dir", help="campaign working dirs (default ./runs)")
     p.add_argument("--cache-dir", help="teacher / FID-statistics cache (default ./.cache)")
+    p.add_argument("--no-share-stages", action="store_true",
+                   help="train every stage in every trial instead of reusing identical stage "
+                        "results from <work dir>/stages (for timing comparisons)")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                    help="a progress line per running trial at most this often (default 30; "
                         "-1: none)")
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                    max_concurrent=args.max_concurrent, resume=args.resume,
                    work_dir=args.work_dir, cache_dir=args.cache_dir,
                    max_failures=args.max_failures, prepare_teacher=not args.no_teacher,
+                   share_stages=not args.no_share_stages,
                    progress_every=args.progress_every)
     opts.resume_hint = resume_command(argv, resolve_store(args.tracking_uri)[0],
                                       work_root(opts), cache_root(opts))

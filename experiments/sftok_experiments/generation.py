@@ -21,7 +21,8 @@ GRID_FILE = "samples.png"
 
 def run_generation(cfg, tokenizer_dir: Path, teacher, work: Path, tmp: Path,
                    payload: dict[str, Any], device, runtime: dict[str, Any],
-                   step_offset: int, done: list[str]) -> None:
+                   step_offset: int, done: list) -> None:
+    """done: the trial's finished `StageOutcome`s (for the Ray checkpoint snapshot)."""
     from sftok.config import to_dict
     from sftok.data import build_train_dataset, val_batches
     from sftok.generation.data import class_names, heldout_dataset, train_data_key
@@ -51,8 +52,11 @@ def run_generation(cfg, tokenizer_dir: Path, teacher, work: Path, tmp: Path,
 
     res = train_generator(cfg, tokens, work / "generation", callback=callback, resume=True,
                           step_offset=step_offset)
-    done.append("generation")
-    report_stage_done("generation", step_offset + res.steps, _snapshot(work, done, tmp))
+    from sftok_experiments.stage_store import TRAINED, StageOutcome
+
+    # Not content-addressed (trained in work/generation): snapshotted without a key.
+    done.append(StageOutcome("generation", "", res.checkpoint, res.steps, TRAINED))
+    report_stage_done("generation", step_offset + res.steps, _snapshot(done, tmp))
 
     generator = _load_tokenizer(res.checkpoint, device)  # any sftok checkpoint, in eval()
     e = g.eval

@@ -4,7 +4,10 @@ Layout: one experiment per spec; one parent run per invocation (tags `spec`, `pr
 `git_commit`, `command`, `sftok.role=parent`, `sftok.campaign=<hash>`); one child run per
 trial (`mlflow.parentRunId`, `sftok.role=trial`, `arm`, `seed`, `trial_key`, `ray_trial_id`;
 params = the flattened resolved config). Metrics `train/<stage>/<name>` (step = global
-optimiser step), `eval/<name>` (step 0), `trace/<name>` (step = decode step i). Artifacts
+optimiser step), `eval/<name>` (step 0), `trace/<name>` (step = decode step i); child tags
+`stage.<stage>.source` (trained / reused) and `stage.<stage>.key` (the stage result's content
+address, `stage_store.py`); parent metrics `campaign/stages_trained`, `campaign/stages_reused`
+(and their `stage_steps_*`, step = resume count). Artifacts
 `config.json`, `eval.json`, `trace.csv`, `grids/recon_s<S>.png`, `checkpoint/`.
 
 `MlflowTracker` is a `tune.Callback`: Ray calls it in the driver for every trial event, so
@@ -237,6 +240,7 @@ class TrialRecord:
         self.started = None
         self.seconds = 0.0
         self.retries = 0
+        self.stage_sources: dict[str, tuple[str, str, int]] = {}  # stage -> (source, key, steps)
         self.skipped: dict[str, int] = {}  # "train" (max over stages) / "val": bad image files
         self.progress = None  # progress.StageProgress, made on the first train report
 
@@ -362,8 +366,14 @@ def _make_tracker_class():
                 if skipped:
                     rec.skipped["train"] = max(rec.skipped.get("train", 0), *skipped)
             elif event == "stage_done":
-                self._line(rec, f"{result.get('stage')} done (global step "
-                                f"{result.get('global_step')})")
+                stage, source = result.get("stage"), result.get("source")
+                if source and stage not in rec.stage_sources:  # a retry re-reports: keep the first
+                    rec.stage_sources[stage] = (source, str(result.get("key", "")),
+                                                int(result.get("steps", 0)))
+                    set_tags(self.client, rec.run_id, {f"stage.{stage}.source": source,
+                                                       f"stage.{stage}.key": result.get("key")})
+                how = f", {source} {result.get('key')}" if source else ""
+                self._line(rec, f"{stage} done (global step {result.get('global_step')}{how})")
             elif event == "error":  # sent by trial.guarded just before the trial fails
                 rec.error = str(result.get("error") or "") or None
                 if not result.get("retry", True):

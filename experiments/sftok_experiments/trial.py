@@ -11,9 +11,16 @@ Report protocol (shared with the test trial functions, see `report_train` / `rep
   stages (so a retry on another node skips them)
 - `{"event": "final", "eval/<name>": v, ...}` + a checkpoint holding the artifacts.
 
-Resumability: stage outputs live in `runtime.work_root/<trial key>/<stage>/` — the same
-directory on a retry (`FailureConfig`) and on `--resume` — and `train_stage(resume=True)`
-continues from its last periodic checkpoint there (a finished stage is never retrained).
+Stage results live in the content-addressed store `runtime.stage_store` (`stage_store.py`):
+each distinct stage result is trained once per work directory and every trial that needs it
+starts from it; `runtime.share_stages` False gives each trial its own store
+(`<work_root>/<trial key>/stages`), so every trial trains every stage. `stage_done` reports
+say which (`source`: trained / reused) and the result's `key`.
+
+Resumability: a stage being trained lives in the store's `.building/<key>/` — the same
+directory on a retry (`FailureConfig`), on `--resume`, and for whichever trial takes it over
+— and `train_stage(resume=True)` continues from its last periodic checkpoint there (a
+published result is never retrained).
 """
 from __future__ import annotations
 
@@ -57,12 +64,14 @@ def report_train(stage: str, global_step: int, metrics: dict[str, float]) -> Non
     tune.report(out)
 
 
-def report_stage_done(stage: str, global_step: int, snapshot: Path | None = None) -> None:
+def report_stage_done(stage: str, global_step: int, snapshot: Path | None = None,
+                      **info: Any) -> None:
+    """info: the stage result's `source` (trained / reused), `key` and `steps`."""
     from ray import tune
 
     _quiet_ray_logs()
     ckpt = tune.Checkpoint.from_directory(str(snapshot)) if snapshot else None
-    tune.report({"event": STAGE_DONE, "stage": stage, "global_step": int(global_step)},
+    tune.report({"event": STAGE_DONE, "stage": stage, "global_step": int(global_step), **info},
                 checkpoint=ckpt)
 
 
@@ -208,8 +217,10 @@ def write_artifacts(out: Path, cfg_dict: dict[str, Any], payload: dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
-def _restore_from_ray_checkpoint(work: Path) -> None:
-    """A retry on another node: bring back the finished stages from the last Ray checkpoint."""
+def _restore_from_ray_checkpoint(store, work: Path | None = None) -> None:
+    """A retry on another node: publish the finished stages of the last Ray checkpoint (a
+    content-addressed one into the store; one without a key, e.g. the generator, back into
+    `work/<stage>/final`)."""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
@@ -217,16 +228,23 @@ def _restore_from_ray_checkpoint(work: Path) -> None:
         return
     with ckpt.as_directory() as d:
         for stage_dir in Path(d).iterdir():
-            final = stage_dir / "final"
-            if final.is_dir() and not (work / stage_dir.name / "final").exists():
+            key_file = stage_dir / "key.txt"
+            if not (stage_dir / "final").is_dir():
+                continue
+            if key_file.exists():
+                store.adopt(key_file.read_text().strip(), stage_dir / "final")
+            elif work is not None and not (work / stage_dir.name / "final").exists():
                 (work / stage_dir.name).mkdir(parents=True, exist_ok=True)
-                shutil.copytree(final, work / stage_dir.name / "final")
+                shutil.copytree(stage_dir / "final", work / stage_dir.name / "final")
 
 
-def _snapshot(work: Path, stages: list[str], tmp: Path) -> Path:
-    snap = tmp / f"snapshot-{len(stages)}"
-    for s in stages:
-        shutil.copytree(work / s / "final", snap / s / "final")
+def _snapshot(outcomes: list, tmp: Path) -> Path:
+    """Ray checkpoint of the finished stages: <stage>/final (+ key.txt when content-addressed)."""
+    snap = tmp / f"snapshot-{len(outcomes)}"
+    for o in outcomes:
+        shutil.copytree(o.checkpoint, snap / o.stage / "final")
+        if o.key:
+            (snap / o.stage / "key.txt").write_text(o.key)
     return snap
 
 
@@ -260,7 +278,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import dataset_key, evaluate
     from sftok.evaluate.bounds import build_bounds
-    from sftok.train import TeacherUnavailableError, get_teacher, train_stage
+    from sftok.train import TeacherUnavailableError, get_teacher
     from sftok.train.loop import resolve_device
 
     payload = config["trial"]
@@ -280,7 +298,11 @@ def run_trial(config: dict[str, Any]) -> None:
 
         work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
-    _restore_from_ray_checkpoint(work)
+    from sftok_experiments.stage_store import StageStore
+
+    store = StageStore(runtime["stage_store"] if runtime.get("share_stages", True)
+                       and runtime.get("stage_store") else work / "stages")
+    _restore_from_ray_checkpoint(store, work)
 
     device = resolve_device(cfg.device)
     # The driver trained (or loaded) the teacher before any trial: trials only load it. On a
@@ -295,18 +317,20 @@ def run_trial(config: dict[str, Any]) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="sftok-trial-"))
     try:
-        init, offset, done = None, 0, []
+        prev, offset, done = None, 0, []
         for stage in [s for s in payload["stages"] if s != "generation"]:
             def callback(step: int, metrics: dict[str, float], _stage: str = stage) -> None:
                 report_train(_stage, step, metrics)
 
-            res = train_stage(cfg, stage, teacher, work / stage, init=init, callback=callback,
-                              resume=True, step_offset=offset)
-            offset += res.steps
-            init = res.checkpoint
-            done.append(stage)
-            report_stage_done(stage, offset, _snapshot(work, done, tmp))
+            prev = store.obtain(cfg, stage, teacher, init=prev, callback=callback,
+                                step_offset=offset, echo=lambda m: print(m, flush=True),
+                                id_cache_dir=Path(runtime["teacher_cache"]) / "ids")
+            offset += prev.steps
+            done.append(prev)
+            report_stage_done(stage, offset, _snapshot(done, tmp), source=prev.source,
+                              key=prev.key, steps=prev.steps)
 
+        init = prev.checkpoint if prev is not None else None
         if "generation" in payload["stages"]:  # Table 2: the tokenizer feeds a generator
             from sftok_experiments.generation import run_generation
 

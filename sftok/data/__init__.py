@@ -56,6 +56,18 @@ def _train_root(cfg: DataConfig) -> Path:
                                        f"data.val_path to the validation image folder")
 
 
+class _EmbeddedPool(EmbeddedPhotos):
+    """The embedded training split as a finite pool (sftok.train.teacher_ids): its crops are
+    drawn once at build time from (photos, size, crops, seed), and `sample` ignores its seed."""
+
+    def __init__(self, photos, image_size: int, crops_per_image: int, seed: int = 0, **kw):
+        super().__init__(photos, image_size, crops_per_image, seed, **kw)
+        self._seed = seed
+
+    def pool_key(self) -> str:
+        return f"embedded|{','.join(self.photos)}|{self.image_size}|{len(self)}|{self._seed}"
+
+
 def build_val_dataset(cfg: DataConfig):
     """The validation split alone (never scans training data), with evaluation preprocessing.
 
@@ -82,8 +94,11 @@ def build_train_dataset(cfg: DataConfig):
     """The training split alone (with training augmentation); errors name the field to fix."""
     if cfg.source == "embedded":
         photos = TRAIN_PHOTOS + (EXTRA_TRAIN_PHOTOS if cfg.extra_photos else ())
-        return EmbeddedPhotos(photos, cfg.image_size, cfg.train_crops_per_image, cfg.seed,
-                              fresh=cfg.fresh_crops, dead_leaves=cfg.dead_leaves)
+        # Fixed crops and no procedural images: a finite pool (teacher ids computed once).
+        pool = not cfg.fresh_crops and not cfg.dead_leaves
+        return (_EmbeddedPool if pool else EmbeddedPhotos)(
+            photos, cfg.image_size, cfg.train_crops_per_image, cfg.seed,
+            fresh=cfg.fresh_crops, dead_leaves=cfg.dead_leaves)
     if cfg.source not in _HOW:
         raise ConfigError("data.source", f"unknown source {cfg.source!r}")
     if cfg.path is None:
@@ -91,7 +106,9 @@ def build_train_dataset(cfg: DataConfig):
                                        f"set it to {_HOW[cfg.source]}")
     if cfg.source == "folder":
         # Training needs its own split: an explicit val_path, or train/ and val/ under path.
-        return ImageFolder(_train_root(cfg), cfg.image_size, train=True, field="data.path")
+        # train_crop=center: centre crops only (a finite pool, teacher ids cached).
+        return ImageFolder(_train_root(cfg), cfg.image_size, train=True, field="data.path",
+                           crop=cfg.train_crop)
     if cfg.val_path is None:
         raise ConfigError("data.val_path", "is required for data.source=webdataset: set it "
                                            "to the validation shards (a brace pattern)")

@@ -8,6 +8,7 @@ is None, and `val_batches` leaves it out and counts it, so no image is scored tw
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -60,15 +61,17 @@ class ImageFolder(Dataset):
 
     `sample(i, seed)`: with `train=True` and a seed, a random crop drawn from that seed (the
     horizontal flip is added by `TrainStream`); otherwise the deterministic centre crop.
+    `crop="center"` makes the training view use the centre crop too (a finite pool).
     `__getitem__(i)` is `sample(i)`: the evaluation view.
     """
 
     def __init__(self, root: str | Path, image_size: int, train: bool = False,
-                 field: str = "data.path"):
+                 field: str = "data.path", crop: str = "random"):
         self.root = Path(root).expanduser()
         self.files, self.labels, self.classes = scan_folder(self.root, field)
         self.image_size = image_size
         self.train = train
+        self.crop = crop
         self.skip_log = SkipLog(f"{field} {str(self.root)!r}",
                                 "training goes on with the next decodable file" if train else
                                 "it is left out: only decodable images are evaluated")
@@ -81,6 +84,18 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def pool_key(self) -> str | None:
+        """A finite pool (sftok.train.teacher_ids) of the training view with `crop="center"`:
+        the files (paths, sizes, mtimes) and the size identify its images. None otherwise
+        (random crops; the evaluation view, which drops undecodable files)."""
+        if not self.train or self.crop != "center":
+            return None
+        h = hashlib.sha256(f"folder|{self.image_size}".encode())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return f"folder-{h.hexdigest()}"
 
     def sample(self, index: int, seed: int | None = None) -> tuple[torch.Tensor, int] | None:
         """(image, label); an undecodable file: the next decodable one (training view), None
@@ -103,7 +118,7 @@ class ImageFolder(Dataset):
                 self._bad.add(i)
                 self.skip_log.record(str(self.files[i]), e)
                 continue
-            if seed is not None:
+            if seed is not None and self.crop == "random":
                 image = train_transform(img, self.image_size, generator(seed))
             else:
                 image = eval_transform(img, self.image_size)

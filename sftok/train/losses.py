@@ -24,8 +24,8 @@ class CEOutput:
     loss: Tensor  # scalar, the weighted CE (what is optimised)
     ce_sum_masked: Tensor  # scalar, sum of per-position CE over masked positions (detached)
     ce_sum_visible: Tensor  # scalar, same over visible positions (detached)
-    num_masked: int
-    num_visible: int
+    num_masked: Tensor  # scalar long; tensors, not ints: reading them back would stall a GPU
+    num_visible: Tensor
 
 
 def weighted_ce(logits: Tensor, targets: Tensor, masked: Tensor,
@@ -43,7 +43,7 @@ def weighted_ce(logits: Tensor, targets: Tensor, masked: Tensor,
     w = torch.where(masked, torch.ones_like(ce), torch.full_like(ce, unmasked_weight))
     loss = (ce * w).sum() / w.sum()
     d = ce.detach()
-    n_masked = int(masked.sum())
+    n_masked = masked.sum()
     return CEOutput(loss=loss, ce_sum_masked=(d * masked).sum(), ce_sum_visible=(d * ~masked).sum(),
                     num_masked=n_masked, num_visible=masked.numel() - n_masked)
 

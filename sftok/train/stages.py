@@ -17,13 +17,16 @@ images (paper Table 6 stage 3: 8 per GPU × 8 GPUs = 64, accumulated twice).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from sftok.checkpoint import save_model
 from sftok.config import ExperimentConfig, StageConfig, to_dict
@@ -35,17 +38,16 @@ from sftok.train.loop import (
     LoopSpec,
     LoopTask,
     Precision,
-    check_finite,
-    clip_and_step,
+    clip_and_step_async,
     compile_children,
     resolve_device,
     run_loop,
-    scalar,
     to_images,
 )
 from sftok.train.losses import weighted_ce
 from sftok.train.masking import build_proxy_inputs, sample_mask, step1_logits_fn
 from sftok.train.optim import build_optimizer
+from sftok.train.teacher_stage import teacher_identity
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -69,6 +71,53 @@ def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
         return dataclasses.replace(
             cfg, tokenizer=dataclasses.replace(cfg.tokenizer, finetune_decoder=True))
     return cfg
+
+
+# Bump when the stage-training code changes what a stage produces for the same config; the
+# source digest below catches code edits too, this marks intended format changes.
+STAGE_FORMAT = 1
+
+
+@functools.cache
+def code_digest() -> str:
+    """Hex digest of the `sftok` package's Python sources: part of every stage identity, so a
+    result trained by other code (another checkout, an edit) is never reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_identity(cfg: ExperimentConfig, stage: str, init_key: str | None) -> dict[str, Any]:
+    """Everything a stage's trained result depends on (JSON-safe), for content addressing.
+
+    The stage's resolved config (`stage_config`; minus `ckpt_every`, which changes only where
+    periodic checkpoints fall, not the weights or the logged curve), the tokenizer, data (minus
+    `num_workers`: the stream is exact with or without workers) and teacher configs (a trained
+    teacher by its cache key, which covers its data and training; a pretrained one by its
+    config and file), the seed (`stage_seed` derives masks, data order and init from it), the
+    identity of the result the stage starts from (`init_key`, None for a fresh model), the
+    stage format and the library's source digest. Not included: other stages' configs, decode
+    and evaluation settings, the device and the trial's name.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    scfg = stage_config(cfg, stage)
+    sdict = to_dict(getattr(scfg.train, stage))
+    sdict.pop("ckpt_every", None)
+    data = to_dict(cfg.data)
+    data.pop("num_workers", None)
+    return {"format": STAGE_FORMAT, "code": code_digest(), "stage": stage, "stage_config": sdict,
+            "tokenizer": to_dict(scfg.tokenizer), "data": data,
+            "teacher": teacher_identity(cfg), "seed": cfg.seed, "init": init_key}
+
+
+def stage_key(identity: dict[str, Any]) -> str:
+    """'<stage>-<16 hex>': the content address of a stage result with this identity."""
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return f"{identity['stage']}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
 def build_tokenizer(cfg: ExperimentConfig, teacher: FrozenTeacher) -> SFTok:
@@ -102,25 +151,31 @@ class TokenTask(LoopTask):
         if init is not None:
             load_init(self.model, init)
         self.model.train()
-        self.generator = torch.Generator().manual_seed(seed + 1)  # masks + replacement draws
+        # Masks and replacement draws come from a generator on the device (no CPU draws copied
+        # over every step); on CPU this is the same generator as before.
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.precision = Precision(s.precision, device)
         self.optimizer = build_optimizer(self.model, s.optim, device)
         self.scaler = self.precision.scaler()
         self.ema = EMA(self.model, s.ema_decay) if s.ema_decay > 0 else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # fp16's scaler skips steps with inf gradients by design: only the loss is an error.
+        self.finite_keys = ("loss",) if self.scaler.is_enabled() else ("loss", "grad_norm")
         if s.compile:
             compile_children(self.model)
 
-    def step(self, batches: list[Any], step: int) -> dict[str, float]:
+    def step(self, batches: list[Any], step: int) -> dict[str, Tensor | float]:
+        """One optimiser step. No host sync: the metrics stay 0-dim device tensors (run_loop
+        reads them at logging boundaries and watches `finite_keys` there)."""
         s, model = self.scfg, self.model
         lr = self.begin_step(step, s.steps, s.optim)
         n = len(batches)
-        acc = {"loss": 0.0, "ce": 0.0, "quant_loss": 0.0}
-        ce_m = ce_v = 0.0
+        loss_sum = ce_sum = q_sum = ce_m = ce_v = 0.0
         n_m = n_v = n_rep = 0
         for batch in batches:
-            images = to_images(batch).to(self.device, non_blocking=True)
-            targets = self.teacher.encode_ids(images)  # M_g, B×N (fp32, no grad)
+            host = to_images(batch)
+            images = host.to(self.device, non_blocking=True)
+            targets = self.targets(host, images)  # M_g, B×N (no grad)
             b, num = targets.shape
             masked = sample_mask(s.replacement, b, num, s.mask_schedule, self.generator,
                                  self.device)
@@ -133,25 +188,36 @@ class TokenTask(LoopTask):
                 logits = model.decoder_logits(proxy.ids, q.z_q)
             ce = weighted_ce(logits, targets, masked, s.unmasked_weight)
             loss = ce.loss + s.quantizer_weight * q.loss.float()
-            check_finite("loss", loss)
             self.scaler.scale(loss / n).backward()
-            acc["loss"] += scalar(loss) / n
-            acc["ce"] += scalar(ce.loss) / n
-            acc["quant_loss"] += scalar(q.loss) / n
-            ce_m += float(ce.ce_sum_masked)
-            ce_v += float(ce.ce_sum_visible)
+            loss_sum = loss_sum + loss.detach()
+            ce_sum = ce_sum + ce.loss.detach()
+            q_sum = q_sum + q.loss.detach().float()
+            ce_m, ce_v = ce_m + ce.ce_sum_masked, ce_v + ce.ce_sum_visible
             n_m, n_v = n_m + ce.num_masked, n_v + ce.num_visible
-            n_rep += int(proxy.replaced.sum())
-        acc["grad_norm"] = clip_and_step(self.optimizer, self.scaler, self.params,
-                                         s.optim.grad_clip)
+            n_rep = n_rep + proxy.replaced.sum()
+        grad_norm = clip_and_step_async(self.optimizer, self.scaler, self.params,
+                                        s.optim.grad_clip)
         if self.ema is not None:
             self.ema.update(model)
-        acc["ce_masked"] = ce_m / max(n_m, 1)
-        if n_v:
-            acc["ce_visible"] = ce_v / n_v
-        acc["replaced_frac"] = n_rep / n_v if n_v else 0.0
-        acc["lr"] = lr
+        acc: dict[str, Tensor | float] = {
+            "loss": loss_sum / n, "ce": ce_sum / n, "quant_loss": q_sum / n,
+            "grad_norm": grad_norm, "ce_masked": ce_m / n_m.clamp_min(1),
+            # replaced_frac: 0 when nothing is visible (stage 1), as before
+            "replaced_frac": n_rep / n_v.clamp_min(1), "lr": lr}
+        if s.replacement != "none":  # visible positions exist (n_v > 0 almost surely)
+            acc["ce_visible"] = ce_v / n_v.clamp_min(1)
         return acc
+
+    id_cache = None  # a TeacherIdCache when the training data is a finite pool
+
+    def targets(self, host: Tensor, images: Tensor) -> Tensor:
+        """The teacher ids M_g (B×N long, on the device) of a batch: `host` B×3×H×W as the
+        stream gave it, `images` the same on the device. Looked up when cached, else encoded."""
+        if self.id_cache is not None:
+            ids = self.id_cache.lookup(host)
+            if ids is not None:
+                return ids.to(self.device, non_blocking=True)
+        return self.teacher.encode_ids(images)
 
 
 def build_stage_task(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher,
@@ -173,12 +239,15 @@ def export_tokenizer(tmp: Path, task: LoopTask, cfg: ExperimentConfig) -> None:
 
 def train_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher, out_dir: Path,
                 init: Path | None = None, callback: Callback | None = None,
-                resume: bool = True, step_offset: int = 0) -> StageResult:
+                resume: bool = True, step_offset: int = 0,
+                id_cache_dir: Path | None = None) -> StageResult:
     """Train one stage; resumable; returns immediately if out_dir already holds a finished one.
 
     stage: "stage1" | "stage2" | "stage3". init: previous stage's final checkpoint dir.
     callback(step_offset + step, metrics) every cfg.train.<stage>.log_every steps (metric names
     in docs/architecture.md). Raises NonFiniteLossError on a NaN/inf loss.
+    id_cache_dir: where teacher-id caches of finite pools are kept (`teacher_ids`; None: built
+    in memory for this call). Used by stages 1-2 with `teacher_ids="cache"`.
     """
     from sftok.data import TrainStream, build_train_dataset
 
@@ -195,6 +264,11 @@ def train_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher, out_d
     teacher = teacher.to(device)
     task = build_stage_task(scfg, stage, teacher, device, init=init)
     train_ds = build_train_dataset(cfg.data)
+    if isinstance(task, TokenTask) and s.teacher_ids == "cache":
+        from sftok.train.teacher_ids import TeacherIdCache
+
+        task.id_cache = TeacherIdCache.load_or_build(teacher, train_ds, id_cache_dir,
+                                                     teacher_identity(cfg), device)
     stream = TrainStream(train_ds, s.batch_size, seed=stage_seed(cfg, stage),
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     spec = LoopSpec(stage=stage, steps=s.steps, grad_accum=s.grad_accum,

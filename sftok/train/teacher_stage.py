@@ -80,6 +80,20 @@ def teacher_cache_key(cfg: ExperimentConfig) -> str:
     return f"teacher-{digest[:16]}"
 
 
+def teacher_identity(cfg: ExperimentConfig) -> str:
+    """What identifies the teacher's weights: the stage-0 cache key of a trained teacher; for a
+    pretrained one its architecture, the file's path and size (hashing a 300 MB file for every
+    trial would cost more than it protects against)."""
+    if cfg.teacher.source == "train":
+        return teacher_cache_key(cfg)
+    t = to_dict(cfg.teacher)
+    size = None
+    if cfg.teacher.weights and Path(cfg.teacher.weights).expanduser().is_file():
+        size = Path(cfg.teacher.weights).expanduser().stat().st_size
+    blob = json.dumps({"teacher": t, "size": size}, sort_keys=True)
+    return f"pretrained-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
 def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None,
                 train_if_missing: bool = True) -> FrozenTeacher:
     """The frozen teacher of `cfg` (on cfg.device).

@@ -1,0 +1,192 @@
+"""Content-addressed stage results: each distinct stage result is trained once per work dir.
+
+A stage's result is named by everything it depends on (`sftok.train.stages.stage_identity`:
+its resolved config, the model / data / teacher configs, the seed, the key of the result it
+starts from, the library's source digest). Trials that need the same result — Table 4's arms
+share stage 1; a step sweep or a re-run after changing stage 2 shares more — start from the one
+copy instead of training it again, within a campaign and across campaigns that use the same
+work directory.
+
+Layout under the store root (`<work dir>/stages/`):
+
+    <key>/              a published result: model.safetensors + config.json (sftok.checkpoint),
+                        stage.json (steps, last metrics, every logged window), identity.json.
+                        It appears by one rename of a complete directory: never half written.
+    .building/<key>/    a result being trained: `train_stage`'s periodic checkpoints + final/.
+                        A trainer killed mid-stage leaves it; the next trainer resumes from it.
+    .locks/<key>.lock   held (flock) by the one process training <key>; others wait on it.
+
+Stale locks recover by themselves: an flock belongs to the open file, so the kernel releases it
+when its holder exits or is killed (a Ray retry, SIGKILL, a lost node's process). The file
+names the last holder (pid, host, time) for the waiting message only. Locks are only as good as
+the file system's flock: local disks and NFSv4 are fine; a store on storage without working
+locks (some FUSE mounts) may train a result twice, but never publishes a torn one.
+
+Deadlock: a trial holds at most one lock at a time (stages are obtained one after another and
+the lock is dropped once the result is published), and the holder only trains, so waiting
+always ends. On one CPU Ray runs one trial at a time and nobody waits at all. Ordering keeps
+waiting rare: `expand` lists trials arm-major, seed-minor, so trials started together usually
+have different seeds and so different stage-1 results.
+
+Each child run still shows its stage curves: a reused result's logged windows (stage.json
+`history`, the same dicts the training callback received) are replayed through the trial's
+callback at the same global steps; a trainer that resumes someone else's partial result first
+replays the windows logged before its checkpoint.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TRAINED, REUSED = "trained", "reused"
+STAGE_JSON = "stage.json"  # written by sftok.train.loop.run_loop into final/
+
+
+@dataclass
+class StageOutcome:
+    """One stage of one trial: where its result lives and whether this trial trained it."""
+
+    stage: str
+    key: str
+    checkpoint: Path  # the result dir: model.safetensors + config.json + stage.json
+    steps: int
+    source: str  # TRAINED (this call trained or finished it) or REUSED (it was published)
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def replay(history: list[dict[str, float]], callback, step_offset: int,
+           up_to: int | None = None) -> None:
+    """Send logged windows (rows {"step": n, name: value}) to callback(offset + n, metrics)."""
+    if callback is None:
+        return
+    for row in history:
+        step = int(row["step"])
+        if up_to is not None and step > up_to:
+            break
+        callback(step_offset + step, {k: v for k, v in row.items() if k != "step"})
+
+
+class StageStore:
+    """The stage results under `root` (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def published(self, key: str) -> dict[str, Any] | None:
+        """The published result's stage.json (steps, metrics, history), or None."""
+        meta = self.path(key) / STAGE_JSON
+        return json.loads(meta.read_text()) if meta.exists() else None
+
+    # --- obtaining ------------------------------------------------------------------------------
+
+    def obtain(self, cfg, stage: str, teacher, init: StageOutcome | None = None,
+               callback: Callable[[int, dict[str, float]], None] | None = None,
+               step_offset: int = 0, echo: Callable[[str], None] | None = None,
+               train_fn: Callable[..., Any] | None = None,
+               id_cache_dir: Path | None = None) -> StageOutcome:
+        """The result of `stage` for `cfg` starting from `init`: reused if published, else
+        trained here (under the key's lock, resuming a partial one) and published.
+
+        callback(global step, metrics) sees the stage's curve either way (live or replayed).
+        train_fn: `sftok.train.train_stage` (replaceable in tests); id_cache_dir: its
+        teacher-id cache directory.
+        """
+        from sftok.train.stages import stage_identity, stage_key
+
+        identity = stage_identity(cfg, stage, init.key if init is not None else None)
+        key = stage_key(identity)
+        meta = self.published(key)
+        source = REUSED
+        if meta is None:
+            with self._lock(key, echo):
+                meta = self.published(key)  # someone else finished it while we waited
+                if meta is None:
+                    meta = self._train(cfg, stage, teacher, key, identity, init, callback,
+                                       step_offset, train_fn, id_cache_dir)
+                    source = TRAINED
+        if source == REUSED:
+            replay(meta.get("history", []), callback, step_offset)
+        return StageOutcome(stage, key, self.path(key), int(meta["steps"]), source,
+                            dict(meta.get("metrics", {})), list(meta.get("history", [])))
+
+    def _train(self, cfg, stage, teacher, key, identity, init, callback, step_offset,
+               train_fn, id_cache_dir) -> dict[str, Any]:
+        from sftok.train import checkpointing as ckpt
+        from sftok.train.loop import read_final
+
+        if train_fn is None:
+            from sftok.train import train_stage as train_fn
+        building = self.root / ".building" / key
+        # Windows logged before a partial result's checkpoint were reported to whoever trained
+        # them; replay them so this trial's run shows the whole curve.
+        done = read_final(building)
+        latest = ckpt.latest_checkpoint(building)
+        if done is not None:
+            replay(done.history, callback, step_offset)
+        elif latest is not None:
+            history = json.loads((latest / "state.json").read_text()).get("history", [])
+            replay(history, callback, step_offset)
+        train_fn(cfg, stage, teacher, building, init=init.checkpoint if init else None,
+                 callback=callback, resume=True, step_offset=step_offset,
+                 id_cache_dir=id_cache_dir)
+        final = building / ckpt.FINAL
+        (final / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
+        os.rename(final, self.path(key))  # atomic publish: the result appears complete
+        shutil.rmtree(building, ignore_errors=True)
+        return self.published(key)
+
+    def adopt(self, key: str, source_dir: Path) -> None:
+        """Publish a copy of a finished result (e.g. from a Ray checkpoint on another node)."""
+        if self.published(key) is not None:
+            return
+        tmp = self.root / ".building" / f".adopt-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source_dir, tmp)
+        with self._lock(key, None):
+            if self.published(key) is None:
+                os.rename(tmp, self.path(key))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # --- locking ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _lock(self, key: str, echo: Callable[[str], None] | None):
+        """Exclusive flock on .locks/<key>.lock; says once whom it waits for."""
+        path = self.root / ".locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if echo is not None:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    echo(f"waiting for stage result {key} (being trained by {holder})")
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+                f.flush()
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+__all__ = ["REUSED", "TRAINED", "StageOutcome", "StageStore", "replay"]
