@@ -38,3 +38,15 @@ def client(store):
     from sftok_experiments.tracking import client_for, resolve_store
 
     return client_for(resolve_store(str(store))[0])
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray of 2 CPUs for a campaign test module (shut down after it, if it started it)."""
+    import ray
+    from sftok_experiments.campaign import init_ray
+
+    started = init_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()

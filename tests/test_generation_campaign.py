@@ -14,19 +14,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import ray
-from sftok_experiments.campaign import init_ray
 from sftok_experiments.cli import main
 from sftok_experiments.expand import expand
 from sftok_experiments.spec import SpecError, load_spec
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = init_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _children(client, name: str):

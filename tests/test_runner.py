@@ -21,10 +21,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import mlflow  # noqa: E402  (a broken install must fail here, not skip the suite)
 import ray  # noqa: E402
 import ray.cloudpickle  # noqa: E402
-from sftok_experiments.campaign import Options, init_ray, run_campaign  # noqa: E402
+from sftok_experiments.campaign import Options, run_campaign  # noqa: E402
 from sftok_experiments.expand import expand  # noqa: E402
 from sftok_experiments.spec import load_spec  # noqa: E402
 
@@ -37,12 +36,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    started = init_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def fake_spec(tmp_path: Path, name: str, **extra) -> Path:
