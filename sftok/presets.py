@@ -134,9 +134,11 @@ def tiny() -> ExperimentConfig:
             # data (2000-step schedule; train = fixed crops of the 7 colour training photos,
             # held-out = the validation photos): step 250: 15.4 / 15.4 dB, 500: 17.0 / 17.2,
             # 1000: 18.8 / 19.1, 1500: 21.3 / 22.5, 2000: 22.1 / 23.3 — no generalisation gap
-            # (targets: held-out >= 20 dB, within 2 dB of train). 1500 steps keep the main job
-            # within its 15 minutes on 2 cores (~0.2 s a step with denormals flushed). For scale, on the same held-out images a naive codec with the tokenizer's
-            # 128 bits scores 22.7 dB and one with the teacher's 512 bits 25.2 dB
+            # (targets: held-out >= 20 dB, within 2 dB of train). 1500 steps (its own schedule:
+            # 22.5 dB held-out, ~3.7 min with denormals flushed) keep the main job within its 15
+            # minutes on 2 cores (667 s measured). For scale, on the same held-out images a naive
+            # codec with the tokenizer's 128 bits scores 22.7 dB and one with the teacher's 512
+            # bits 25.2 dB
             # (sftok.evaluate.bounds). (Fresh crops of the 7 photos alone: 18.9 / 14.3 dB at
             # step 500, the gap grows; lr 1.5e-3: 14.4 dB held-out at step 250.)
             teacher=TeacherTrainConfig(
