@@ -374,6 +374,12 @@ class ExperimentConfig:
 
 # The metric groups `sftok.evaluate` computes (one owner: the evaluator and the specs use it).
 EVAL_METRICS = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
+GENERATION_METRICS = ("gfid", "is", "calibration", "tokens")
+
+
+def _metric_names(known: tuple[str, ...]) -> tuple[Any, str]:
+    return (lambda v: len(v) > 0 and set(v) <= set(known)), \
+        f"must be a non-empty list of {', '.join(known)}"
 
 
 def _min(lo: float) -> tuple[Any, str]:
@@ -425,8 +431,7 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
                    "trace_steps": ((lambda v: v >= 0), "must be >= 0 (0 = no trace)"),
                    "batch_size": _min(1), "max_images": _OPT_POS_INT, "temperature": _OPT_NONNEG,
                    "seed": _min(0),
-                   "metrics": ((lambda v: len(v) > 0 and set(v) <= set(EVAL_METRICS)),
-                               f"must be a non-empty list of {', '.join(EVAL_METRICS)}"),
+                   "metrics": _metric_names(EVAL_METRICS),
                    "grid_images": _min(0)},
     "ExperimentConfig": {"seed": _min(0)},
     # Generation (Table 2)
@@ -447,6 +452,7 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
                              "seed": _min(0), "max_reference_images": _OPT_POS_INT,
                              "max_heldout_images": _OPT_POS_INT, "grid_classes": _min(0),
                              "grid_per_class": _min(0),
+                             "metrics": _metric_names(GENERATION_METRICS),
                              "sweep_scales": ((lambda v: all(math.isfinite(x) for x in v)),
                                               "must all be finite"),
                              "sweep_temperatures": ((lambda v: all(x >= 0 for x in v)),
@@ -483,24 +489,12 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.data.image_size != tok.image_size:
         raise ConfigError("data.image_size",
                           f"{cfg.data.image_size} != tokenizer.image_size={tok.image_size}")
+    gen = cfg.generation.model
     for path, w, h in [("tokenizer.encoder", tok.encoder.width, tok.encoder.heads),
-                       ("tokenizer.decoder", tok.decoder.width, tok.decoder.heads)]:
+                       ("tokenizer.decoder", tok.decoder.width, tok.decoder.heads),
+                       ("generation.model", gen.width, gen.heads)]:
         if w % h:
             raise ConfigError(f"{path}.heads", f"must divide width={w}")
-    validate_generation(cfg.generation)
-
-
-GENERATION_METRICS = ("gfid", "is", "calibration", "tokens")
-
-
-def validate_generation(g: GenerationConfig) -> None:
-    """Checks of the `generation` block across fields (ranges are in `_RANGES`)."""
-    if g.model.width % g.model.heads:
-        raise ConfigError("generation.model.heads", f"must divide width={g.model.width}")
-    bad = [m for m in g.eval.metrics if m not in GENERATION_METRICS]
-    if bad:
-        raise ConfigError("generation.eval.metrics",
-                          f"unknown {bad} (known: {', '.join(GENERATION_METRICS)})")
 
 
 def proxy_grid(cfg: ExperimentConfig) -> int:

@@ -28,8 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-from sftok.config import ExperimentConfig, TokenizerConfig, override
-from sftok.evaluate.evaluate import KNOWN_METRICS, dataset_key, evaluate, format_table
+from sftok.config import EVAL_METRICS, ExperimentConfig, TokenizerConfig, override
+from sftok.evaluate.evaluate import dataset_key, evaluate, format_table
 
 ASSIGN_KEY = "tokenizer.quantizer.assign_at_inference"
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-steps", type=int, help="S of the Figure-4a trace (0 = none)")
     p.add_argument("--max-images", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--metrics", nargs="+", choices=KNOWN_METRICS)
+    p.add_argument("--metrics", nargs="+", choices=EVAL_METRICS)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=".cache", help="teacher and FID-statistics cache")
     p.add_argument("--inception-weights", help="weights-inception-2015-12-05-6726825d.pth")

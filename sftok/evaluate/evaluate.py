@@ -46,8 +46,6 @@ from sftok.evaluate.tokens import TokenAccumulator
 from sftok.evaluate.trace import TraceAccumulator
 from sftok.progress import progress_disabled
 
-KNOWN_METRICS = EVAL_METRICS
-
 
 @dataclass
 class EvalResult:
@@ -141,9 +139,9 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
     cfg.seed.
     """
     wanted = set(cfg.metrics)
-    unknown = wanted - set(KNOWN_METRICS)
+    unknown = wanted - set(EVAL_METRICS)
     if unknown:
-        raise ValueError(f"evaluate: unknown metrics {sorted(unknown)} (known: {KNOWN_METRICS})")
+        raise ValueError(f"evaluate: unknown metrics {sorted(unknown)} (known: {EVAL_METRICS})")
     device = torch.device(device) if device is not None else _default_device(tokenizer)
     base = decode_cfg or DecodeConfig()
     if cfg.temperature is not None:
