@@ -190,6 +190,16 @@ def _search_space(search: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _prepare_floors(todo: list, eval_cache: Path) -> None:
+    """Fit the floors' palettes once per data set in the driver (cached under eval_cache):
+    trials that start together would otherwise each fit the same k-means before the cache
+    exists. Later calls for the same data only read the cached palettes."""
+    from sftok.evaluate.bounds import floor_codecs
+
+    for t in todo:
+        floor_codecs(t.config, eval_cache)
+
+
 def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: str, echo) -> None:
     """Stage 0 once per campaign (per distinct teacher), in the driver, before the trials."""
     from sftok.train import get_teacher, teacher_cache_key, teacher_info
@@ -316,6 +326,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
             try:
                 _prepare_teachers(plan, todo, cache / "teachers", client, parent_id, echo)
+                _prepare_floors(todo, cache / "eval")
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001 — reported, recorded, exit non-zero
