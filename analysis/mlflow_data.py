@@ -513,20 +513,27 @@ def bounds_reading(camp: Campaign, metric: str, arm_means: dict[Any, float],
             f"and the teacher reconstructing from its own codes {ceiling:.3g} (the ceiling)")
     if "floor_teacher" in values:
         text += f"; a naive codec with the teacher's bits scores {values['floor_teacher']:.3g}"
+    means = {arm: v for arm, v in arm_means.items()
+             if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    # What an arm below the floor can and cannot say: its paired differences to other arms are
+    # still measured effects of training, but of a tokenizer no better than a thumbnail.
+    caveat = ("their differences compare training methods on an under-trained tokenizer (read the "
+              "paired intervals), not codecs worth using")
     if gap <= 0:
-        return (text + ". The ceiling is not above the floor: the teacher is no better than a "
-                "thumbnail with the tokenizer's bits, so at this scale the arms' differences say "
-                "nothing about the method.")
-    pos = {arm: ((v - floor) if hib else (floor - v)) / gap for arm, v in arm_means.items()
-           if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        short = {arm: (ceiling - v) if hib else (v - ceiling) for arm, v in means.items()}
+        return (text + ". The ceiling is not above the floor: through this teacher no tokenizer "
+                "can beat a thumbnail with its bits"
+                + (f"; the arms stand {min(short.values()):.3g} to {max(short.values()):.3g} "
+                   f"{'below' if hib else 'above'} the ceiling" if short else "")
+                + f", so {caveat}.")
+    pos = {arm: ((v - floor) if hib else (floor - v)) / gap for arm, v in means.items()}
     if not pos:
         return text + "."
     below = [arm for arm, p in pos.items() if p < 0]
     return (text + ". Measured from floor (0%) to ceiling (100%), the arms stand at "
             + ", ".join(f"{fmt(arm)} at {p:.0%}" for arm, p in pos.items()) + (
                 f"; {len(below)} of {len(pos)} arm(s) are below the floor (worse than a "
-                "thumbnail with the same bits), so their ordering says little about the method"
-                if below else "") + ".")
+                f"thumbnail with the same bits), so {caveat}" if below else "") + ".")
 
 
 def unavailable_note(camp: Campaign, metric: str, chosen: str) -> str:
