@@ -174,6 +174,32 @@ def test_stage3_freezes_encoder_and_quantizer(workdir, teacher, stage1, train_co
             assert torch.equal(before[k], v), k
 
 
+def test_stage3_pixel_path_starts_from_the_teacher_unless_trained(tmp_path, teacher):
+    """With finetune_decoder on from stage 1, the stage-2 checkpoint carries an untrained, random
+    pixel path: stage 3 must still start it from the teacher; a stage-3 result keeps its own."""
+    from sftok.train.stage3 import PixelTask
+
+    cfg = _cfg(**{"tokenizer.finetune_decoder": True})
+    s1 = train_stage(cfg, "stage1", teacher, tmp_path / "stage1")
+    assert any(k.startswith("pixel_decoder.") for k in _weights(s1.checkpoint))
+    s3cfg = stages_mod.stage_config(cfg, "stage3")
+    task = PixelTask(s3cfg, teacher, torch.device("cpu"), init=s1.checkpoint)
+    assert torch.equal(task.model.pixel_quantize.embedding.weight, teacher.codebook())
+    _assert_same({k: v for k, v in task.model.pixel_decoder.state_dict().items()},
+                 teacher.model.decoder.state_dict())
+    # the same through a model file instead of the stage's directory
+    task = PixelTask(s3cfg, teacher, torch.device("cpu"),
+                     init=s1.checkpoint / "model.safetensors")
+    assert torch.equal(task.model.pixel_quantize.embedding.weight, teacher.codebook())
+    s3 = train_stage(cfg, "stage3", teacher, tmp_path / "stage3", init=s1.checkpoint)
+    trained = {k[len("pixel_decoder."):]: v for k, v in _weights(s3.checkpoint).items()
+               if k.startswith("pixel_decoder.")}
+    again = PixelTask(s3cfg, teacher, torch.device("cpu"), init=s3.checkpoint)
+    _assert_same(again.model.pixel_decoder.state_dict(), trained)
+    assert any(not torch.equal(v, teacher.model.decoder.state_dict()[k])
+               for k, v in trained.items())
+
+
 def test_stage3_input_is_guided_by_the_step1_prediction(teacher, stage1, monkeypatch):
     """Table 6 stage 3 ("Guided Mask True"): visible positions carry the step-1 argmax."""
     from sftok.train import stage3

@@ -22,6 +22,7 @@ reaches them (the reference leaks it; DESIGN says do not copy that).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,16 @@ def trainable_prefixes(s: StageConfig) -> tuple[str, ...]:
     """Parameter-name prefixes stage 3 trains (module docstring)."""
     return ("decoder.", "pixel_decoder.") + (("pixel_quantize.",) if s.train_pixel_codebook
                                              else ())
+
+
+def pixel_path_trained(init: Path) -> bool:
+    """Whether the checkpoint `init` (a stage's final dir, or a model file) carries a trained pixel
+    path: False for the result of stage 1 or 2 (its stage.json says so), True otherwise (a
+    stage-3 result, a released checkpoint)."""
+    meta = (init if init.is_dir() else init.parent) / "stage.json"
+    if not meta.is_file():
+        return True
+    return json.loads(meta.read_text()).get("stage") not in ("stage1", "stage2")
 
 
 @torch.no_grad()
@@ -92,8 +103,10 @@ class PixelTask(LoopTask):
         torch.manual_seed(seed)
         self.model = build_tokenizer(cfg, teacher).to(device)
         missing = load_init(self.model, init, allow_missing=("pixel_",)) if init else None
-        # A stage-2 tokenizer has no pixel path yet: start it from the teacher (DESIGN §1).
-        if init is None or missing:
+        # The pixel path starts from the teacher (DESIGN §1) unless the init has a trained one:
+        # a stage-1/2 checkpoint has none, or, when finetune_decoder was on from stage 1, an
+        # untrained random one (no stage-1/2 loss reaches it).
+        if init is None or missing or not pixel_path_trained(Path(init)):
             init_pixel_path(self.model, teacher)
         self.params = freeze_for_stage3(self.model, s)
         set_stage3_mode(self.model)
