@@ -520,10 +520,11 @@ def bounds_reading(camp: Campaign, metric: str, arm_means: dict[Any, float],
     caveat = ("their differences compare training methods on an under-trained tokenizer (read the "
               "paired intervals), not codecs worth using")
     if gap <= 0:
-        short = {arm: (ceiling - v) if hib else (v - ceiling) for arm, v in means.items()}
+        short = sorted({f"{(ceiling - v) if hib else (v - ceiling):.3g}" for v in means.values()},
+                       key=float)
         return (text + ". The ceiling is not above the floor: through this teacher no tokenizer "
                 "can beat a thumbnail with its bits"
-                + (f"; the arms stand {min(short.values()):.3g} to {max(short.values()):.3g} "
+                + (f"; the arms stand {' to '.join(dict.fromkeys([short[0], short[-1]]))} "
                    f"{'below' if hib else 'above'} the ceiling" if short else "")
                 + f", so {caveat}.")
     pos = {arm: ((v - floor) if hib else (floor - v)) / gap for arm, v in means.items()}

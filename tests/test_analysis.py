@@ -707,4 +707,5 @@ def test_bounds_reading_places_arms_and_says_what_a_weak_ceiling_means():
     # rFID, lower is better: the arms are *above* the ceiling's value.
     rfid = _BoundsOnly(**{"eval/floor_tokenizer_rfid": 3.0, "eval/teacher_rfid": 5.0})
     assert "stand 1 to 2 above the ceiling" in md.bounds_reading(rfid, "rfid", {"a": 6.0, "b": 7.0})
+    assert "stand 5 below the ceiling" in md.bounds_reading(weak, "psnr", {"a": 17.5})
     assert "No floor/ceiling" in md.bounds_reading(_BoundsOnly(), "psnr", {"a": 1.0})
