@@ -154,9 +154,10 @@ def tiny() -> ExperimentConfig:
             # Stage 1 is trained once per seed and shared by every arm (stage results), so its
             # steps are the cheap ones: 600 + 400. Slower or no better: lr 3e-3 (10.3 dB at 750
             # steps), plain VQ (11.5 dB at 500, codes collapse); K = 32 tokens: 16.3 dB at
-            # 1000 stage-1 steps (+1.4 dB, but 20% slower and a higher floor). The train CE
-            # (4.48 nats at 1000 steps of a uniform 5.55) is still falling ~0.1 nats / 250 steps:
-            # at this budget the tokenizer is limited by optimisation steps.
+            # 1000 stage-1 steps (+1.4 dB, but 20% slower and a higher floor). Three times the
+            # budget, 1500 + 1500 steps: 16.4 dB / 4.3% after stage 1, 16.6 / 5.2% at 2000,
+            # 16.9 / 6.7% at 2500, 16.8 / 6.5% at 3000 -- flattening: the 128 bits of the tokens
+            # against the teacher's 512 (argmax over a wide id posterior) limit it more than steps.
             # Stage 3 without the GAN term: from the seed-0 stage-2 model (16.5 dB through the
             # teacher; 16.9 dB through the soft path before any stage-3 step), 100 L2-only steps
             # reach 17.0 dB, while a fresh PatchGAN switched on at step 50 with gan_weight 0.5
