@@ -520,13 +520,14 @@ def bounds_reading(camp: Campaign, metric: str, arm_means: dict[Any, float],
     caveat = ("their differences compare training methods on an under-trained tokenizer (read the "
               "paired intervals), not codecs worth using")
     if gap <= 0:
-        short = sorted({f"{(ceiling - v) if hib else (v - ceiling):.3g}" for v in means.values()},
-                       key=float)
+        stand = ""
+        if means:
+            dist = [(ceiling - v) if hib else (v - ceiling) for v in means.values()]
+            lo, hi = f"{min(dist):.3g}", f"{max(dist):.3g}"
+            stand = (f"; the arms stand {lo if lo == hi else f'{lo} to {hi}'} "
+                     f"{'below' if hib else 'above'} the ceiling")
         return (text + ". The ceiling is not above the floor: through this teacher no tokenizer "
-                "can beat a thumbnail with its bits"
-                + (f"; the arms stand {' to '.join(dict.fromkeys([short[0], short[-1]]))} "
-                   f"{'below' if hib else 'above'} the ceiling" if short else "")
-                + f", so {caveat}.")
+                f"can beat a thumbnail with its bits{stand}, so {caveat}.")
     pos = {arm: ((v - floor) if hib else (floor - v)) / gap for arm, v in means.items()}
     if not pos:
         return text + "."
