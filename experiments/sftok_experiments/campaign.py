@@ -193,11 +193,15 @@ def _search_space(search: dict) -> dict:
 def _prepare_floors(todo: list, eval_cache: Path) -> None:
     """Fit the floors' palettes once per data set in the driver (cached under eval_cache):
     trials that start together would otherwise each fit the same k-means before the cache
-    exists. Later calls for the same data only read the cached palettes."""
-    from sftok.evaluate.bounds import floor_codecs
+    exists. Generation trials score no floors (Table 2), so they need none."""
+    from sftok.evaluate.bounds import floor_codecs, floors_key
 
+    seen = set()
     for t in todo:
-        floor_codecs(t.config, eval_cache)
+        key = floors_key(t.config)
+        if "generation" not in t.stages and key not in seen:
+            seen.add(key)
+            floor_codecs(t.config, eval_cache)
 
 
 def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: str, echo) -> None:
@@ -391,9 +395,8 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     n_fail = sum(t.status == "FAILED" for t in trials)
     trk.set_tags(client, parent_id, {"n_finished": n_fin, "n_failed": n_fail,
                                      "wall_s": f"{result.wall_s:.1f}",
-                                     **{f"data_skipped.{k}": max(t.skipped.get(k, 0)
-                                                                 for t in trials)
-                                        for k in ("train", "val")}})
+                                     **{f"data_skipped.{k}": v
+                                        for k, v in max_skipped(trials).items()}})
     _log_stage_counts(client, parent_id, result)
     try:
         client.log_text(parent_id, table + "\n", "summary.txt")
@@ -542,10 +545,16 @@ def _log_stage_counts(client, parent_id: str, result: CampaignResult) -> None:
         "campaign/stages_reused": result.stage_count("reused"),
         "campaign/stage_steps_trained": result.stage_count("trained", steps=True),
         "campaign/stage_steps_reused": result.stage_count("reused", steps=True)}, step)
+
+
+def max_skipped(trials: list[TrialSummary]) -> dict[str, int]:
+    """'train' / 'val' -> the most undecodable files one trial met (0 without trials)."""
+    return {k: max((t.skipped.get(k, 0) for t in trials), default=0) for k in ("train", "val")}
+
+
 def skipped_line(trials: list[TrialSummary]) -> str | None:
     """One line on undecodable image files met by the trials (None when there were none)."""
-    train = max((t.skipped.get("train", 0) for t in trials), default=0)
-    val = max((t.skipped.get("val", 0) for t in trials), default=0)
+    train, val = max_skipped(trials).values()
     if not train and not val:
         return None
     return (f"data: undecodable image files skipped — training: up to {train} per trial "

@@ -90,10 +90,11 @@ def _write_grids(out: Path, grid, classes: list[int]) -> None:
     """The whole grid (one row per class) and one image per class row."""
     from PIL import Image
 
+    from sftok.generation.evaluate import GRID_PAD as pad
+
     out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(out / GRID_FILE)
     rows = len(classes)
-    pad = 2
     h = (grid.shape[0] - (rows + 1) * pad) // rows
     for i, c in enumerate(classes):
         y = pad + i * (h + pad)

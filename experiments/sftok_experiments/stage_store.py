@@ -43,7 +43,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +60,14 @@ class StageOutcome:
     checkpoint: Path  # the result dir: model.safetensors + config.json + stage.json
     steps: int
     source: str  # TRAINED (this call trained or finished it) or REUSED (it was published)
-    metrics: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
-def replay(history: list[dict[str, float]], callback, step_offset: int,
-           up_to: int | None = None) -> None:
+def replay(history: list[dict[str, float]], callback, step_offset: int) -> None:
     """Send logged windows (rows {"step": n, name: value}) to callback(offset + n, metrics)."""
     if callback is None:
         return
     for row in history:
-        step = int(row["step"])
-        if up_to is not None and step > up_to:
-            break
-        callback(step_offset + step, {k: v for k, v in row.items() if k != "step"})
+        callback(step_offset + int(row["step"]), {k: v for k, v in row.items() if k != "step"})
 
 
 class StageStore:
@@ -121,8 +115,7 @@ class StageStore:
                     source = TRAINED
         if source == REUSED:
             replay(meta.get("history", []), callback, step_offset)
-        return StageOutcome(stage, key, self.path(key), int(meta["steps"]), source,
-                            dict(meta.get("metrics", {})), list(meta.get("history", [])))
+        return StageOutcome(stage, key, self.path(key), int(meta["steps"]), source)
 
     def _train(self, cfg, stage, teacher, key, identity, init, callback, step_offset,
                train_fn, id_cache_dir) -> dict[str, Any]:

@@ -81,19 +81,14 @@ def _store_lock(uri: str):
     once both ran the migration and one died (`table ... already exists`). Other stores (a
     server, a database that is not a file) serialise this themselves.
     """
+    from sftok.filelock import exclusive_lock
+
     db = _sqlite_file(uri)
     if db is None:
         yield
         return
-    import fcntl
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with exclusive_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def client_for(uri: str):

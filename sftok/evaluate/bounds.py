@@ -164,15 +164,26 @@ def _cache_key(data_cfg, shape: tuple[int, int], colours: int, count: int) -> st
     return "palette-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _floor_specs(cfg) -> dict[str, tuple[tuple[int, int], int]]:
+    """name -> (thumbnail shape, palette colours) of the floors of an ExperimentConfig."""
+    from sftok.config import proxy_grid
+
+    tok, grid = cfg.tokenizer, proxy_grid(cfg)
+    return {"tokenizer": (thumbnail_shape(tok.num_latent_tokens), tok.quantizer.codebook_size),
+            "teacher": ((grid, grid), cfg.teacher.codebook_size)}
+
+
+def floors_key(cfg, images: int = PALETTE_IMAGES) -> str:
+    """What the floors' palettes of `cfg` depend on (configs with equal keys share them)."""
+    return "+".join(_cache_key(cfg.data, shape, colours, images)
+                    for shape, colours in _floor_specs(cfg).values())
+
+
 def floor_codecs(cfg, cache_dir: str | os.PathLike | None = None,
                  images: int = PALETTE_IMAGES) -> dict[str, NaiveCodec]:
     """The bit-matched floors of an ExperimentConfig: 'tokenizer' (K px, Q colours) and
     'teacher' (N px, V colours); palettes cached under cache_dir/floor_palettes/ when given."""
-    from sftok.config import proxy_grid
-
-    tok, grid = cfg.tokenizer, proxy_grid(cfg)
-    specs = {"tokenizer": (thumbnail_shape(tok.num_latent_tokens), tok.quantizer.codebook_size),
-             "teacher": ((grid, grid), cfg.teacher.codebook_size)}
+    specs = _floor_specs(cfg)
     codecs, todo = {}, {}
     cache = Path(cache_dir) / "floor_palettes" if cache_dir is not None else None
     for name, (shape, colours) in specs.items():

@@ -56,7 +56,11 @@ class GenerationResult:
     sweep: list[dict] = field(default_factory=list)  # rows: schedule, scale, temperature, metrics
 
 
-def class_grid(images: Tensor, rows: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+GRID_PAD = 2  # pixels between and around the images of a class grid
+
+
+def class_grid(images: Tensor, rows: int, pad: int = GRID_PAD, pad_value: int = 255
+               ) -> np.ndarray:
     """uint8 (rows·n)×3×H×W, grouped by row -> uint8 grid with `rows` rows of n images."""
     b, c, h, w = images.shape
     if images.dtype != torch.uint8 or rows < 1 or b % rows:

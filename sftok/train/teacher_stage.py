@@ -14,12 +14,10 @@ encoder outputs of the current batch (drawn from the task generator, so resume s
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch import Tensor, nn
 
 from sftok.checkpoint import save_model
 from sftok.config import ExperimentConfig, TeacherConfig, to_dict
+from sftok.filelock import exclusive_lock
 from sftok.teacher import FrozenTeacher, MaskGitVQGAN, load_teacher_weights
 from sftok.train.discriminator import Adversary
 from sftok.train.loop import (
@@ -113,7 +112,7 @@ def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None,
         load_teacher_weights(model, _pretrained_path(cfg.teacher))
         return FrozenTeacher(model, cfg.tokenizer.image_size).to(device)
     entry = Path(cache_dir) / teacher_cache_key(cfg)
-    with _locked(entry.with_suffix(".lock")):
+    with exclusive_lock(entry.with_suffix(".lock")):
         if not (entry / "teacher.json").exists():
             if not train_if_missing:
                 raise TeacherUnavailableError(
@@ -134,18 +133,6 @@ def load_cached_teacher(cfg: ExperimentConfig, entry: Path) -> FrozenTeacher:
 def teacher_info(entry: Path) -> dict[str, Any]:
     """The cached teacher's record: training time, steps, final metrics, validation PSNR."""
     return json.loads((Path(entry) / "teacher.json").read_text())
-
-
-@contextmanager
-def _locked(lock_path: Path):
-    """Exclusive advisory lock (released by the OS if the holder dies)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _pretrained_path(tcfg: TeacherConfig) -> Path:
