@@ -679,33 +679,26 @@ def test_render_on_smoke_runs(smoke_store, tmp_path):
     assert (t1["source"] != "paper").sum() == 1 and t1["psnr_mean"].notna().iloc[0]
 
 
-class _BoundsOnly:
-    """A campaign stub holding only the logged floor / ceiling columns."""
-
-    def __init__(self, **values):
-        self.values = values
-
-    def column(self, key):
-        return pd.Series([self.values[key]] * 2) if key in self.values else pd.Series([], dtype=float)
-
-    def metric_keys(self, prefix):
-        return [k for k in self.values if k.startswith(prefix)]
+def _bounds_only(**values):
+    """A real Campaign of two trials holding only the given metrics (floor / ceiling columns)."""
+    runs = pd.DataFrame({f"metrics.{k}": [v, v] for k, v in values.items()}, index=[0, 1])
+    return md.Campaign("spec", "", "", None, runs)
 
 
 def test_bounds_reading_places_arms_and_says_what_a_weak_ceiling_means():
     # PSNR, higher is better: floor 20, ceiling 30 -> an arm at 25 is half-way, one at 18 below.
-    camp = _BoundsOnly(**{"eval/floor_tokenizer_psnr": 20.0, "eval/teacher_psnr": 30.0})
+    camp = _bounds_only(**{"eval/floor_tokenizer_psnr": 20.0, "eval/teacher_psnr": 30.0})
     text = md.bounds_reading(camp, "psnr", {"a": 25.0, "b": 18.0})
     assert "a at 50%" in text and "b at -20%" in text
     assert "1 of 2 arm(s) are below the floor" in text and "under-trained tokenizer" in text
     assert "below the floor" not in md.bounds_reading(camp, "psnr", {"a": 25.0})
     # The ceiling under the floor: how far below the ceiling the arms are, and what that means.
-    weak = _BoundsOnly(**{"eval/floor_tokenizer_psnr": 22.7, "eval/teacher_psnr": 22.5})
+    weak = _bounds_only(**{"eval/floor_tokenizer_psnr": 22.7, "eval/teacher_psnr": 22.5})
     text = md.bounds_reading(weak, "psnr", {"a": 16.5, "b": 14.5, "nan": float("nan")})
     assert "The ceiling is not above the floor" in text
     assert "stand 6 to 8 below the ceiling" in text and "under-trained tokenizer" in text
     # rFID, lower is better: the arms are *above* the ceiling's value.
-    rfid = _BoundsOnly(**{"eval/floor_tokenizer_rfid": 3.0, "eval/teacher_rfid": 5.0})
+    rfid = _bounds_only(**{"eval/floor_tokenizer_rfid": 3.0, "eval/teacher_rfid": 5.0})
     assert "stand 1 to 2 above the ceiling" in md.bounds_reading(rfid, "rfid", {"a": 6.0, "b": 7.0})
     assert "stand 5 below the ceiling" in md.bounds_reading(weak, "psnr", {"a": 17.5})
-    assert "No floor/ceiling" in md.bounds_reading(_BoundsOnly(), "psnr", {"a": 1.0})
+    assert "No floor/ceiling" in md.bounds_reading(_bounds_only(), "psnr", {"a": 1.0})

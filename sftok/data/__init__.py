@@ -60,12 +60,8 @@ class _EmbeddedPool(EmbeddedPhotos):
     """The embedded training split as a finite pool (sftok.train.teacher_ids): its crops are
     drawn once at build time from (photos, size, crops, seed), and `sample` ignores its seed."""
 
-    def __init__(self, photos, image_size: int, crops_per_image: int, seed: int = 0, **kw):
-        super().__init__(photos, image_size, crops_per_image, seed, **kw)
-        self._seed = seed
-
     def pool_key(self) -> str:
-        return f"embedded|{','.join(self.photos)}|{self.image_size}|{len(self)}|{self._seed}"
+        return f"embedded|{','.join(self.photos)}|{self.image_size}|{len(self)}|{self.seed}"
 
 
 def build_val_dataset(cfg: DataConfig):

@@ -55,7 +55,7 @@ class EvalResult:
     grids: dict[int, np.ndarray] = field(default_factory=dict)  # S -> H×W×3 uint8
 
 
-def _image_batches(images: Iterable, batch_size: int, max_images: int | None) -> Iterator[Tensor]:
+def image_batches(images: Iterable, batch_size: int, max_images: int | None) -> Iterator[Tensor]:
     """Float B×3×H×W batches of at most batch_size, max_images in all. Accepts tensors,
     (images, labels) tuples as the data module yields, or dicts with an 'image(s)' key."""
     seen = 0
@@ -202,7 +202,7 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
     tokenizer.eval()
     try:
         with torch.no_grad():
-            for x in _image_batches(images, cfg.batch_size, cfg.max_images):
+            for x in image_batches(images, cfg.batch_size, cfg.max_images):
                 x = x.to(device).float()
                 b = x.shape[0]
                 x_u8 = to_uint8(x)

@@ -41,6 +41,7 @@ from sftok.evaluate.fid import (
     load_statistics,
     open_features,
 )
+from sftok.evaluate.evaluate import image_batches
 from sftok.evaluate.metrics import to_uint8
 from sftok.evaluate.tokens import TokenAccumulator
 from sftok.generation.pretokenize import TokenSet
@@ -250,15 +251,8 @@ def evaluate_generation(generator, tokenizer, teacher, cfg: GenerationConfig,
         if "calibration" in wanted and features is not None:
             if heldout_images is not None:
                 real = _Scorer(features)
-                seen = 0
-                for x in heldout_images:
-                    x = x[0] if isinstance(x, (tuple, list)) else x
-                    if e.max_heldout_images is not None:
-                        x = x[:max(0, e.max_heldout_images - seen)]
-                    if x.shape[0] == 0:
-                        break
+                for x in image_batches(heldout_images, e.batch_size, e.max_heldout_images):
                     real.update(to_uint8(x))
-                    seen += x.shape[0]
                 _put_calib(m, "heldout", real.scores(ref))
             rec = _Scorer(features)
             rows = balanced_real_tokens(real_tokens, classes, e.samples_per_class)
