@@ -198,6 +198,8 @@ class TeacherTask(LoopTask):
         self.adversary = (Adversary("patchgan", cfg.data.image_size, tcfg.optim, device,
                                     self.precision) if tcfg.gan_weight > 0 else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # The adversary's metrics are device tensors, checked by run_loop (fp32: no scaler).
+        self.finite_keys = (*Adversary.FINITE_KEYS, "disc_grad_norm")
 
     def modules(self) -> dict[str, nn.Module]:
         return {**super().modules(), "usage": self.usage}
@@ -272,7 +274,7 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
     task = TeacherTask(cfg, device)
     tcfg = cfg.train.teacher
     stream = TrainStream(train_ds, tcfg.batch_size, seed=cfg.data.seed,
-                         num_workers=cfg.data.num_workers)
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     spec = LoopSpec(stage="stage0", steps=tcfg.steps, grad_accum=1,
                     images_per_step=tcfg.batch_size, log_every=tcfg.log_every,
                     ckpt_every=tcfg.ckpt_every, config=to_dict(cfg))
