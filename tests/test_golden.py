@@ -8,7 +8,8 @@ to atol = 2e-5 · max(1, max|expected|). Float32 has a 1.2e-7 relative step; the
 real deviation (a wrong layout/epsilon/activation moves values by 1e-2 or more).
 
 The same tests run on another device and precision (the device check runs them on CUDA):
-`SFTOK_GOLDEN_DEVICE` (default cpu) and `SFTOK_GOLDEN_PRECISION`:
+`SFTOK_GOLDEN_DEVICE` (default cpu) and `SFTOK_GOLDEN_PRECISION` (default fp32; a comma list
+such as `fp32,bf16` runs every test once per precision):
 - `fp32` (default): TF32 off. On CUDA floats to 1e-4 (cuDNN may pick Winograd/FFT
   convolutions, whose float32 error exceeds direct convolution's), ids exactly.
 - `bf16`: the models under bf16 autocast, as the paper presets train and evaluate. bf16 keeps
@@ -41,10 +42,11 @@ from sftok.official import import_official_sftok
 from sftok.teacher import load_frozen_teacher
 
 DEVICE = torch.device(os.environ.get("SFTOK_GOLDEN_DEVICE", "cpu"))
-PRECISION = os.environ.get("SFTOK_GOLDEN_PRECISION", "fp32")
+PRECISIONS = tuple(os.environ.get("SFTOK_GOLDEN_PRECISION", "fp32").split(","))
 REPORT = os.environ.get("SFTOK_GOLDEN_REPORT")
-if PRECISION not in ("fp32", "bf16"):
-    raise ValueError(f"SFTOK_GOLDEN_PRECISION={PRECISION!r}: use fp32 or bf16")
+if not set(PRECISIONS) <= {"fp32", "bf16"}:
+    raise ValueError(f"SFTOK_GOLDEN_PRECISION={','.join(PRECISIONS)!r}: use fp32, bf16 or both")
+ACTIVE = {"precision": PRECISIONS[0]}  # the running test's (set by the `precision` fixture)
 REL_TOL = 2e-5
 CUDA_FP32_REL_TOL = 1e-4
 BF16_REL_TOL = 0.1
@@ -62,20 +64,21 @@ TINY_TEACHER = TeacherConfig(hidden_channels=32, channel_mult=(1, 2, 2), num_res
 
 
 def _tolerances() -> tuple[float, float]:
-    """(relative float tolerance, allowed fraction of differing ids) for DEVICE / PRECISION."""
-    if PRECISION == "bf16":
+    """(relative float tolerance, allowed fraction of differing ids) for DEVICE / precision."""
+    if ACTIVE["precision"] == "bf16":
         return BF16_REL_TOL, BF16_ID_MISMATCH
     return (REL_TOL if DEVICE.type == "cpu" else CUDA_FP32_REL_TOL), 0.0
 
 
-@pytest.fixture(autouse=True)
-def precision():
-    """Every test under the chosen precision: TF32 off for fp32, bf16 autocast for bf16."""
+@pytest.fixture(autouse=True, params=PRECISIONS)
+def precision(request):
+    """Every test under each chosen precision: TF32 off for fp32, bf16 autocast for bf16."""
+    ACTIVE["precision"] = request.param
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        with torch.autocast(DEVICE.type, torch.bfloat16, enabled=PRECISION == "bf16"):
-            yield
+        with torch.autocast(DEVICE.type, torch.bfloat16, enabled=request.param == "bf16"):
+            yield request.param
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
@@ -85,17 +88,17 @@ def _record(name: str, kind: str, error: float, tolerance: float, ok: bool) -> N
         with open(REPORT, "a") as f:
             f.write(json.dumps({"name": name, "kind": kind, "error": error,
                                 "tolerance": tolerance, "ok": ok, "device": str(DEVICE),
-                                "precision": PRECISION}) + "\n")
+                                "precision": ACTIVE["precision"]}) + "\n")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str,
                  decoded: bool = False) -> None:
-    """`actual` equals the reference's `expected` to the tolerance of DEVICE / PRECISION.
+    """`actual` equals the reference's `expected` to the tolerance of DEVICE / precision.
     decoded: a multi-step decoding result, only recorded and checked for validity in bf16."""
     assert actual.shape == expected.shape, f"{name}: {tuple(actual.shape)} vs {tuple(expected.shape)}"
     rel_tol, id_tol = _tolerances()
     actual, expected = actual.cpu(), expected.cpu()
-    compare = not (decoded and PRECISION == "bf16")
+    compare = not (decoded and ACTIVE["precision"] == "bf16")
     if expected.dtype in (torch.int64, torch.int32, torch.bool):
         diff = (actual != expected).sum().item()
         frac = diff / expected.numel()
@@ -127,7 +130,7 @@ def stage_input(golden: dict[str, torch.Tensor], key: str, ours) -> torch.Tensor
     """The input of a stage: in fp32 our own upstream output `ours()` (the whole chain is
     tested); in bf16 the reference's tensor `key` (official layout B×C×1×K -> B×K×C), so the
     error measured is the stage's own, not that of a token id flipped at a near-tie upstream."""
-    if PRECISION == "fp32":
+    if ACTIVE["precision"] == "fp32":
         return ours()
     return g(golden, key)[:, :, 0, :].transpose(1, 2)
 
