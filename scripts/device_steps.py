@@ -244,12 +244,12 @@ def step_gpu_path(r: Results, o: dict) -> None:
         bench.sync(dev)
         with HostReads() as reads:
             if dev.type == "cuda":
-                with cuda_syncs() as syncs:
+                with cuda_syncs() as syncs:  # (torch.cuda.synchronize itself would count)
                     task.step(batches, 1)
-                    bench.sync(dev)
             else:
                 syncs = None
                 task.step(batches, 1)
+        bench.sync(dev)
         r.append("steps", {
             "preset": name, "stage": stage, "micro_batches": s.grad_accum,
             "library_reads": reads.calls,
