@@ -96,18 +96,22 @@ def test_finite_watch_keeps_the_first_bad_value():
     assert w.first() == (2, "grad_norm", float("inf"))
 
 
-def test_nonfinite_grad_norm_stops_before_a_checkpoint(tmp_path, monkeypatch):
-    cfg = override(get_preset("smoke"), {"train.stage1.steps": 4, "train.stage1.ckpt_every": 2,
-                                         "train.stage1.log_every": 4})
-    real = stages_mod.clip_and_step_async
-    calls = {"n": 0}
+def _poison(monkeypatch, module, name: str, at_call: int) -> None:
+    """module.name returns NaN (times its real value) at its at_call-th call."""
+    real, calls = getattr(module, name), {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
-        norm = real(*a, **k)
-        return norm * float("nan") if calls["n"] == 2 else norm
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == at_call else out
 
-    monkeypatch.setattr(stages_mod, "clip_and_step_async", poisoned)
+    monkeypatch.setattr(module, name, poisoned)
+
+
+def test_nonfinite_grad_norm_stops_before_a_checkpoint(tmp_path, monkeypatch):
+    cfg = override(get_preset("smoke"), {"train.stage1.steps": 4, "train.stage1.ckpt_every": 2,
+                                         "train.stage1.log_every": 4})
+    _poison(monkeypatch, stages_mod, "clip_and_step_async", at_call=2)
     with pytest.raises(NonFiniteLossError) as err:
         stages_mod.train_stage(cfg, "stage1", _teacher(cfg), tmp_path / "s1")
     e = err.value
@@ -125,15 +129,7 @@ def test_nonfinite_discriminator_loss_stops_stage3_at_its_step(tmp_path, monkeyp
     cfg = override(get_preset("smoke"), {
         "train.stage3.steps": 4, "train.stage3.ckpt_every": 2, "train.stage3.log_every": 4,
         "train.stage3.gan_start": 0, "train.stage3.gan_weight": 0.5})
-    real = discriminator.hinge_d
-    calls = {"n": 0}
-
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        d = real(*a, **k)
-        return d * float("nan") if calls["n"] == 3 else d
-
-    monkeypatch.setattr(discriminator, "hinge_d", poisoned)
+    _poison(monkeypatch, discriminator, "hinge_d", at_call=3)
     with pytest.raises(NonFiniteLossError) as err:
         stages_mod.train_stage(cfg, "stage3", _teacher(cfg), tmp_path / "s3")
     assert (err.value.stage, err.value.step, err.value.name) == ("stage3", 3, "gan_d")
