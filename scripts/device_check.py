@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from device_report import SCHEMA, annotate_throughput, render  # noqa: E402 (script dir on path)
+from device_report import SCHEMA, annotate_throughput, render  # (the script dir, above)
 
 RAY_STEP = ("ray", "mlflow", "pydantic", "yaml")
 
@@ -85,9 +85,9 @@ def _importable(module: str) -> bool:
 def _git() -> dict | None:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+                             text=True, timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+                               text=True, timeout=10, check=False).stdout.strip()
         return {"commit": sha or None, "dirty": bool(dirty)} if sha else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -194,7 +194,7 @@ class Check:
         self.write()
         # A background step logs apart and is appended to the main log when it ends.
         log_path = self.work / "steps" / f"{step.name}.log" if background else self.log_path
-        log = open(log_path, "a")
+        log = open(log_path, "a")  # noqa: SIM115 (held by the _Running until its wait ends)
         log.write(f"\n===== {step.name} (time box {box:.0f} s) =====\n")
         log.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1",

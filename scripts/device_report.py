@@ -196,11 +196,11 @@ def render(report: dict) -> str:
              f"NOT finished ({report.get('interrupted') or 'running or killed'})")
     git = report.get("git") or {}
     lines = [f"# Device check: {where} ({report['mode']})", "",
-             f"- {state}; wall {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s step "
-             f"budget; started {report['started']}, updated {report['updated']}",
+             (f"- {state}; wall {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s step "
+              f"budget; started {report['started']}, updated {report['updated']}"),
              f"- command: `{report['command']}`",
-             f"- commit {git.get('commit') or '?'}{' (dirty)' if git.get('dirty') else ''}; "
-             f"python {report.get('python')}"]
+             (f"- commit {git.get('commit') or '?'}{' (dirty)' if git.get('dirty') else ''}; "
+              f"python {report.get('python')}")]
     if report.get("note"):
         lines.append(f"- {report['note']}")
     lines += ["", *_table(["#", "step", "status", "s", "box s", "answer"], [
@@ -231,10 +231,10 @@ def _throughput_section(rows: list[dict]) -> list[str]:
           if r.get("compiled") and (r["preset"], r["stage"]) in eager else "—"),
          (f"{r.get('discriminator')}, LPIPS {'on' if r.get('lpips') else 'off'}"
           if r["stage"] == "stage3" else "")] for r in rows])
-    out += ["", "Model FLOPs: matmuls, convolutions and attention of one whole optimiser step "
-            "(forward, backward, the SFVR pass, the discriminator), counted by torch's "
-            "FlopCounterMode; MFU = FLOPs / s per step / peak (datasheet dense bf16, or the "
-            "matmul rate measured in `env`)."]
+    out += ["", ("Model FLOPs: matmuls, convolutions and attention of one whole optimiser step "
+                 "(forward, backward, the SFVR pass, the discriminator), counted by torch's "
+                 "FlopCounterMode; MFU = FLOPs / s per step / peak (datasheet dense bf16, or "
+                 "the matmul rate measured in `env`).")]
     return out
 
 

@@ -34,10 +34,11 @@ for _p in (ROOT, ROOT / "experiments"):  # the checkout: no install needed (pyth
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from sftok.config import override  # noqa: E402 (after the path set-up above)
-from sftok.presets import get_preset  # noqa: E402
-from sftok.train import benchmark as bench  # noqa: E402
-from sftok.train.loop import CompileFallbackWarning, compile_children, resolve_device  # noqa: E402
+# The library after the path set-up above.
+from sftok.config import override
+from sftok.presets import get_preset
+from sftok.train import benchmark as bench
+from sftok.train.loop import CompileFallbackWarning, compile_children, resolve_device
 
 # Datasheet dense bf16 matrix peaks (TFLOP/s, no sparsity) by a fragment of the GPU's name:
 # NVIDIA H100/H200 SXM 989, H100 PCIe 756, A100 312, L40S 362, RTX 4090 165 (fp32 accumulate).
@@ -153,9 +154,9 @@ def step_env(r: Results, o: dict) -> None:
         r.put("datasheet_bf16_tflops", next((v for k, v in DATASHEET_BF16_TFLOPS if k in name),
                                             None))
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,"
-                                  "power.limit", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=10)
+            query = "--query-gpu=driver_version,clocks.max.sm,power.limit"
+            smi = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], check=False,
+                                 capture_output=True, text=True, timeout=10)
             r.put("nvidia_smi", smi.stdout.strip() or smi.stderr.strip())
         except (OSError, subprocess.SubprocessError) as e:
             r.put("nvidia_smi", _one_line(e))
@@ -184,12 +185,12 @@ def step_golden(r: Results, o: dict) -> None:
     t0 = time.time()
     try:
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=max(5.0, r.left() - 2))
+                             timeout=max(5.0, r.left() - 2), check=False)
         text, rc = out.stdout + out.stderr, out.returncode
     except subprocess.TimeoutExpired as e:
         text, rc = f"{e.stdout or ''}\ntimed out after {e.timeout:.0f} s", None
     print(text[-6000:], flush=True)
-    outcomes = re.findall(r"^(PASSED|FAILED|ERROR) \S+\[([^\]]*)\]", text, re.M)
+    outcomes = re.findall(r"^(PASSED|FAILED|ERROR) \S+\[([^\]]*)\]", text, re.MULTILINE)
     tensors = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for precision in ("fp32", "bf16"):
         mine = [kind for kind, ids in outcomes if precision in ids.split("-")]
@@ -439,7 +440,7 @@ def _run_cli(r: Results, args: list[str], work: Path, reserve: float = 20.0) -> 
     t0 = time.time()
     try:
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                             timeout=max(10.0, r.left() - reserve))
+                             timeout=max(10.0, r.left() - reserve), check=False)
         text, rc = out.stdout + out.stderr, out.returncode
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")

@@ -121,7 +121,7 @@ def test_stream_pins_its_batches_when_asked(monkeypatch):
                         lambda t, *a, **k: pinned.append(tuple(t.shape)) or t)
     next(TrainStream(_Pool(), 2, seed=0, pin_memory=False))
     assert pinned == []
-    images, labels = next(TrainStream(_Pool(), 2, seed=0, pin_memory=True))
+    images, _ = next(TrainStream(_Pool(), 2, seed=0, pin_memory=True))
     assert pinned == [(2, 3, 4, 4), (2,)] and images.shape == (2, 3, 4, 4)
 
 

@@ -93,55 +93,61 @@ def benchmark_training(cfg: ExperimentConfig,
     """
     dev = resolve_device(device or cfg.device)
     teacher = _random_teacher(cfg, dev)
-    size = cfg.tokenizer.image_size
     g = torch.Generator().manual_seed(0)
     rows = []
     for stage in stages:
-        task, batch, accum, s = _stage_task(cfg, stage, teacher, dev, batch_size)
-        images = [torch.rand(batch, 3, size, size, generator=g) for _ in range(accum)]
-        # Stage 3 is timed from gan_start on (GAN + discriminator update included), as for
-        # almost all of its steps at paper scale (20k of 1M without, Table 6).
-        first = s.gan_start if stage == "stage3" else 0
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        model_flops = count_flops(lambda: task.step(images, first)) if flops else None
-        compiled = None
-        if compile_backend and stage != "stage0":
-            compile_children(task.model, backend=compile_backend)
-            compiled = compile_backend
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CompileFallbackWarning)
-            t0 = time.perf_counter()
-            for i in range(warmup):
-                task.step(images, first + 1 + i)
-                if i == 0:
-                    sync(dev)
-                    first_step = time.perf_counter() - t0
-            sync(dev)
-            t0 = time.perf_counter()
-            for i in range(steps):
-                task.step(images, first + 1 + warmup + i)
-            sync(dev)
-            dt = (time.perf_counter() - t0) / steps
-        if any(issubclass(w.category, CompileFallbackWarning) for w in caught):
-            compiled = f"failed ({compile_backend}): eager"
-        adversary = getattr(task, "adversary", None)
-        row = {"preset": cfg.preset, "stage": stage, "device": str(dev), "batch": batch,
-               "grad_accum": accum, "s_per_step": dt, "images_per_s": batch * accum / dt,
-               "precision": precision_of(task), "compiled": compiled,
-               "first_step_s": first_step if warmup else None,
-               "peak_mem_gib": (torch.cuda.max_memory_allocated(dev) / 2 ** 30
-                                if dev.type == "cuda" else None),
-               "model_flops": model_flops,
-               "discriminator": (type(adversary.disc).__name__ if adversary is not None
-                                 else None),
-               "lpips": getattr(task, "lpips", None) is not None}
+        row = _measure_stage(cfg, stage, teacher, dev, batch_size, g, steps, warmup, flops,
+                             compile_backend)
+        free_memory(dev)  # the stage's task is gone with _measure_stage's frame
         rows.append(row)
         if on_row is not None:
             on_row(row)
-        del task, images
-        free_memory(dev)
     return rows
+
+
+def _measure_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher,
+                   dev: torch.device, batch_size: int | None, g: torch.Generator, steps: int,
+                   warmup: int, flops: bool, compile_backend: str | None) -> dict:
+    """One `benchmark_training` row."""
+    task, batch, accum, s = _stage_task(cfg, stage, teacher, dev, batch_size)
+    size = cfg.tokenizer.image_size
+    images = [torch.rand(batch, 3, size, size, generator=g) for _ in range(accum)]
+    # Stage 3 is timed from gan_start on (GAN + discriminator update included), as for
+    # almost all of its steps at paper scale (20k of 1M without, Table 6).
+    first = s.gan_start if stage == "stage3" else 0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model_flops = count_flops(lambda: task.step(images, first)) if flops else None
+    compiled = None
+    if compile_backend and stage != "stage0":
+        compile_children(task.model, backend=compile_backend)
+        compiled = compile_backend
+    first_step = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompileFallbackWarning)
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            task.step(images, first + 1 + i)
+            if i == 0:
+                sync(dev)
+                first_step = time.perf_counter() - t0
+        sync(dev)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            task.step(images, first + 1 + warmup + i)
+        sync(dev)
+        dt = (time.perf_counter() - t0) / steps
+    if any(issubclass(w.category, CompileFallbackWarning) for w in caught):
+        compiled = f"failed ({compile_backend}): eager"
+    adversary = getattr(task, "adversary", None)
+    return {"preset": cfg.preset, "stage": stage, "device": str(dev), "batch": batch,
+            "grad_accum": accum, "s_per_step": dt, "images_per_s": batch * accum / dt,
+            "precision": precision_of(task), "compiled": compiled, "first_step_s": first_step,
+            "peak_mem_gib": (torch.cuda.max_memory_allocated(dev) / 2 ** 30
+                             if dev.type == "cuda" else None),
+            "model_flops": model_flops,
+            "discriminator": type(adversary.disc).__name__ if adversary is not None else None,
+            "lpips": getattr(task, "lpips", None) is not None}
 
 
 def precision_of(task) -> str:
@@ -226,7 +232,7 @@ def largest_batch(cfg: ExperimentConfig, stage: str = "stage2", device: str | No
                 ok = mid
             else:
                 failed = mid
-    del task
+    task = None  # (the probe closure holds it) free the model before returning
     free_memory(dev)
     return {"stage": stage, "preset": cfg.preset, "largest_ok": ok or None,
             "smallest_failed": failed, "stopped": stopped, "probes": probes}

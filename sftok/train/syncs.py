@@ -23,6 +23,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -78,7 +79,7 @@ class HostReads(contextlib.AbstractContextManager):
             self.calls.append(f"{what} at {Path(frame.f_code.co_filename).name}:"
                               f"{frame.f_lineno}")
 
-    def __enter__(self) -> HostReads:
+    def __enter__(self) -> Self:
         for name in READ_METHODS:
             self._patch(name, self._reader(name, getattr(torch.Tensor, name)))
         self._patch("to", self._mover(torch.Tensor.to, "to"))
@@ -130,10 +131,11 @@ class _SyncOpMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
-        if name in _SYNC_OPS or (name in _BOOL_INDEX_OPS and _is_bool_index(args)):
-            if name != "aten::repeat_interleave" or (kwargs or {}).get("output_size") is None:
-                self.reads._record(_NAMES.get(name, name.removeprefix("aten::")),
-                                   self.reads.caller())
+        sized = name == "aten::repeat_interleave" and (kwargs or {}).get("output_size")
+        if (name in _SYNC_OPS and not sized) or (name in _BOOL_INDEX_OPS
+                                                 and _is_bool_index(args)):
+            self.reads._record(_NAMES.get(name, name.removeprefix("aten::")),
+                               self.reads.caller())
         return func(*args, **(kwargs or {}))
 
 
