@@ -105,7 +105,8 @@ class Check:
         self.log_path = self.out / "device_check.log"
         self.log_path.write_text("")
         self.t0 = time.time()
-        default = 300.0 if quick else 420.0
+        scale = args.box_scale
+        default = (300.0 if quick else 420.0) * scale
         self.budget = float(args.budget if args.budget is not None else default)
         selected = set(args.steps.split(",")) if args.steps else None
         self.steps = [s for s in STEPS if selected is None or s.name in selected]
@@ -118,7 +119,7 @@ class Check:
             "note": note, "budget_s": self.budget, "git": _git(), "work_dir": str(self.work),
             "python": sys.executable,
             "steps": [{"name": s.name, "title": s.title, "status": "pending", "reason": None,
-                       "box_s": s.quick_box if quick else s.box, "seconds": None,
+                       "box_s": (s.quick_box if quick else s.box) * scale, "seconds": None,
                        "result": None} for s in self.steps],
             "throughput": {"device_name": None, "rows": []}}
 
@@ -186,7 +187,7 @@ class Check:
         results.unlink(missing_ok=True)
         state = {"device": self.device, "quick": self.quick, "work": str(self.work),
                  "results": str(results), "deadline": time.time() + box - 3,
-                 "threads": self.args.threads}
+                 "threads": self.args.threads, "driver": os.getpid()}
         state_path = self.work / "steps" / f"{step.name}.state.json"
         state_path.write_text(json.dumps(state))
         e = self.entry(step.name)
@@ -299,6 +300,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", help="comma-separated subset of the steps, in their order")
     p.add_argument("--work", help="scratch directory (default: a new temp dir)")
     p.add_argument("--threads", type=int, help="torch CPU threads per step (default: all)")
+    p.add_argument("--box-scale", type=float, default=1.0, metavar="F",
+                   help="multiply every time box and the default budget by F (a slow or "
+                        "shared machine; the test suite's rehearsal uses 4)")
     p.add_argument("--list", action="store_true", help="print the steps and time boxes")
     p.add_argument("--run-step", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
@@ -319,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         print("error: --out DIR is required (where the report goes)", file=sys.stderr)
+        return 2
+    if args.box_scale <= 0:
+        print("error: --box-scale must be > 0", file=sys.stderr)
         return 2
     unknown = set(args.steps.split(",")) - {s.name for s in STEPS} if args.steps else set()
     if unknown:

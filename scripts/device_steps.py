@@ -19,8 +19,10 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -518,9 +520,26 @@ STEPS = {"env": step_env, "golden": step_golden, "gpu_path": step_gpu_path,
          "campaign": step_campaign, "ray_train": step_ray_train, "compile": step_compile}
 
 
+def _end_with_the_driver(driver: int | None) -> None:
+    """A step runs in its own session (so the driver can end its whole tree: pytest, Ray);
+    if the driver (pid `driver`, from the state file: it may be gone before this runs) is
+    killed outright (SIGKILL, a device tool's time limit), the step and everything it started
+    end too, within a second, instead of holding the GPU."""
+    driver = driver or os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != driver:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="driver-watch").start()
+
+
 def run_step(name: str, state_path: Path) -> int:
     """Run one step as the driver asked (its state file: options, deadline, where to write)."""
     state = json.loads(Path(state_path).read_text())
+    _end_with_the_driver(state.get("driver"))
     results = Results(Path(state["results"]), state["deadline"])
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, state.get("threads") or 64)))
     try:
