@@ -13,7 +13,7 @@ while one runs: `report.json` (schema: docs/device_check.md), `report.md` (the t
 reads) and `device_check.log` (every step's output); a kill at any moment leaves a report.
 Scratch (the campaign's MLflow store, work and cache dirs) goes to --work (default: a new temp
 dir), never into --out. Without CUDA the check is the rehearsal: the same steps at `smoke`
-size (2-2.5 minutes on 2 shared cores). `--list` prints the steps and their time boxes.
+size (about 2 minutes on 2 cores). `--list` prints the steps and their time boxes.
 
 `analysis/table5_compute.py` renders Table 5 from the report: `python analysis/render.py
 table5_compute -p benchmark_json=DIR/report.json`.
