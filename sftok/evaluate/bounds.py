@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sftok.run_record import BOUND_PREFIXES, CEILING_PREFIX, floor_prefix  # noqa: F401 (re-exported until the runner takes it from run_record)
+from sftok.run_record import CEILING_PREFIX, floor_prefix
 
 # Bump when the codec or the palette fit changes: cached palettes of older formats are ignored.
 PALETTE_FORMAT = 1

@@ -5,8 +5,9 @@ notebook or a user could depend on: the experiment's tags; for the parent run an
 run (by trial key) the tag keys with the values that are not run-specific, the metric keys with
 their steps, the param keys, the artifact paths and the top-level keys of the JSON / CSV
 artifacts. `tests/fixtures/run_record.json` holds that record as the code before issue 18 wrote
-it (`python tests/run_record.py --write` runs the two smoke campaigns and rewrites it: do that
-only for an intended change of the run record, and say so in the commit).
+it (`python tests/record_fixture.py --write` runs the two smoke campaigns and rewrites it: do
+that only for an intended change of the run record, `sftok/run_record.py`, and say so in the
+commit). `differences(client, spec)` lists how a store's record departs from the fixture.
 
 It spells no layout name of its own (no role tag, no metric prefix): the fixture holds them, so
 the test compares the strings the runner writes with the recorded ones. A run is a child when it
@@ -122,6 +123,43 @@ def load_fixture() -> dict:
     return json.loads(FIXTURE.read_text())
 
 
+def _compare(where: str, got: dict, want: dict) -> list[str]:
+    """One line per key of a run record that is missing, extra or different."""
+    out = []
+    for part in sorted(set(got) | set(want)):
+        g, w = got.get(part), want.get(part)
+        if g == w:
+            continue
+        if isinstance(g, dict) and isinstance(w, dict):
+            missing, extra = sorted(set(w) - set(g)), sorted(set(g) - set(w))
+            changed = sorted(k for k in set(g) & set(w) if g[k] != w[k])
+            out.append(f"{where} {part}: missing {missing}, extra {extra}, changed "
+                       f"{[(k, g[k], w[k]) for k in changed]}")
+        elif isinstance(g, list) and isinstance(w, list):
+            out.append(f"{where} {part}: missing {sorted(set(w) - set(g))}, extra "
+                       f"{sorted(set(g) - set(w))}" + ("" if set(g) != set(w) else
+                                                       f", order {g} (was {w})"))
+        else:
+            out.append(f"{where} {part}: {g!r} (was {w!r})")
+    return out
+
+
+def differences(client, spec: str) -> list[str]:
+    """How the record of the spec's latest campaign in the store departs from the fixture's
+    (entries that depend on optional weights are left out when those differ)."""
+    got, want = campaign_record(client, spec), load_fixture()["campaigns"][spec]
+    drop = unavailable(got) != unavailable(want)
+    got, want = comparable(got, drop), comparable(want, drop)
+    out = _compare("experiment", got["experiment"], want["experiment"])
+    out += _compare("parent", got["parent"], want["parent"])
+    kids_got, kids_want = got["children"], want["children"]
+    if set(kids_got) != set(kids_want):
+        out.append(f"children: {sorted(kids_got)} (was {sorted(kids_want)})")
+    for key in sorted(set(kids_got) & set(kids_want)):
+        out += _compare(f"child {key}", kids_got[key], kids_want[key])
+    return out
+
+
 def write_fixture(work: Path) -> dict:
     """Run the smoke campaigns into `work` and write the fixture from their store."""
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -141,7 +179,7 @@ def write_fixture(work: Path) -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/run_record.py --write   (runs two smoke campaigns, "
+        sys.exit("usage: python tests/record_fixture.py --write   (runs two smoke campaigns, "
                  "rewrites tests/fixtures/run_record.json)")
     with tempfile.TemporaryDirectory(prefix="run-record-") as d:
         write_fixture(Path(d))
