@@ -10,6 +10,7 @@ and checks the run record it writes against the one recorded before issue 18
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -398,13 +399,14 @@ def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, cli
 # --------------------------------------------------------------------------------------------
 
 
-def test_smoke_end_to_end(ray_session, store, client, tmp_path):
+def test_smoke_end_to_end(ray_session, store, client, tmp_path, capsys):
     from sftok_experiments.cli import main
 
     rc = main(["ablation_replace_ratio", "--preset", "smoke", "--seeds", "1",
                "--tracking-uri", str(store), "--work-dir", str(tmp_path / "runs"),
                "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
+    console = capsys.readouterr().out
     # The run record is the one the runner wrote before issue 18 (tags, metric keys and
     # steps, params, artifacts), and the notebooks' reader makes of it what they expect.
     assert record_fixture.differences(client, "ablation_replace_ratio") == []
@@ -434,6 +436,14 @@ def test_smoke_end_to_end(ray_session, store, client, tmp_path):
     assert len(s1) == 1 and sorted(c.data.tags["stage.stage1.source"] for c in children) == [
         "reused", "reused", "trained"]
     assert all(c.data.tags["stage.stage2.source"] == "trained" for c in children)
+    # A reused stage prints its reuse line only, never a progress line of its replayed curve;
+    # the trial that trained it shows its progress (issue 20, item 5).
+    for c in children:
+        key, source = c.data.tags["trial_key"], c.data.tags["stage.stage1.source"]
+        progress = re.findall(rf"trial {re.escape(key)} +stage1 \d+/3 ", console)
+        assert bool(progress) == (source == "trained"), (key, source, console)
+        assert re.search(rf"trial {re.escape(key)} +stage1 done \(global step 3, {source} ",
+                         console), console
     # Every child shows the stage-1 curve, the reused ones replayed from the shared result.
     curves = {c.info.run_id: [(p.step, p.value) for p in
                               client.get_metric_history(c.info.run_id, "train/stage1/loss")]

@@ -92,6 +92,20 @@ def test_shared_stage_is_trained_once_and_equals_training_it_per_trial(cache, sm
         assert calls["stage2"][0][0] == outs[0].steps + 1
 
 
+def test_windows_trained_before_go_to_the_replay_callback(cache, smoke_teacher):
+    """A trial that reuses a result sees its curve through `replay_callback` only (the runner
+    reports those windows as replayed: no progress line for them, issue 20 item 5)."""
+    store = StageStore(cache / "replay")
+    live, replayed = [], []
+    kw = {"callback": lambda s, m: live.append(s),
+          "replay_callback": lambda s, m: replayed.append(s)}
+    first = store.obtain(_cfg(), "stage1", smoke_teacher, **kw)
+    assert first.source == TRAINED and live == [1, 2, 3] and replayed == []
+    live.clear()
+    again = store.obtain(_cfg(), "stage1", smoke_teacher, step_offset=10, **kw)
+    assert again.source == REUSED and live == [] and replayed == [11, 12, 13]
+
+
 def test_concurrent_trainers_train_a_result_once(cache, smoke_teacher):
     store = StageStore(cache / "concurrent")
     started, release, trained = threading.Event(), threading.Event(), []

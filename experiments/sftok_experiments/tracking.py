@@ -394,7 +394,8 @@ def _make_tracker_class():
             if "data_skipped" in report.metrics:
                 rec.skipped["train"] = max(rec.skipped.get("train", 0),
                                            int(report.metrics["data_skipped"]))
-            self._progress(trial, rec, report)
+            if not report.replayed:  # a reused stage shows its reuse line, not its old curve
+                self._progress(trial, rec, report)
 
         def _progress(self, trial, rec: TrialRecord, report: protocol.Report) -> None:
             if rec.progress is None:

@@ -81,8 +81,9 @@ def run_trial(config: dict[str, Any]) -> None:
     try:
         prev, offset, done = None, 0, []
         for stage in [s for s in payload["stages"] if s != "generation"]:
-            live, _ = protocol.stage_reporters(stage)
-            prev = store.obtain(cfg, stage, teacher, init=prev, callback=live, step_offset=offset,
+            live, replayed = protocol.stage_reporters(stage)
+            prev = store.obtain(cfg, stage, teacher, init=prev, callback=live,
+                                replay_callback=replayed, step_offset=offset,
                                 echo=lambda m: print(m, flush=True),
                                 id_cache_dir=Path(rt.teacher_cache) / "ids")
             offset += prev.steps
