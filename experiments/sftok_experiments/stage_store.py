@@ -109,8 +109,9 @@ class StageStore:
         train_fn: `sftok.train.train_stage` (replaceable in tests); id_cache_dir: its
         teacher-id cache directory.
         """
-        replay_callback = replay_callback or callback
         from sftok.train.stages import stage_identity, stage_key
+
+        replay_callback = replay_callback or callback
 
         identity = stage_identity(cfg, stage, init.key if init is not None else None)
         key = stage_key(identity)
