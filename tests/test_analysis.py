@@ -675,7 +675,9 @@ def test_render_on_smoke_runs(smoke_store, tmp_path):
     f8 = pd.read_csv(tmp_path / "out/figure8_step_sweep/figure8.csv")
     assert sorted(set(f8["steps"])) == list(STEPS) and "psnr" in set(f8["metric"])
     t1 = pd.read_csv(tmp_path / "out/table1_reconstruction/table1.csv")
-    assert (t1["source"] != "paper").sum() == 1 and t1["psnr_mean"].notna().iloc[0]
+    ours = t1[~t1["source"].isin(["paper", "ours (same images)"])]  # not the floors / ceiling
+    assert len(ours) == 1 and ours["psnr_mean"].notna().iloc[0]
+    assert (t1["source"] == "ours (same images)").sum() == len(md.BOUNDS)
 
 
 def _bounds_only(**values):
