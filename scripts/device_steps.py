@@ -454,23 +454,30 @@ def _run_cli(r: Results, args: list[str], work: Path, reserve: float = 20.0) -> 
 
 
 def _trial_runs(work: Path, spec: str) -> list[dict]:
-    """The latest campaign's child runs in the store under `work`: arm, status, placement.*
-    tags and the eval metrics."""
-    from sftok_experiments.tracking import children_of, client_for, recent_parents, resolve_store
+    """The latest campaign's child runs in the store under `work` (names from the run record,
+    `sftok/run_record.py`): trial key, status, placement.* tags and the eval metrics."""
+    from sftok_experiments.tracking import client_for
 
-    client = client_for(resolve_store(str(work / "mlruns"))[0])
-    exp = client.get_experiment_by_name(spec)
-    parents = recent_parents(client, exp.experiment_id, 1) if exp else []
+    from sftok import run_record as rr
+
+    client = client_for(rr.store_location(work / "mlruns").uri)
+    exp = client.get_experiment_by_name(rr.experiment_name(spec))
+    if exp is None:
+        return []
+    ids = [exp.experiment_id]
+    parents = rr.search_all(client, ids, rr.parents_filter(), rr.NEWEST_FIRST)
     if not parents:
         return []
-    runs = children_of(client, exp.experiment_id, parents[0].info.run_id)
-    return [{"trial": key, "status": run.info.status,
+    runs = rr.search_all(client, ids, rr.children_filter(parents[0].info.run_id),
+                         rr.OLDEST_FIRST)
+    return [{"trial": run.data.tags.get(rr.KEY_TAG, run.info.run_name),
+             "status": run.info.status,
              "placement": {k.removeprefix("placement."): v for k, v in run.data.tags.items()
                            if k.startswith("placement.")},
-             "error": run.data.tags.get("error"),
+             "error": run.data.tags.get(rr.ERROR_TAG),
              "metrics": {k: v for k, v in run.data.metrics.items()
                          if k in ("eval/psnr_s8", "eval/psnr_s1", "eval/token_top1")}}
-            for key, run in runs.items()]
+            for run in runs]
 
 
 def step_campaign(r: Results, o: dict) -> None:
