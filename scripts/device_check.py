@@ -56,7 +56,7 @@ class Step:
 STEPS = (
     Step("env", "environment: torch / CUDA, GPU and memory, bf16, TF32, packages, matmul rate",
          45, 30),
-    Step("golden", "golden-equivalence tests on the device, fp32 and bf16", 90, 60,
+    Step("golden", "golden-equivalence tests on the device, fp32 and bf16", 90, 90,
          ("pytest",)),
     Step("gpu_path", "GPU path: host syncs per training step, fused AdamW, pinned batches, "
          "TF32, SDPA kernels, compile fallback", 60, 40),
