@@ -80,9 +80,8 @@ else:
     device_name = rows[0]["device"] if rows else "?"
     source = f"measured here ({', '.join(measure_presets)}, {train_steps} steps per stage)"
 bench = pd.DataFrame(rows)
-if "compiled" not in bench:  # files written before torch.compile rows existed
-    bench["compiled"] = None
-bench["mode"] = [c if isinstance(c, str) else "eager" for c in bench["compiled"]]
+if "mode" not in bench:  # files written before torch.compile rows existed: all eager
+    bench["mode"] = "eager"
 display(Markdown(f"Throughput source: {source}; device: {device_name}."))
 display(bench)
 # One row per preset and stage: the fastest measured mode (eager or torch.compile).

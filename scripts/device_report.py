@@ -14,6 +14,11 @@ SCHEMA = "sftok-device-check/1"
 REPORT_KEYS = ("schema", "command", "started", "updated", "finished", "wall_s", "mode",
                "device", "quick", "note", "budget_s", "git", "work_dir", "python", "steps",
                "throughput")
+# The placement.* tags (experiments/sftok_experiments/placement.py, prefix dropped) shown per
+# trial, in this order (the rest stay in report.json).
+DEVICE_TAG, GPU_MODEL_TAG = "device", "gpu_model"
+PLACEMENT_SHOWN = (DEVICE_TAG, GPU_MODEL_TAG, "gpu_share", "gpu_slot", "ray_gpu_ids",
+                   "cuda_visible_devices", "node")
 STEP_KEYS = ("name", "title", "status", "reason", "box_s", "seconds", "result")
 STATUSES = ("pending", "running", "ok", "failed", "timeout", "skipped")
 RESULT_KEYS = {
@@ -147,9 +152,9 @@ def _max_batch_line(r: dict) -> str:
 
 
 def _trials_line(trials: list[dict]) -> str:
-    status = ", ".join(f"{t['trial']} {t['status']} on {t['placement'].get('device', '?')}"
+    status = ", ".join(f"{t['trial']} {t['status']} on {t['placement'].get(DEVICE_TAG, '?')}"
                        for t in trials)
-    models = {t["placement"].get("gpu_model") for t in trials} - {None}
+    models = {t["placement"].get(GPU_MODEL_TAG) for t in trials} - {None}
     return status + (f" ({', '.join(sorted(models))})" if models else "")
 
 
@@ -222,7 +227,7 @@ def _throughput_section(rows: list[dict]) -> list[str]:
     out += _table(["preset", "stage", "mode", "precision", "batch×accum", "images/s", "s/step",
                    "first step s", "peak GiB", "TFLOP/step", "MFU datasheet", "MFU measured",
                    "vs eager", "stage 3"], [
-        [r["preset"], r["stage"], r.get("compiled") or "eager", r.get("precision"),
+        [r["preset"], r["stage"], r.get("mode", "eager"), r.get("precision"),
          f"{r['batch']}×{r['grad_accum']}", f"{r['images_per_s']:.1f}",
          f"{r['s_per_step']:.3f}", _f(r.get("first_step_s"), ".1f"),
          _f(r.get("peak_mem_gib"), ".1f"), _f((r.get("model_flops") or 0) / 1e12 or None),
@@ -297,10 +302,9 @@ def _placement_section(report: dict) -> list[str]:
         trials += [{**t, "trial": f"W={run['workers']} {t['trial']}"} for t in run["trials"]]
     if not trials:
         return []
-    keys = ["device", "gpu_model", "gpu_share", "gpu_slot", "ray_gpu_ids",
-            "cuda_visible_devices", "workers", "node"]
+    metrics = list(dict.fromkeys(k for t in trials for k in t["metrics"]))  # as the step chose
     out = ["", "## Placement tags read back from MLflow", ""]
-    out += _table(["trial", "status", *keys, "psnr_s8"], [
-        [t["trial"], t["status"], *[t["placement"].get(k, "") for k in keys],
-         _f(t["metrics"].get("eval/psnr_s8"), ".2f")] for t in trials])
+    out += _table(["trial", "status", *PLACEMENT_SHOWN, *metrics], [
+        [t["trial"], t["status"], *[t["placement"].get(k, "") for k in PLACEMENT_SHOWN],
+         *[_f(t["metrics"].get(k), ".2f") for k in metrics]] for t in trials])
     return out

@@ -7,8 +7,9 @@ here says so with `Results.skip(reason)`. Sizes: on CUDA the paper's `sftok-b` a
 `small` preset at their own batch sizes and precision (bf16); `--quick` (the CPU rehearsal)
 runs every step at `smoke` size.
 
-Only torch and the library are imported at the top: the lent GPU machines lack Ray, MLflow and
-pydantic, and the steps that need them are skipped by the driver before they start.
+Only torch, the library and the runner's `placement` names (standard library only) are imported
+at the top: the lent GPU machines lack Ray, MLflow and pydantic, and the steps that need them are
+skipped by the driver before they start.
 """
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ for _p in (ROOT, ROOT / "experiments"):  # the checkout: no install needed (pyth
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-# The library after the path set-up above.
+# The library and the runner's placement tags after the path set-up above.
+from sftok_experiments.placement import TAG_PREFIX
+
+from sftok import run_record as rr
 from sftok.config import override
 from sftok.presets import get_preset
 from sftok.train import benchmark as bench
@@ -46,6 +50,8 @@ from sftok.train.loop import CompileFallbackWarning, compile_children, resolve_d
 # NVIDIA H100/H200 SXM 989, H100 PCIe 756, A100 312, L40S 362, RTX 4090 165 (fp32 accumulate).
 DATASHEET_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
                          ("A100", 312.0), ("L40S", 362.0), ("4090", 165.2))
+# What each campaign trial's row shows of its evaluation (the evaluator's names, run_record).
+SHOWN_METRICS = (rr.step_metric("psnr", 8), rr.step_metric("psnr", 1))
 PACKAGES = ("ray", "mlflow", "pydantic", "optuna", "lpips", "torch_fidelity", "webdataset",
             "timm", "safetensors", "skimage", "yaml", "triton", "pytest")
 
@@ -139,7 +145,8 @@ def step_env(r: Results, o: dict) -> None:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         gpus.append({"index": i, "name": p.name, "memory_gib": p.total_memory / 2 ** 30,
-                     "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count})
+                     "capability": f"{p.major}.{p.minor}",
+                     "multiprocessors": p.multi_processor_count})
     r.put("gpus", gpus)
     r.put("bf16_supported", torch.cuda.is_bf16_supported() if dev.type == "cuda" else None)
     r.put("tf32", {"matmul": torch.backends.cuda.matmul.allow_tf32,
@@ -454,30 +461,38 @@ def _run_cli(r: Results, args: list[str], work: Path, reserve: float = 20.0) -> 
 
 
 def _trial_runs(work: Path, spec: str) -> list[dict]:
-    """The latest campaign's child runs in the store under `work` (names from the run record,
-    `sftok/run_record.py`): trial key, status, placement.* tags and the eval metrics."""
-    from sftok_experiments.tracking import client_for
+    """The trials of the newest campaign in the store under `work`, read through the run
+    record's names (`sftok/run_record.py`; the `placement.*` tags: `placement.py`): trial key,
+    status, placement tags (prefix dropped), error, and PSNR at S = 8 and 1 (`SHOWN_METRICS`).
 
-    from sftok import run_record as rr
+    Parent and children are told apart by the record's own rules (`rr.is_parent`,
+    `rr.parent_of`), not by a search filter, so a store whose parent runs lack the role tag
+    (written before issue 18) reads the same: the newest parent run that has children."""
+    from sftok_experiments.tracking import client_for  # (MLflow: not on a bare GPU image)
 
     client = client_for(rr.store_location(work / "mlruns").uri)
     exp = client.get_experiment_by_name(rr.experiment_name(spec))
     if exp is None:
         return []
-    ids = [exp.experiment_id]
-    parents = rr.search_all(client, ids, rr.parents_filter(), rr.NEWEST_FIRST)
-    if not parents:
+    runs = rr.search_all(client, [exp.experiment_id], order_by=rr.NEWEST_FIRST)
+    children: dict[str, list] = {}
+    for run in reversed(runs):  # oldest first within each parent
+        parent = rr.parent_of(run.data.tags)
+        if parent is not None:
+            children.setdefault(parent, []).append(run)
+    newest = next((run for run in runs if rr.is_parent(run.data.tags)
+                   and run.info.run_id in children), None)
+    if newest is None:
         return []
-    runs = rr.search_all(client, ids, rr.children_filter(parents[0].info.run_id),
-                         rr.OLDEST_FIRST)
+    shown = {rr.eval_key(name): name for name in SHOWN_METRICS}
     return [{"trial": run.data.tags.get(rr.KEY_TAG, run.info.run_name),
              "status": run.info.status,
-             "placement": {k.removeprefix("placement."): v for k, v in run.data.tags.items()
-                           if k.startswith("placement.")},
+             "placement": {k.removeprefix(TAG_PREFIX): v for k, v in run.data.tags.items()
+                           if k.startswith(TAG_PREFIX)},
              "error": run.data.tags.get(rr.ERROR_TAG),
-             "metrics": {k: v for k, v in run.data.metrics.items()
-                         if k in ("eval/psnr_s8", "eval/psnr_s1", "eval/token_top1")}}
-            for run in runs]
+             "metrics": {name: run.data.metrics[key] for key, name in shown.items()
+                         if key in run.data.metrics}}
+            for run in children[newest.info.run_id]]
 
 
 def step_campaign(r: Results, o: dict) -> None:

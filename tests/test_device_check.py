@@ -82,6 +82,7 @@ def test_rehearsal_report_has_the_documented_schema(rehearsal):
     assert [(r["stage"], r["compiled"]) for r in record["rows"]] == [
         ("stage1", None), ("stage2", None), ("stage3", None),
         ("stage2", "eager"), ("stage1", "eager"), ("stage3", "eager")]
+    assert [r["mode"] for r in record["rows"]] == ["eager"] * 3 + ["compile (eager)"] * 3
     for r in record["rows"]:
         assert r["preset"] == "smoke" and r["images_per_s"] > 0 and r["model_flops"] > 0
         assert r["mfu_measured"] > 0 and r["mfu_datasheet"] is None  # fp32 on CPU
@@ -89,6 +90,7 @@ def test_rehearsal_report_has_the_documented_schema(rehearsal):
     assert md.startswith("# Device check: cpu (rehearsal)")
     assert all(f"| {s.name} |" in md for s in device_check.STEPS)
     assert "## Training throughput" in md and "## Golden equivalence" in md
+    assert "## Placement tags read back from MLflow" in md and "| psnr_s8 | psnr_s1 |" in md
 
 
 def test_rehearsal_answers_what_holds_on_any_machine(rehearsal):
@@ -175,12 +177,15 @@ def test_a_step_ends_when_its_driver_is_killed_outright(tmp_path):
     import signal
 
     state = tmp_path / "state.json"
-    driver = subprocess.Popen(  # a stand-in driver: writes the state, starts the step, waits
-        [sys.executable, "-c", "import json, os, subprocess, sys, time; s = json.loads(sys.argv[4]);"
-         " s['driver'] = os.getpid(); open(sys.argv[3], 'w').write(json.dumps(s)); "
-         "p = subprocess.Popen([sys.argv[1], sys.argv[2], '--run-step', 'golden', '--state', "
-         "sys.argv[3]], start_new_session=True); print(p.pid, flush=True); time.sleep(120)",
-         sys.executable, str(SCRIPTS / "device_check.py"), str(state),
+    # A stand-in driver: writes the state, starts the step, waits.
+    stand_in = ("import json, os, subprocess, sys, time; s = json.loads(sys.argv[4]); "
+                "s['driver'] = os.getpid(); open(sys.argv[3], 'w').write(json.dumps(s)); "
+                "p = subprocess.Popen([sys.argv[1], sys.argv[2], '--run-step', 'golden', "
+                "'--state', sys.argv[3]], start_new_session=True); print(p.pid, flush=True); "
+                "time.sleep(120)")
+    driver = subprocess.Popen(
+        [sys.executable, "-c", stand_in, sys.executable, str(SCRIPTS / "device_check.py"),
+         str(state),
          json.dumps({"device": "cpu", "quick": True, "work": str(tmp_path),
                      "results": str(tmp_path / "golden.json"),
                      "deadline": time.time() + 120, "threads": 1})],
@@ -205,3 +210,45 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+@pytest.mark.parametrize("role_tags", [True, False], ids=["role-tagged", "untagged-parents"])
+def test_campaign_trials_are_read_back_through_the_run_record(tmp_path, role_tags):
+    """The device check finds the newest campaign's trials by the run record's rules and
+    names: written here as the runner writes them (`rr.trial_tags`, `placement_tags`), read
+    back by `_trial_runs`, also from a store whose parent runs carry no role tag."""
+    pytest.importorskip("mlflow")
+    import device_steps
+    from sftok_experiments.placement import Placement, placement_tags
+    from sftok_experiments.tracking import client_for
+
+    from sftok import run_record as rr
+
+    client = client_for(rr.store_location(tmp_path / "mlruns").uri)
+    exp = client.create_experiment(rr.experiment_name("ablation_replace_ratio"))
+    where = Placement("node-a", "10.0.0.1", ("0",), None, True, 0.25, 1.0)
+
+    def campaign(seeds: list[int], started: int) -> None:
+        tags = {rr.ROLE_TAG: rr.PARENT_ROLE} if role_tags else {}
+        parent = client.create_run(exp, tags=tags, start_time=started).info.run_id
+        for seed in seeds:
+            key = f"arm_s{seed}"
+            child = client.create_run(exp, start_time=started + 1 + seed, tags={
+                **rr.trial_tags(parent_id=parent, arm="arm", seed=seed, key=key,
+                                spec="ablation_replace_ratio", preset="smoke", ray_trial_id="t",
+                                stages=["stage1"], arm_values={}, search_values={}),
+                **placement_tags(where, "cpu")}).info.run_id
+            client.log_metric(child, rr.eval_key(rr.step_metric("psnr", 8)), 10.0 + seed)
+            client.log_metric(child, rr.eval_key("token_top1"), 0.5)  # not shown
+            client.set_terminated(child)
+
+    campaign([0], 1_000)  # an older campaign: not read
+    campaign([1, 0], 2_000)
+    trials = device_steps._trial_runs(tmp_path, "ablation_replace_ratio")
+    assert [t["trial"] for t in trials] == ["arm_s0", "arm_s1"]  # oldest first
+    assert {t["status"] for t in trials} == {"FINISHED"} and trials[0]["error"] is None
+    assert trials[0]["placement"] == {k.removeprefix("placement."): v
+                                      for k, v in placement_tags(where, "cpu").items()}
+    assert trials[0]["placement"]["gpu_share"] == "0.25"
+    assert [t["metrics"] for t in trials] == [{"psnr_s8": 10.0}, {"psnr_s8": 11.0}]
+    assert device_steps._trial_runs(tmp_path, "no_such_spec") == []

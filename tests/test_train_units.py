@@ -263,6 +263,26 @@ def test_benchmark_reports_throughput_per_stage():
     assert [r["stage"] for r in rows] == ["stage0", "stage1", "stage2", "stage3"]
     assert all(r["images_per_s"] > 0 for r in rows)
     assert "images/s" in format_table(rows)
+    assert {(r["compiled"], r["mode"]) for r in rows} == {(None, "eager")}
+
+
+def test_benchmark_rows_say_whether_compiling_worked():
+    """A compiled row names its backend; one whose compilation failed says it ran eager (the
+    label Table 5 and the device report show), with the warning counted once, not raised."""
+    from sftok.presets import get_preset
+    from sftok.train.benchmark import benchmark_training
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("forced compile failure (test)")
+
+    cfg = get_preset("smoke")
+    ok, = benchmark_training(cfg, stages=("stage1",), steps=1, warmup=1, device="cpu",
+                             compile_backend="eager")
+    assert (ok["compiled"], ok["mode"]) == ("eager", "compile (eager)")
+    failed, = benchmark_training(cfg, stages=("stage1",), steps=1, warmup=1, device="cpu",
+                                 compile_backend=broken)
+    assert failed["mode"].startswith("eager (compile (") and failed["mode"].endswith(" failed)")
+    assert failed["compiled"].startswith("failed (") and failed["images_per_s"] > 0
 
 
 def test_largest_batch_brackets_the_out_of_memory_size(monkeypatch):

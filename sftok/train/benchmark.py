@@ -82,14 +82,16 @@ def benchmark_training(cfg: ExperimentConfig,
                        compile_backend: str | None = None,
                        on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Rows {preset, stage, device, batch, grad_accum, images_per_s, s_per_step, precision,
-    compiled, first_step_s, peak_mem_gib, model_flops, discriminator, lpips} per stage.
+    compiled, mode, first_step_s, peak_mem_gib, model_flops, discriminator, lpips} per stage.
 
     batch_size overrides every stage's batch size (None: the preset's). flops: count one
     step's model FLOPs (an extra, eager, untimed step; `model_flops` is None otherwise).
     compile_backend: torch.compile the tokenizer's children with it (e.g. "inductor") after
-    that count (stages 1-3; `compiled` names the backend, or says "failed: eager" when it fell
-    back). first_step_s: the first warm-up step (compilation included). peak_mem_gib: CUDA's
-    peak allocated memory over warm-up and timed steps (None on CPU). on_row(row) after each.
+    that count (stages 1-3; `compiled` names the backend, or says "failed (<backend>): eager"
+    when it fell back). mode: the row's label in tables, "eager", "compile (<backend>)" or
+    "eager (compile (<backend>) failed)". first_step_s: the first warm-up step (compilation
+    included). peak_mem_gib: CUDA's peak allocated memory over warm-up and timed steps (None
+    on CPU). on_row(row) after each.
     """
     dev = resolve_device(device or cfg.device)
     teacher = _random_teacher(cfg, dev)
@@ -137,12 +139,15 @@ def _measure_stage(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher,
             task.step(images, first + 1 + warmup + i)
         sync(dev)
         dt = (time.perf_counter() - t0) / steps
+    mode = f"compile ({compiled})" if compiled else "eager"
     if any(issubclass(w.category, CompileFallbackWarning) for w in caught):
         compiled = f"failed ({compile_backend}): eager"
+        mode = f"eager (compile ({compile_backend}) failed)"
     adversary = getattr(task, "adversary", None)
     return {"preset": cfg.preset, "stage": stage, "device": str(dev), "batch": batch,
             "grad_accum": accum, "s_per_step": dt, "images_per_s": batch * accum / dt,
-            "precision": precision_of(task), "compiled": compiled, "first_step_s": first_step,
+            "precision": precision_of(task), "compiled": compiled, "mode": mode,
+            "first_step_s": first_step,
             "peak_mem_gib": (torch.cuda.max_memory_allocated(dev) / 2 ** 30
                              if dev.type == "cuda" else None),
             "model_flops": model_flops,
@@ -249,8 +254,9 @@ def read_throughput(path: str | Path) -> dict:
     data = json.loads(Path(path).read_text())
     record = data.get("throughput", data) if isinstance(data, dict) else None
     if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
-        raise ValueError(f"{path}: no throughput rows (expected the JSON of "
-                         "`scripts/benchmark.py --json` or a device check's report.json)")
+        raise ValueError(  # noqa: TRY004 (the file's content is wrong, not an argument's type)
+            f"{path}: no throughput rows (expected the JSON of `scripts/benchmark.py --json` "
+            "or a device check's report.json)")
     return record
 
 
