@@ -236,10 +236,11 @@ def make_crashing(log_dir: Path, work_root: Path):
             for _ in range(3):
                 step += 1
                 report_train(stage, step, {"loss": 1.0 / step})
-            result = store.path(skey)
-            result.mkdir(parents=True)
+            result = work / f"building-{skey}"
+            result.mkdir()
             (result / "model.safetensors").write_text("weights")
             (result / "stage.json").write_text('{"steps": 3, "metrics": {}, "history": []}')
+            result = store.publish(skey, result)
             done.append(StageOutcome(stage, skey, result, 3, "trained"))
             report_stage_done(stage, step, _snapshot(done, Path(tempfile.mkdtemp())),
                               source="trained", key=skey, steps=3)

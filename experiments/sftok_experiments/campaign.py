@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftok.storage import StorageError, StorageFullError, check_writable, disk_full
 from sftok_experiments import EXPERIMENTS_DIR, ROOT
 from sftok_experiments import tracking as trk
+from sftok_experiments import trial as trial_mod
 from sftok_experiments.expand import Plan
 
 
@@ -207,6 +209,7 @@ def _prepare_floors(todo: list, eval_cache: Path) -> None:
 def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: str, echo) -> None:
     """Stage 0 once per campaign (per distinct teacher), in the driver, before the trials."""
     from sftok.train import get_teacher, teacher_cache_key, teacher_info
+    from sftok.train.teacher_stage import teacher_published
 
     seen = set()
     for t in todo:
@@ -234,7 +237,7 @@ def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: st
         get_teacher(t.config, cache, callback=cb)
         echo(f"[{trk._now()}] teacher ready in {time.time() - t0:.1f}s", flush=True)
         trk.set_tags(client, parent_id, {f"teacher.{len(seen) - 1}": key})
-        if t.config.teacher.source == "train" and (cache / key / "teacher.json").exists():
+        if t.config.teacher.source == "train" and teacher_published(cache / key):
             try:
                 client.log_text(parent_id, json.dumps(teacher_info(cache / key), indent=1),
                                 f"teacher/{key}.json")
@@ -248,12 +251,30 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     t_start = time.time()
     spec = plan.spec
     uri, artifact_root = trk.resolve_store(opts.tracking)
+    try:  # before anything is computed or recorded
+        check_writable(work_root(opts), "the work dir (--work-dir)")
+        check_writable(cache_root(opts), "the cache dir (--cache-dir)")
+    except StorageError as e:
+        echo(f"error: {trial_mod.one_line(e)}", file=sys.stderr, flush=True)
+        return CampaignResult("", "", uri, Path(), [], time.time() - t_start,
+                              setup_error=trial_mod.one_line(e))
     client = trk.client_for(uri)
     exp_id = trk.get_experiment(client, spec.name, artifact_root,
                                 {"spec": spec.name, "reproduces": spec.reproduces})
     campaign = plan.campaign_hash
 
     parent = trk.find_resumable_parent(client, exp_id, campaign) if opts.resume else None
+    legacy = plan.with_legacy_labels() if opts.resume and parent is None else None
+    if legacy is not None:
+        # A store written before arm labels printed floats as written (lr=3e-05, once
+        # lr=3.0000000000000004e-05): its campaign and child runs carry the old labels. Keep
+        # them for this campaign, so that its finished trials match and none runs twice.
+        parent = trk.find_resumable_parent(client, exp_id, legacy.campaign_hash)
+        if parent is not None:
+            old = next(t for t in legacy.trials if t.key not in {x.key for x in plan.trials})
+            echo(f"resuming a campaign recorded with the older arm labels (e.g. {old.arm}): "
+                 "keeping them, so its finished trials match", flush=True)
+            plan, campaign = legacy, legacy.campaign_hash
     existing: dict[str, Any] = {}
     if opts.resume and parent is None:
         # A silent fresh start would redo hours of finished trials when e.g. one --set differs:
@@ -334,9 +355,9 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001 — reported, recorded, exit non-zero
-                setup_error = f"{type(e).__name__}: {e}"
-                echo(f"error: stage 0 (teacher) failed, no trial started: {setup_error}",
-                     file=sys.stderr, flush=True)
+                setup_error = trial_mod.one_line(e)
+                echo(f"error: preparing the trials (stage 0 teacher, floors) failed, no trial "
+                     f"started: {setup_error}", file=sys.stderr, flush=True)
                 trk.set_tags(client, parent_id, {"error": setup_error})
         if remaining and setup_error is None:
             started_ray = init_ray(opts.ray_address)
@@ -359,8 +380,12 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     except Exception as e:  # noqa: BLE001 — the driver itself failed: record it, exit non-zero
         import traceback
 
-        setup_error = f"{type(e).__name__}: {e}"
-        echo(traceback.format_exc(), file=sys.stderr, flush=True)
+        if disk_full(e, campaign_dir):  # e.g. Ray's experiment state in the work dir
+            e = StorageFullError(campaign_dir, "the campaign's Ray state", "")
+            echo(f"error: {trial_mod.one_line(e)}", file=sys.stderr, flush=True)
+        else:
+            echo(traceback.format_exc(), file=sys.stderr, flush=True)
+        setup_error = trial_mod.one_line(e)
         trk.set_tags(client, parent_id, {"error": setup_error[:5000]})
     finally:
         if started_ray:
@@ -414,12 +439,12 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
         echo(f"{len(bad)} of {len(trials)} trial(s) did not finish:\n"
              + "\n".join(f"  {t.key}: {t.status}{' — ' + t.error if t.error else ''}"
                          for t in bad), file=sys.stderr, flush=True)
-        if interrupted:
-            hint = opts.resume_hint or (
-                f"python experiments/run.py {plan.spec_path} --tracking-uri {uri} --work-dir "
-                f"{work_root(opts)} --cache-dir {cache_root(opts)} --resume (and the same "
-                "--preset/--seeds/--set/--data)")
-            echo(f"continue with: {hint}", file=sys.stderr, flush=True)
+        # --resume continues whatever did not finish (a Ctrl-C, a full disk, a failure).
+        hint = opts.resume_hint or (
+            f"python experiments/run.py {plan.spec_path} --tracking-uri {uri} --work-dir "
+            f"{work_root(opts)} --cache-dir {cache_root(opts)} --resume (and the same "
+            "--preset/--seeds/--set/--data)")
+        echo(f"continue with: {hint}", file=sys.stderr, flush=True)
     return result
 
 

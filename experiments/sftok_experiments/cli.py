@@ -17,7 +17,7 @@ python experiments/run.py SPEC [--preset NAME] [--seeds N] [--set key=value ...]
                           [--data imagenet=PATH] [--tracking-uri URI] [--ray-address ADDR]
                           [--cpus-per-trial N] [--gpus-per-trial F] [--device auto|cpu]
                           [--max-concurrent N]
-                          [--resume] [--dry-run]
+                          [--resume] [--dry-run [--verbose]] [--yes]
 python experiments/run.py --list
 python experiments/run.py ui [--tracking-uri URI] [--port 5000] [--print]
 python experiments/run.py snapshot [--remote NAME]"""
@@ -31,6 +31,8 @@ Examples:
   python experiments/run.py ablation_replace_ratio --preset sftok-b --data imagenet=/data/imagenet \\
       --gpus-per-trial 1 --cpus-per-trial 8 --ray-address auto
   python experiments/run.py ablation_replace_ratio --resume         # continue an interrupted run
+A plan of more than 50 trials is printed as a summary (--verbose: every trial); one of more
+than the spec's max_trials (default 100) asks for --yes before any compute.
 Every trial is a child run of the invocation's parent run in MLflow (store ./mlruns by default:
 SQLite mlruns/mlflow.db + mlruns/artifacts/); browse it with `python experiments/run.py ui`."""
 
@@ -67,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the latest invocation of the same campaign: skip finished "
                         "trials, continue the others from their checkpoints (exit 2, listing "
                         "the spec's recent runs, if there is none)")
-    p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the trials (above 50: a summary) and the stage results they "
+                        "train and reuse, and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="list every trial, however many (default: a summary above 50)")
+    p.add_argument("--yes", action="store_true",
+                   help="run a campaign of more trials than the spec's max_trials (default "
+                        "100) without asking")
     p.add_argument("--work-dir", help="campaign working dirs (default ./runs)")
     p.add_argument("--cache-dir", help="teacher / FID-statistics cache (default ./.cache)")
     p.add_argument("--no-share-stages", action="store_true",
@@ -105,6 +114,26 @@ def resume_command(argv: list[str], tracking_uri: str, work_dir: Path, cache_dir
             "--cache-dir", str(cache_dir), "--resume"]
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith("run.py") else "experiments/run.py"
     return " ".join(shlex.quote(c) for c in ["python", script, *out])
+
+
+def confirm_size(plan, yes: bool, ask=input) -> bool:
+    """May a campaign of `plan.size` trials start? Up to the spec's `max_trials`: yes. Above:
+    with --yes, or when the user answers yes on a terminal; otherwise one line and no."""
+    limit = plan.spec.max_trials
+    if plan.size <= limit or yes:
+        return True
+    question = (f"{plan.size:,} trials is more than this spec's max_trials ({limit:,}); "
+                "nothing has run yet")
+    if sys.stdin.isatty():
+        try:
+            answer = ask(f"{question}. Run them? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() in ("y", "yes"):
+            return True
+    print(f"error: {question}: pass --yes to run them (or set max_trials in the spec; "
+          "--dry-run summarises them)", file=sys.stderr)
+    return False
 
 
 def _load_trial_fn(ref: str):
@@ -177,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give a SPEC (or --list)", file=sys.stderr)
         return 2
 
-    from sftok_experiments.expand import describe, expand, parse_data, parse_set
+    from sftok_experiments.campaign import Options, cache_root, run_campaign, work_root
+    from sftok_experiments.expand import expand, parse_data, parse_set
+    from sftok_experiments.overview import describe
 
     # Everything below until run_campaign is validation: no Ray, no training.
     try:
@@ -190,17 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         print("error: --max-concurrent must be >= 1", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(describe(plan))
-        return 0
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         print("error: --cpus-per-trial must be > 0 and --gpus-per-trial >= 0", file=sys.stderr)
         return 2
-
-    from sftok_experiments.campaign import Options, cache_root, run_campaign, work_root
-    from sftok_experiments.tracking import resolve_store
-
-    print(describe(plan), flush=True)
     opts = Options(tracking=args.tracking_uri, ray_address=args.ray_address,
                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                    device=args.device,
@@ -209,6 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                    max_failures=args.max_failures, prepare_teacher=not args.no_teacher,
                    share_stages=not args.no_share_stages,
                    progress_every=args.progress_every)
+    print(describe(plan, verbose=args.verbose, stage_root=work_root(opts) / "stages",
+                   teacher_root=cache_root(opts) / "teachers", share=opts.share_stages),
+          flush=True)
+    if args.dry_run:
+        return 0
+    if not confirm_size(plan, args.yes):
+        return 2
+
+    from sftok_experiments.tracking import resolve_store
+
     opts.resume_hint = resume_command(argv, resolve_store(args.tracking_uri)[0],
                                       work_root(opts), cache_root(opts))
     if args.trial_fn:

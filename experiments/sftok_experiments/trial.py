@@ -88,9 +88,11 @@ def report_final(metrics: dict[str, float], artifacts: Path) -> None:
 def _deterministic_errors() -> tuple[type[BaseException], ...]:
     """Errors a retry would only repeat: same config + data + seed give the same failure."""
     from sftok.config import ConfigError
+    from sftok.storage import StorageError
     from sftok.train import NonFiniteLossError
 
-    return (ConfigError, NonFiniteLossError)
+    # A full or read-only disk stays so until someone frees or fixes it: --resume then.
+    return (ConfigError, NonFiniteLossError, StorageError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -135,6 +137,18 @@ def _quiet_exit_hook(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def _as_storage_error(exc: Exception, config: dict[str, Any]) -> Exception:
+    """A full disk met where no writer named what it wrote (Ray persisting a checkpoint into
+    the work dir, the trial's temporary files): a `StorageFullError` naming the work dir."""
+    from sftok.storage import StorageError, StorageFullError, disk_full
+
+    work = (config.get("runtime") or {}).get("work_root") or tempfile.gettempdir()
+    if isinstance(exc, StorageError) or not disk_full(exc, work):
+        return exc
+    where = getattr(exc, "filename", None) or f"{work} or {tempfile.gettempdir()}"
+    return StorageFullError(where, "the trial's files", "")
+
+
 def guarded(fn):
     """Wrap a trial function: its error reaches the driver as one line, survives pickling, and
     a deterministic failure is not retried (`report_error`)."""
@@ -145,11 +159,14 @@ def guarded(fn):
         sys.unraisablehook = _quiet_exit_hook
         try:
             fn(config)
-        except Exception as e:
+        except Exception as exc:
+            e = _as_storage_error(exc, config)
             with contextlib.suppress(Exception):  # the error below still reaches the driver
                 report_error(e)
             if _survives_ray(e):
-                raise
+                if e is exc:
+                    raise
+                raise e from exc
             import traceback
 
             # An exception class whose __init__ cannot be called with its args (a third-party
@@ -278,6 +295,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import dataset_key, evaluate
     from sftok.evaluate.bounds import build_bounds
+    from sftok.storage import writing
     from sftok.train import TeacherUnavailableError, get_teacher
     from sftok.train.loop import resolve_device
 
@@ -327,7 +345,9 @@ def run_trial(config: dict[str, Any]) -> None:
                                 id_cache_dir=Path(runtime["teacher_cache"]) / "ids")
             offset += prev.steps
             done.append(prev)
-            report_stage_done(stage, offset, _snapshot(done, tmp), source=prev.source,
+            with writing(tmp, "the trial's snapshot of its finished stages"):
+                snapshot = _snapshot(done, tmp)
+            report_stage_done(stage, offset, snapshot, source=prev.source,
                               key=prev.key, steps=prev.steps)
 
         init = prev.checkpoint if prev is not None else None
@@ -348,8 +368,9 @@ def run_trial(config: dict[str, Any]) -> None:
                           cache_dir=runtime.get("eval_cache"), progress=False,
                           decode_cfg=cfg.decode, dataset_key=dataset_key(cfg), bounds=bounds)
         metrics = {**result.metrics, "skipped_images": images.skipped}  # left out, not scored
-        art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, metrics,
-                              result.unavailable, result.trace, result.grids, init)
+        with writing(tmp, "the trial's artifacts"):
+            art = write_artifacts(tmp / "artifacts", to_dict(cfg), payload, metrics,
+                                  result.unavailable, result.trace, result.grids, init)
         report_final(metrics, art)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
