@@ -29,6 +29,7 @@ import hashlib
 import os
 import shutil
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -229,7 +230,7 @@ def set_aside(path: str | os.PathLike, root: str | os.PathLike) -> Path | None:
     never read again); None if it is gone already (another process moved it first)."""
     path, target_dir = Path(path), Path(root) / ".damaged"
     target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     try:
         os.rename(path, target)
     except FileNotFoundError:

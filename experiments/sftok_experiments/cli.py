@@ -116,7 +116,7 @@ def resume_command(argv: list[str], tracking_uri: str, work_dir: Path, cache_dir
     return " ".join(shlex.quote(c) for c in ["python", script, *out])
 
 
-def confirm_size(plan, yes: bool, ask=input) -> bool:
+def confirm_size(plan, yes: bool) -> bool:
     """May a campaign of `plan.size` trials start? Up to the spec's `max_trials`: yes. Above:
     with --yes, or when the user answers yes on a terminal; otherwise one line and no."""
     limit = plan.spec.max_trials
@@ -126,7 +126,7 @@ def confirm_size(plan, yes: bool, ask=input) -> bool:
                 "nothing has run yet")
     if sys.stdin.isatty():
         try:
-            answer = ask(f"{question}. Run them? [y/N] ")
+            answer = input(f"{question}. Run them? [y/N] ")
         except EOFError:
             answer = ""
         if answer.strip().lower() in ("y", "yes"):
