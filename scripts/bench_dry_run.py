@@ -8,6 +8,7 @@ before and after (timings on a shared machine compare only under the same load).
 
     python scripts/bench_dry_run.py                       # 100 x 100
     python scripts/bench_dry_run.py --grid 100 100 --verbose --repeat 3
+    python scripts/bench_dry_run.py --checkout /tmp/old-clone     # the same, older code
 """
 from __future__ import annotations
 
@@ -30,19 +31,23 @@ def grid_spec(path: Path, a: int, b: int) -> Path:
            "arms": {"grid": {"train.stage2.optim.lr": [1e-5 * i for i in range(1, a + 1)],
                              "train.stage2.replace_ratio": [round(i / b, 4)
                                                             for i in range(1, b + 1)]}},
-           "seeds": 1, "max_trials": a * b}
+           "seeds": 1}  # a dry run never asks for --yes: no max_trials needed
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
-def run_once(spec: Path, work: Path, verbose: bool) -> tuple[float, float, int, str]:
+def run_once(spec: Path, work: Path, verbose: bool, checkout: Path = ROOT
+              ) -> tuple[float, float, int, str]:
     """(wall seconds, CPU seconds, peak RSS in KiB, stdout) of one dry run in a child
-    process (CPU time varies less than wall time on a loaded machine)."""
-    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), str(spec), "--dry-run",
+    process (CPU time varies less than wall time on a loaded machine), with the code of
+    `checkout` (another clone: the same command before a change)."""
+    cmd = [sys.executable, str(checkout / "experiments" / "run.py"), str(spec), "--dry-run",
            "--work-dir", str(work / "runs"), "--cache-dir", str(work / "cache")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])}
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd + (["--verbose"] if verbose else []), stdout=subprocess.PIPE,
-                             text=True)
+                             text=True, env=env)
     out = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest so far
     wall = time.perf_counter() - t0
@@ -56,14 +61,17 @@ def main() -> None:
     p.add_argument("--grid", type=int, nargs=2, default=(100, 100), metavar=("A", "B"))
     p.add_argument("--verbose", action="store_true", help="list every trial (--verbose)")
     p.add_argument("--repeat", type=int, default=1, help="dry runs, one after the other")
+    p.add_argument("--checkout", type=Path, default=ROOT,
+                   help="run the dry run with the code of this clone (default: this one)")
     a = p.parse_args()
     n = a.grid[0] * a.grid[1]
     with tempfile.TemporaryDirectory(prefix="sftok-dry-run-") as tmp:
         spec = grid_spec(Path(tmp) / "grid.yaml", *a.grid)
         for _ in range(a.repeat):
             load_before = os.getloadavg()[0]
-            wall, cpu, rss, out = run_once(spec, Path(tmp), a.verbose)
-            print(f"dry run of {n:,} trials ({'--verbose' if a.verbose else 'summary'}): "
+            wall, cpu, rss, out = run_once(spec, Path(tmp), a.verbose, a.checkout.resolve())
+            print(f"dry run of {n:,} trials ({'--verbose' if a.verbose else 'default'}, "
+                  f"{a.checkout.resolve()}): "
                   f"wall {wall:.2f} s (CPU {cpu:.2f} s), peak RSS {rss / 1024:.0f} MiB, {out.count(chr(10)):,} "
                   f"lines printed; load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} "
                   f"on {os.cpu_count()} CPUs", flush=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -19,6 +21,7 @@ from sftok_experiments.expand import expand, float_label
 from sftok_experiments.overview import SUMMARY_ABOVE, stage_needs
 from sftok_experiments.spec import DEFAULT_MAX_TRIALS, load_spec
 from sftok_experiments.stage_store import StageStore
+from sftok_experiments.trial import report_final, report_stage_done, report_train, trial_key
 
 from sftok.config import override
 from sftok.presets import get_preset
@@ -216,16 +219,6 @@ def make_fake(log_dir: Path, fail_key: str | None = None):
     log_dir = str(log_dir)
 
     def fake_trial(config):
-        import tempfile
-        import time
-
-        from sftok_experiments.trial import (
-            report_final,
-            report_stage_done,
-            report_train,
-            trial_key,
-        )
-
         key = trial_key(config)
         Path(log_dir, f"{key}.{time.time_ns()}").write_text("ran")
         if key == fail_key:

@@ -19,6 +19,8 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,13 @@ from sftok_experiments.campaign import Options, run_campaign
 from sftok_experiments.expand import expand
 from sftok_experiments.spec import load_spec
 from sftok_experiments.stage_store import REUSED, TRAINED, StageStore
+from sftok_experiments.trial import (
+    report_final,
+    report_stage_done,
+    report_train,
+    resolved_config,
+    trial_key,
+)
 
 from sftok import storage
 from sftok.config import override
@@ -428,20 +437,6 @@ def make_fake(log_dir: Path, full_flag: Path):
     log_dir, full_flag = str(log_dir), str(full_flag)
 
     def fake_trial(config):
-        import os
-        import tempfile
-        import time
-
-        from safetensors.torch import save_file
-        from sftok_experiments.stage_store import StageStore
-        from sftok_experiments.trial import (
-            report_final,
-            report_stage_done,
-            report_train,
-            resolved_config,
-            trial_key,
-        )
-
         key = trial_key(config)
         cfg = resolved_config(config)
         Path(log_dir, f"start.{key}.{time.time_ns()}").write_text("")
