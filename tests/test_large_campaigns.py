@@ -10,18 +10,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
 import ray.cloudpickle
+from campaign_helpers import campaign_runs, plan_for
+from campaign_helpers import write_spec as smoke_spec
 from sftok_experiments import cli
 from sftok_experiments.expand import expand, float_label
 from sftok_experiments.overview import SUMMARY_ABOVE, stage_needs
+from sftok_experiments.protocol import report_final, report_stage_done, report_train, trial_key
 from sftok_experiments.spec import DEFAULT_MAX_TRIALS, load_spec
 from sftok_experiments.stage_store import StageStore
-from sftok_experiments.trial import report_final, report_stage_done, report_train, trial_key
 
 from sftok.config import override
 from sftok.presets import get_preset
@@ -32,16 +29,7 @@ GENERATED_LRS = [1e-5 * i for i in range(1, 11)]  # 3 * 1e-5 == 3.00000000000000
 
 
 def write_spec(tmp_path: Path, name: str, grid: dict, **extra) -> Path:
-    doc = {"name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
-           "arms": {"grid": grid}, "seeds": 1, "max_failures": 0, **extra}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def plan_of(path: Path, **kw):
-    spec, p = load_spec(str(path))
-    return expand(spec, p, **kw)
+    return smoke_spec(tmp_path, name, arms={"grid": grid}, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +53,7 @@ def test_override_rebuilds_only_the_path_it_changes():
 def test_a_large_grid_expands_with_shared_sections(tmp_path):
     """2,000 trials: every key unique, each config right, unchanged sections shared."""
     rr = [round(0.02 * i, 2) for i in range(1, 51)]
-    plan = plan_of(write_spec(tmp_path, "grid2k", {"train.stage2.optim.lr": GENERATED_LRS[:8],
+    plan = plan_for(write_spec(tmp_path, "grid2k", {"train.stage2.optim.lr": GENERATED_LRS[:8],
                                                   "train.stage2.replace_ratio": rr},
                               seeds=5, max_trials=5000))
     assert plan.size == len(plan.trials) == 8 * 50 * 5
@@ -83,12 +71,12 @@ def test_arm_labels_print_floats_as_written(tmp_path):
     assert [float_label(v) for v in GENERATED_LRS[:3]] == ["1e-05", "2e-05", "3e-05"]
     assert [float_label(v) for v in (1.0, 0.5, 0.1 + 0.2, 1e16, -2.5e-7)] == \
         ["1.0", "0.5", "0.3", "1e+16", "-2.5e-07"]
-    plan = plan_of(write_spec(tmp_path, "lrs", {"train.stage2.optim.lr": GENERATED_LRS[:4]}))
+    plan = plan_for(write_spec(tmp_path, "lrs", {"train.stage2.optim.lr": GENERATED_LRS[:4]}))
     assert [t.arm for t in plan.trials] == ["lr=1e-05", "lr=2e-05", "lr=3e-05", "lr=4e-05"]
     # The config keeps the value itself; only the label is written short.
     assert plan.trials[2].config.train.stage2.optim.lr == 3 * 1e-5 != 3e-05
     # The same labels and campaign on every expansion (and so on every --resume).
-    again = plan_of(write_spec(tmp_path, "lrs", {"train.stage2.optim.lr": GENERATED_LRS[:4]}))
+    again = plan_for(write_spec(tmp_path, "lrs", {"train.stage2.optim.lr": GENERATED_LRS[:4]}))
     assert [t.key for t in again.trials] == [t.key for t in plan.trials]
     assert again.campaign_hash == plan.campaign_hash
 
@@ -96,7 +84,7 @@ def test_arm_labels_print_floats_as_written(tmp_path):
 def test_values_equal_to_15_digits_keep_their_exact_labels(tmp_path):
     close = [0.1, 0.1 + 1e-17 * 2 ** 4]  # differ in the last bits only
     assert close[0] != close[1] and float_label(close[0]) == float_label(close[1])
-    plan = plan_of(write_spec(tmp_path, "close", {"train.stage2.replace_ratio": close}))
+    plan = plan_for(write_spec(tmp_path, "close", {"train.stage2.replace_ratio": close}))
     assert [t.arm for t in plan.trials] == [f"replace_ratio={v!r}" for v in close]
 
 
@@ -104,18 +92,18 @@ def test_campaign_hash_is_the_sha256_of_the_whole_plan_and_ignores_max_trials(tm
     """The hash is fed one trial at a time: it must be the hash of the one JSON document
     (earlier stores hold campaigns under it), and a confirmation threshold is not part of it."""
     path = write_spec(tmp_path, "h", {"train.stage2.replace_ratio": [0.5, 1.0]})
-    plan = plan_of(path, seeds=2)
+    plan = plan_for(path, seeds=2)
     blob = json.dumps({"spec": plan.spec.model_dump(mode="json", exclude={"max_trials"}),
                        "preset": plan.preset, "trials": [t.to_payload() for t in plan.trials]},
                       sort_keys=True, default=str)
     assert plan.campaign_hash == hashlib.sha256(blob.encode()).hexdigest()[:16]
     bigger_limit = write_spec(tmp_path, "h", {"train.stage2.replace_ratio": [0.5, 1.0]},
                               max_trials=7)
-    assert plan_of(bigger_limit, seeds=2).campaign_hash == plan.campaign_hash
+    assert plan_for(bigger_limit, seeds=2).campaign_hash == plan.campaign_hash
 
 
 def test_legacy_labels_are_those_of_repr(tmp_path):
-    plan = plan_of(write_spec(tmp_path, "leg", {"train.stage2.optim.lr": GENERATED_LRS[:3],
+    plan = plan_for(write_spec(tmp_path, "leg", {"train.stage2.optim.lr": GENERATED_LRS[:3],
                                                 "train.stage2.replace_ratio": [0.5]}))
     old = plan.with_legacy_labels()
     assert [t.arm for t in old.trials] == [f"lr={v!r},replace_ratio=0.5" for v in
@@ -123,7 +111,7 @@ def test_legacy_labels_are_those_of_repr(tmp_path):
     assert old.trials[2].key == "lr=3.0000000000000004e-05-replace_ratio=0.5_s0"
     assert [t.config for t in old.trials] == [t.config for t in plan.trials]
     assert old.campaign_hash != plan.campaign_hash
-    tidy = plan_of(write_spec(tmp_path, "tidy", {"train.stage2.replace_ratio": [0.5, 1.0]}))
+    tidy = plan_for(write_spec(tmp_path, "tidy", {"train.stage2.replace_ratio": [0.5, 1.0]}))
     assert tidy.with_legacy_labels() is None  # nothing to fall back to
 
 
@@ -240,7 +228,7 @@ def test_resume_of_a_store_with_the_older_labels_matches_its_finished_trials(
 
     logs = tmp_path / "logs"
     logs.mkdir()
-    plan = plan_of(write_spec(tmp_path, "old_labels",
+    plan = plan_for(write_spec(tmp_path, "old_labels",
                               {"train.stage2.optim.lr": GENERATED_LRS[:3]}))
     old = plan.with_legacy_labels()
     opts = {"tracking": str(store), "work_dir": str(tmp_path / "runs"), "prepare_teacher": False}
@@ -258,9 +246,7 @@ def test_resume_of_a_store_with_the_older_labels_matches_its_finished_trials(
     assert ("resuming a campaign recorded with the older arm labels (e.g. "
             "lr=3.0000000000000004e-05): keeping them, so its finished trials match") in out
     assert sorted(p.name.rsplit(".", 1)[0] for p in logs.iterdir()) == [failing]  # only it
-    exp = client.get_experiment_by_name("old_labels")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len([r for r in runs if r.data.tags.get("sftok.role") == "parent"]) == 1
+    parents, children = campaign_runs(client, "old_labels")
+    assert len(parents) == 1
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.tags["trial_key"] for c in children) == sorted(t.key for t in old.trials)

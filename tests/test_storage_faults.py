@@ -24,26 +24,20 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
 import ray.cloudpickle
+import torch
+from campaign_helpers import ROOT, campaign_runs, plan_for, write_spec
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from sftok_experiments.campaign import Options, run_campaign
-from sftok_experiments.expand import expand
-from sftok_experiments.spec import load_spec
-from sftok_experiments.stage_store import REUSED, TRAINED, StageStore
-from sftok_experiments.trial import (
+from sftok_experiments.protocol import (
     report_final,
     report_stage_done,
     report_train,
     resolved_config,
     trial_key,
 )
+from sftok_experiments.stage_store import REUSED, TRAINED, StageStore
 
 from sftok import storage
 from sftok.config import override
@@ -241,13 +235,6 @@ def test_a_damaged_stage_result_is_set_aside_and_trained_again(tmp_path):
     assert len(list((tmp_path / "stages" / ".damaged").iterdir())) == 2
 
 
-@pytest.fixture(scope="module")
-def smoke_teacher(tmp_path_factory):
-    from sftok.train import get_teacher
-
-    return get_teacher(get_preset("smoke"), tmp_path_factory.mktemp("teachers"))
-
-
 def test_a_full_disk_mid_stage_keeps_its_checkpoints_and_resumes_exactly(tmp_path, monkeypatch,
                                                                          smoke_teacher):
     """The step-2 checkpoint is written, the step-3 one meets a full disk: one line naming the
@@ -401,17 +388,7 @@ def test_a_damaged_token_cache_and_teacher_id_cache_are_rebuilt(tmp_path):
 
 
 def spec_file(tmp_path: Path, name: str) -> Path:
-    doc = {"name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
-           "arms": {"grid": {"train.stage2.replace_ratio": [0.5, 0.8, 1.0]}}, "seeds": 1,
-           "max_failures": 1}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def plan_of(path: Path):
-    spec, p = load_spec(str(path))
-    return expand(spec, p)
+    return write_spec(tmp_path, name, max_failures=1)  # a retry would be allowed
 
 
 @pytest.mark.parametrize("which", ["work", "cache"])
@@ -420,7 +397,7 @@ def test_an_unwritable_work_or_cache_dir_is_refused_before_anything(tmp_path, re
     store = tmp_path / f"store-{which}"
     dirs = {"work_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}
     dirs[f"{which}_dir"] = str(read_only_dir / which)
-    res = run_campaign(plan_of(spec_file(tmp_path, f"ro_{which}")),
+    res = run_campaign(plan_for(spec_file(tmp_path, f"ro_{which}")),
                        Options(tracking=str(store), prepare_teacher=False, **dirs,
                                trial_fn=lambda config: pytest.fail("a trial ran")))
     err = capsys.readouterr().err.strip()
@@ -478,7 +455,7 @@ def test_a_full_disk_in_a_trial_then_resume_finishes_each_trial_once(ray_session
     logs, flag = tmp_path / "logs", tmp_path / "disk-full"
     logs.mkdir()
     flag.touch()
-    plan = plan_of(spec_file(tmp_path, "full_in_trial"))
+    plan = plan_for(spec_file(tmp_path, "full_in_trial"))
     opts = {"tracking": str(store), "work_dir": str(tmp_path / "runs"), "prepare_teacher": False,
             "trial_fn": make_fake(logs, flag)}
     res = run_campaign(plan, Options(**opts))
@@ -502,9 +479,7 @@ def test_a_full_disk_in_a_trial_then_resume_finishes_each_trial_once(ray_session
     assert res.exit_code == 0
     assert markers(logs, "final").count(failed) == 1
     assert sorted(markers(logs, "final")) == sorted(t.key for t in plan.trials)  # once each
-    exp = client.get_experiment_by_name("full_in_trial")
-    children = [r for r in client.search_runs([exp.experiment_id], max_results=100)
-                if "mlflow.parentRunId" in r.data.tags]
+    _, children = campaign_runs(client, "full_in_trial")
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert "error" not in next(c for c in children
                                if c.data.tags["trial_key"] == failed).data.tags
@@ -516,7 +491,7 @@ def test_a_full_cache_disk_while_the_driver_trains_the_teacher(ray_session, stor
 
     logs, flag = tmp_path / "logs", tmp_path / "never"
     logs.mkdir()
-    plan = plan_of(spec_file(tmp_path, "full_teacher"))
+    plan = plan_for(spec_file(tmp_path, "full_teacher"))
     opts = {"tracking": str(store), "work_dir": str(tmp_path / "runs"),
             "cache_dir": str(tmp_path / "cache"), "trial_fn": make_fake(logs, flag)}
     monkeypatch.setattr(teacher_stage, "save_model", enospc)
@@ -552,13 +527,9 @@ def test_the_real_pipeline_on_a_full_tmpfs_then_resume(tmp_path):
                                check=False)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert again.stdout.count(" FINISHED ") >= 3
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from sftok_experiments.tracking import client_for, resolve_store
+    from sftok_experiments.tracking import open_store
 
-    client = client_for(resolve_store(str(store))[0])
-    exp = client.get_experiment_by_name("ablation_replace_ratio")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len([r for r in runs if r.data.tags.get("sftok.role") == "parent"]) == 1
+    parents, children = campaign_runs(open_store(str(store))[0], "ablation_replace_ratio")
+    assert len(parents) == 1
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags["trial_key"] for c in children}) == 3

@@ -30,8 +30,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from sftok.data.transforms import hflip
-from sftok.evaluate.fid import ContentHash
-from sftok.evaluate.metrics import to_uint8
+from sftok.data.uint8 import ContentHash, to_uint8
 from sftok.storage import (
     DamagedFileError,
     open_tensors,
