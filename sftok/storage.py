@@ -43,7 +43,10 @@ from torch import Tensor
 DIGEST_KEY = "sftok.sha256"  # safetensors metadata entry holding the file's digest
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
-_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded")
+# The messages of a full disk where no errno survives: the OS's text, Rust's (safetensors),
+# SQLite's SQLITE_FULL (an MLflow store).
+_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded",
+              "database or disk is full")
 _LOW_SPACE = 1 << 20  # bytes free below which a failed write is taken for a full disk
 
 
@@ -105,37 +108,45 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
-    """Did `exc` (or an exception it was raised from) come from a full disk?
-
-    OSError ENOSPC / EDQUOT; safetensors' "No space left on device (os error 28)"; and torch's
-    zip writer, whose message says nothing ("unexpected pos ..."), when the device of `path`
-    has (almost) no space left.
-    """
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, innermost last."""
     seen = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Did `exc` (or an exception it was raised from) come from a full disk?
+
+    OSError ENOSPC / EDQUOT; safetensors' "No space left on device (os error 28)"; SQLite's
+    "database or disk is full"; and torch's zip writer, whose message says nothing
+    ("unexpected pos ..."), when the device of `path` has (almost) no space left.
+    """
+    for e in _chain(exc):
         if isinstance(e, StorageFullError):
             return True
         if isinstance(e, OSError) and e.errno in _FULL:
             return True
         if any(t in str(e).lower() for t in _FULL_TEXT):
             return True
-        e = e.__cause__ or e.__context__
     if path is not None and isinstance(exc, (OSError, RuntimeError, SafetensorError)):
         free = _free_bytes(Path(path))
         return free is not None and free < _LOW_SPACE
     return False
 
 
+def storage_error_in(exc: BaseException) -> StorageError | None:
+    """The first `StorageError` in `exc`'s chain (e.g. under a TuneError a Ray callback's
+    failure became), None if there is none."""
+    return next((e for e in _chain(exc) if isinstance(e, StorageError)), None)
+
+
 def _filename(exc: BaseException) -> str | None:
-    e: BaseException | None = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.filename:
-            return str(e.filename)
-        e = e.__cause__ or e.__context__
-    return None
+    return next((str(e.filename) for e in _chain(exc)
+                 if isinstance(e, OSError) and e.filename), None)
 
 
 @contextlib.contextmanager
@@ -325,6 +336,7 @@ __all__ = [
     "rebuilding",
     "record_digests",
     "set_aside",
+    "storage_error_in",
     "tensors_sha256",
     "verify_digests",
     "writing",

@@ -38,6 +38,7 @@ from sftok_experiments.protocol import (
     trial_key,
 )
 from sftok_experiments.stage_store import REUSED, TRAINED, StageStore
+from storage_helpers import enospc, mounted_tmpfs, one_line, remount
 
 from sftok import storage
 from sftok.config import override
@@ -56,52 +57,6 @@ from sftok.storage import (
 from sftok.train.stages import stage_identity, stage_key
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # fake trials below
-
-
-def enospc(*_a, **_k):
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def one_line(text: str) -> bool:
-    return "\n" not in str(text).strip()
-
-
-# --------------------------------------------------------------------------------------------
-# A small tmpfs and a read-only directory, where this machine allows them
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(path: Path, size: str, read_only: bool = False):
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (",ro" if read_only else "")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
-def remount(path: Path, size: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
-
-
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A directory nobody can write: mode 0555 for a normal user; root ignores modes, so a
-    read-only tmpfs there."""
-    d = tmp_path / "read-only"
-    if os.geteuid() != 0:
-        d.mkdir()
-        d.chmod(0o555)
-        yield d
-        d.chmod(0o755)
-        return
-    with mounted_tmpfs(d, "1m", read_only=True):
-        yield d
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,10 +6,16 @@ import importlib
 import importlib.util
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+import webbrowser
 from pathlib import Path
 
+from sftok import run_record as rr
 from sftok.run_record import store_location
 from sftok_experiments.spec import SpecError, list_specs, load_spec
 
@@ -20,7 +26,8 @@ python experiments/run.py SPEC [--preset NAME] [--seeds N] [--set key=value ...]
                           [--max-concurrent N]
                           [--resume] [--dry-run [--verbose]] [--yes]
 python experiments/run.py --list
-python experiments/run.py ui [--tracking-uri URI] [--port 5000] [--print]
+python experiments/run.py ui [--tracking-uri URI] [--port 5000] [--campaign ID]
+                             [--experiment SPEC] [--no-browser] [--print]
 python experiments/run.py snapshot [--remote NAME]"""
 
 EPILOG = """\
@@ -155,24 +162,100 @@ def _load_trial_fn(ref: str):
 
 
 def cmd_ui(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="experiments/run.py ui")
-    p.add_argument("--tracking-uri")
+    p = argparse.ArgumentParser(
+        prog="experiments/run.py ui",
+        description="The MLflow UI on the store, opened on the view that compares the arms of "
+                    "a campaign: its child runs grouped by arm (metrics averaged over seeds, "
+                    "each seed's row under its arm), with the summary's metric columns, the "
+                    "floors and the ceiling.")
+    p.add_argument("--tracking-uri", help="the store (default ./mlruns)")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--print", action="store_true", help="print the command only")
+    p.add_argument("--campaign", help="a parent run id or campaign hash (default: the newest "
+                                      "campaign of the store)")
+    p.add_argument("--experiment", metavar="SPEC",
+                   help="the newest campaign of this spec's experiment")
+    p.add_argument("--no-browser", action="store_true",
+                   help="print the address, open no browser")
+    p.add_argument("--print", action="store_true",
+                   help="print the server's command and the address, start nothing")
     a = p.parse_args(argv)
     store = store_location(a.tracking_uri)
     cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store.uri,
            "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1"]
     if store.artifact_root:
         cmd += ["--default-artifact-root", store.artifact_root]
+    base = f"http://127.0.0.1:{a.port}"
+    try:
+        url, what = _comparison(store, base, a.campaign, a.experiment)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+    print(f"{what}:\n  {url}", flush=True)
     if a.print:
         return 0
-    print(f"MLflow UI on http://127.0.0.1:{a.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI on {base} (Ctrl-C to stop)", flush=True)
+    server = subprocess.Popen(cmd)
+    # `kill` stops the server too (Ctrl-C reaches it with the terminal's process group).
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+    if not a.no_browser and _can_open_browser():
+        threading.Thread(target=_open_when_up, args=(base, url), daemon=True).start()
     try:
-        return subprocess.run(cmd).returncode
+        return server.wait()
     except KeyboardInterrupt:
+        server.terminate()
+        server.wait(timeout=30)
         return 0
+
+
+def _comparison(store, base: str, campaign: str | None, experiment: str | None
+                ) -> tuple[str, str]:
+    """(address, what it shows) for `run.py ui`: the comparison view of the chosen campaign
+    (the newest by default), the UI's start page in a store without campaigns. LookupError:
+    the campaign or experiment asked for is not there."""
+    from sftok_experiments import tracking as trk
+
+    asked = " ".join(filter(None, [campaign, experiment and f"of spec {experiment}"]))
+    if store.directory is not None and not (store.directory / rr.DB_FILE).exists():
+        if asked:
+            raise LookupError(f"no MLflow store at {store.directory}")
+        return base, f"no campaign in {store.directory} yet: the UI's start page"
+    client = trk.client_for(store.uri)
+    found = trk.find_campaign(client, campaign, experiment)
+    if found is None:
+        if asked:
+            raise LookupError(f"no campaign {asked} in {store.uri} (`python experiments/run.py "
+                              "ui` without --campaign / --experiment opens the newest)")
+        return base, f"no campaign in {store.uri} yet: the UI's start page"
+    exp_id, parent = found
+    tags = parent.data.tags
+    what = (f"the arms of campaign {parent.info.run_id} (spec {tags.get(rr.SPEC_TAG, '?')}, "
+            f"{tags.get(rr.N_TRIALS_TAG, '?')} trials, {parent.info.status})")
+    try:
+        key = trk.comparison_of(client, exp_id, parent)
+    except Exception as e:  # noqa: BLE001 — e.g. a read-only store without the view
+        return rr.comparison_address(base, exp_id), (
+            f"{what}, without its comparison view (it could not be written to the store: "
+            f"{' '.join(str(e).split())[:300]}): the experiment's runs")
+    return rr.comparison_address(base, exp_id, key), what
+
+
+def _can_open_browser() -> bool:
+    """A browser can be opened: a desktop session (not a bare SSH login or a container)."""
+    return sys.platform in ("darwin", "win32") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _open_when_up(base: str, url: str, timeout: float = 60.0) -> None:
+    """Open `url` in the desktop's browser once the server answers at `base`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(base, timeout=2).close()
+            webbrowser.open(url)
+            return
+        except OSError:
+            time.sleep(0.5)
 
 
 def cmd_snapshot(argv: list[str]) -> int:

@@ -48,18 +48,15 @@ A trial's finished stages also travel in its Ray checkpoints (`snapshot`: `<stag
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import socket
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftok.filelock import announced_lock
 from sftok.storage import (
     DamagedFileError,
     StorageFullError,
@@ -244,29 +241,11 @@ class StageStore:
 
     # --- locking ------------------------------------------------------------------------------
 
-    @contextmanager
     def _lock(self, key: str, echo: Callable[[str], None] | None):
-        """Exclusive flock on .locks/<key>.lock; says once whom it waits for."""
-        path = self.root / ".locks" / f"{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if echo is not None:
-                    f.seek(0)
-                    holder = f.read().strip() or "another process"
-                    echo(f"waiting for stage result {key} (being trained by {holder})")
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                f.seek(0)
-                f.truncate()
-                f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-                f.flush()
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        """Exclusive lock on .locks/<key>.lock; says once whom it waits for."""
+        return announced_lock(self.root / ".locks" / f"{key}.lock", on_wait=None if echo is None
+                              else lambda holder: echo(f"waiting for stage result {key} (being "
+                                                       f"trained by {holder})"))
 
 
 def snapshot(outcomes: list[StageOutcome], tmp: Path) -> Path:
