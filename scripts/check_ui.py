@@ -62,7 +62,7 @@ def page_text(dom: str) -> str:
 
 
 def load(chromium: str, url: str, screenshot: Path) -> str:
-    """The page's text after its scripts ran (and a screenshot of it)."""
+    """The page's DOM after its scripts ran (and a screenshot of it)."""
     out = []
     for action in (f"--screenshot={screenshot}", "--dump-dom"):
         with tempfile.TemporaryDirectory(prefix="sftok-chromium-") as profile:
@@ -70,12 +70,12 @@ def load(chromium: str, url: str, screenshot: Path) -> str:
                                    action, url], capture_output=True, text=True, timeout=180,
                                   check=False)
         out.append(done.stdout)
-    return page_text(out[-1])
+    return out[-1]
 
 
 def serve_and_load(ui: subprocess.Popen, log: Path, port: int, chromium: str,
                    screenshot: Path) -> tuple[str | None, str]:
-    """(address, page text) once the UI started by `ui` answers; (None, why) if it does not."""
+    """(address, page DOM) once the UI started by `ui` answers; (None, why) if it does not."""
     url, deadline = None, time.time() + 180
     while url is None and time.time() < deadline and ui.poll() is None:
         time.sleep(0.5)
@@ -106,21 +106,33 @@ def expected(tracking: str | None, campaign: str | None, experiment: str | None
     return sorted({r.data.tags[rr.ARM_TAG] for r in children}), metrics
 
 
-def in_order(text: str, names: list[str]) -> bool:
-    """Every name in `text`, in that order."""
-    at = [text.find(n) for n in names]
-    return bool(names) and -1 not in at and at == sorted(at)
+# An ag-grid header cell: its column id and its place on screen. The DOM keeps the cells in the
+# grid's definition order (the UI's: alphabetical) and places them by `aria-colindex`, so the
+# order the screen shows is that index, not the order of the text.
+HEADER_CELL = re.compile(r'<div[^>]*\bag-header-cell\b[^>]*>')
+HEADER_ATTRS = re.compile(r'\b(col-id|aria-colindex)="([^"]*)"')
 
 
-def checks(text: str, arms: list[str], metrics: list[str]) -> dict[str, bool]:
+def metric_headers(dom: str) -> list[str]:
+    """The metric keys of the table's header cells, in their order on screen."""
+    cells = []
+    for m in HEADER_CELL.finditer(dom):
+        attrs = dict(HEADER_ATTRS.findall(m.group(0)))
+        col = html.unescape(attrs.get("col-id", ""))
+        if col.startswith("metrics.`") and attrs.get("aria-colindex", "").isdigit():
+            cells.append((int(attrs["aria-colindex"]), col.split("`")[1]))
+    return [key for _, key in sorted(cells)]
+
+
+def checks(dom: str, arms: list[str], metrics: list[str]) -> dict[str, bool]:
     """What the first screen must show (name -> passed)."""
-    header = text[text.find("Run Name"):text.find("Group: ")]  # the table's column headers
+    text = page_text(dom)
     return {"the runs table ('Training runs')": "Training runs" in text,
             "the campaign's shared view (not the default one)": SHARED_VIEW_BANNER in text,
             f"a row group per arm ({len(arms)}: 'Group: <arm>')":
                 all(f"Group: {arm}" in text for arm in arms),
             f"every metric column of the view, in its order ({', '.join(metrics)})":
-                in_order(header, metrics),
+                bool(metrics) and metric_headers(dom) == metrics,
             "not the GenAI overview": not any(m in text for m in OVERVIEW_MARKERS)}
 
 
@@ -154,19 +166,21 @@ def main() -> int:
     with tempfile.NamedTemporaryFile("w+", prefix="sftok-ui-", suffix=".log") as log:
         ui = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # a file: never blocks
         try:
-            url, text = serve_and_load(ui, Path(log.name), port, chromium, a.screenshot)
+            url, dom = serve_and_load(ui, Path(log.name), port, chromium, a.screenshot)
         finally:
             ui.terminate()  # `run.py ui` stops its server on SIGTERM
             ui.wait(timeout=30)
     if url is None:
-        print(text, file=sys.stderr)
+        print(dom, file=sys.stderr)  # why
         return 1
-    results = checks(text, arms, metrics)
+    results = checks(dom, arms, metrics)
     deadline = time.time() + 30
     while answers(port) and time.time() < deadline:
         time.sleep(1)
     results["the UI stopped with `run.py ui`"] = not answers(port)
     print(f"address: {url}\nscreenshot: {a.screenshot}")
+    print(f"metric columns on screen: {', '.join(metric_headers(dom)) or 'none'}")
+    text = page_text(dom)
     start = text.find("Training runs")
     print(f"first screen: {text[start:start + 1500] if start >= 0 else text[:1500]}")
     for what, ok in results.items():

@@ -9,6 +9,7 @@ Chromium, `scripts/check_ui.py`).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -196,6 +197,50 @@ def test_a_store_that_cannot_take_the_view_still_gets_the_runs_table(ui_store, u
                              "without its comparison view (it could not be written to the "
                              "store: ") and "Read-only file system" in out[1]
     assert out[2] == f"  http://127.0.0.1:5123/#/experiments/{exp}/runs?compareRunsMode=TABLE"
+
+
+# --------------------------------------------------------------------------------------------
+# What scripts/check_ui.py reads from a page (on a DOM made here)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_ui():
+    spec = importlib.util.spec_from_file_location("check_ui", ROOT / "scripts" / "check_ui.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _header(key: str, index: int) -> str:
+    return (f'<div class="ag-header-cell ag-focus-managed" col-id="metrics.`{key}`" '
+            f'aria-colindex="{index}" role="columnheader"><span>{key}</span></div>')
+
+
+def _page(cells: list[str], body: str) -> str:
+    return f"<html><body><h2>Training runs</h2>{''.join(cells)}{body}</body></html>"
+
+
+def test_the_browser_check_reads_the_column_order_on_screen_not_in_the_dom():
+    """ag-grid keeps header cells in definition order (the UI's alphabetical one) and places
+    them by aria-colindex: the order on screen is the index's."""
+    check = _check_ui()
+    on_screen = [PSNR, TOP1, FLOOR]
+    dom = _page([_header(FLOOR, 5), _header(PSNR, 3), _header(TOP1, 4)], "Group: a Group: b "
+                + check.SHARED_VIEW_BANNER)
+    assert check.metric_headers(dom) == on_screen
+    assert all(check.checks(dom, ["a", "b"], on_screen).values())
+    got = check.checks(dom, ["a", "b"], [FLOOR, PSNR, TOP1])  # the DOM's order: not shown
+    assert [k for k, ok in got.items() if not ok] == [
+        f"every metric column of the view, in its order ({FLOOR}, {PSNR}, {TOP1})"]
+
+
+def test_the_browser_check_fails_on_the_genai_overview():
+    """The experiment's root in MLflow 3.17 (what issue 21 found): every check of the first
+    screen fails."""
+    check = _check_ui()
+    overview = ("<html><body><h2>Overview</h2>Traces 0 Latency Token Usage Tokens per Trace "
+                "Detect Issues in your traces</body></html>")
+    assert not any(check.checks(overview, ["a"], [PSNR]).values())
 
 
 # --------------------------------------------------------------------------------------------
