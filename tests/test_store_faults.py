@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import ray
 import ray.cloudpickle
-from campaign_helpers import ROOT, campaign_runs, plan_for, write_spec
+from campaign_helpers import ROOT, campaign_runs, plan_for, trial_fn_ref, write_spec
 from sftok_experiments import tracking as trk
 from sftok_experiments.campaign import DRIVER_LOCK, Options, run_campaign
 from sftok_experiments.protocol import report_final, report_train, resolved_config, trial_key
@@ -255,19 +254,11 @@ def test_two_resumes_at_once_one_proceeds_the_other_says_who(ray_session, tmp_pa
     lock = Path(parent.data.tags[rr.CAMPAIGN_DIR_TAG]) / DRIVER_LOCK
 
     hold.touch()
-    fn_file = tmp_path / "held_trial.py"
-    fn_file.write_text(textwrap.dedent(f"""
-        import importlib.util, sys
-        from pathlib import Path
-        spec = importlib.util.spec_from_file_location("store_faults", {str(Path(__file__))!r})
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["store_faults"] = mod
-        spec.loader.exec_module(mod)
-        held_trial = mod.make_fake(Path({str(logs)!r}), hold=Path({str(hold)!r}))
-    """))
+    trial_fn = trial_fn_ref(tmp_path, __file__, "store_faults",
+                            f"mod.make_fake(Path({str(logs)!r}), hold=Path({str(hold)!r}))")
     cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), str(spec_path), "--resume",
            "--tracking-uri", str(store), "--work-dir", str(tmp_path / "runs"), "--ray-address",
-           ray.get_runtime_context().gcs_address, "--trial-fn", f"{fn_file}:held_trial",
+           ray.get_runtime_context().gcs_address, "--trial-fn", trial_fn,
            "--no-teacher", "--progress-every", "-1"]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
@@ -285,7 +276,7 @@ def test_two_resumes_at_once_one_proceeds_the_other_says_who(ray_session, tmp_pa
                 f"being run by pid {first.pid} on {socket.gethostname()} since ")
         assert err.startswith(head), err
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(", err[len(head):]), err
-        assert f"{fn_file}:held_trial" in err  # its command line
+        assert trial_fn in err  # its command line
         assert err.endswith("; this invocation changed nothing — wait for that one to end (or "
                             "stop it), then --resume")
         assert client.get_run(parent.info.run_id).data.tags[rr.RESUMED_TAG] == "1"  # the 1st's
