@@ -145,8 +145,11 @@ def storage_error_in(exc: BaseException) -> StorageError | None:
 
 
 def _filename(exc: BaseException) -> str | None:
-    return next((str(e.filename) for e in _chain(exc)
-                 if isinstance(e, OSError) and e.filename), None)
+    """The file an OSError in `exc`'s chain names: of a two-path call (a copy, a rename) the
+    destination, `filename2` — shutil's copy puts the source in `filename`, and a full disk is
+    the destination's."""
+    return next((str(e.filename2 or e.filename) for e in _chain(exc)
+                 if isinstance(e, OSError) and (e.filename2 or e.filename)), None)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,6 +140,18 @@ def test_a_real_full_tmpfs(tmp_path):
             torch.save({"x": torch.zeros(100_000)}, d / "state.pt")
         with pytest.raises(StorageFullError, match="before any work started"):
             check_writable(d / "sub", "the work dir")
+
+
+def test_a_copy_onto_a_full_disk_names_the_destination(tmp_path):
+    """shutil's copy (MLflow's artifact upload) puts the source in `filename` and the
+    destination in `filename2`: the full one is the destination."""
+    src = tmp_path / "grid.png"
+    src.write_bytes(os.urandom(512 * 1024))
+    with mounted_tmpfs(tmp_path / "full", "256k") as d:
+        with pytest.raises(StorageFullError) as got, writing(d, "the MLflow store"):
+            shutil.copyfile(src, d / "grid.png")
+    assert str(got.value).startswith(f"no space left on the device of {d / 'grid.png'} while "
+                                     "writing the MLflow store")
 
 
 def test_an_unwritable_directory_is_refused(read_only_dir):

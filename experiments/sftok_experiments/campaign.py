@@ -511,7 +511,10 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
 
     # The tracker prints each failure as one line and logs its traceback as the child run's
     # error.txt; Ray's own copies (a traceback per attempt, "Trials did not complete") repeat it.
-    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+    # A campaign stopped early (a full store) leaves trials that never ran, whose missing
+    # results Ray's analysis warns about, a line each; the summary lists them as NOT RUN.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune",
+                 "ray.tune.analysis.experiment_analysis"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
