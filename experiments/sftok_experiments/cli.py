@@ -16,7 +16,6 @@ import webbrowser
 from pathlib import Path
 
 from sftok import run_record as rr
-from sftok.run_record import store_location
 from sftok_experiments.spec import SpecError, list_specs, load_spec
 
 USAGE = """\
@@ -179,7 +178,7 @@ def cmd_ui(argv: list[str]) -> int:
     p.add_argument("--print", action="store_true",
                    help="print the server's command and the address, start nothing")
     a = p.parse_args(argv)
-    store = store_location(a.tracking_uri)
+    store = rr.store_location(a.tracking_uri)
     cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store.uri,
            "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1"]
     if store.artifact_root:
@@ -322,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if not confirm_size(plan, args.yes):
         return 2
 
-    opts.resume_hint = resume_command(argv, store_location(args.tracking_uri).uri,
+    opts.resume_hint = resume_command(argv, rr.store_location(args.tracking_uri).uri,
                                       work_root(opts), cache_root(opts))
     if args.trial_fn:
         opts.trial_fn = _load_trial_fn(args.trial_fn)
