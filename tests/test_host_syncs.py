@@ -19,7 +19,7 @@ from sftok.presets import get_preset
 from sftok.teacher import FrozenTeacher, MaskGitVQGAN
 from sftok.train import NonFiniteLossError
 from sftok.train import stages as stages_mod
-from sftok.train.loop import FiniteWatch
+from sftok.train.loop import FiniteWatch, Ratio
 
 LIB = str(Path(sftok.__file__).resolve().parent)
 READS = ("__float__", "__int__", "__bool__", "__index__", "item", "tolist")
@@ -57,7 +57,10 @@ def test_token_step_reads_nothing_back(reads, stage, accum):
     reads.clear()
     out = task.step(batches, 0)
     assert reads == []
-    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for k, v in out.items() if k != "lr")
+    # 0-dim device tensors, or Ratios of two (summed over ranks before the division)
+    parts = [p for k, v in out.items() if k != "lr"
+             for p in (v if isinstance(v, Ratio) else (v,))]
+    assert all(isinstance(p, torch.Tensor) and p.ndim == 0 for p in parts)
     assert set(task.finite_keys) == {"loss", "grad_norm"}
 
 

@@ -210,9 +210,9 @@ def test_stage3_input_is_guided_by_the_step1_prediction(teacher, stage1, monkeyp
     task = stage3.PixelTask(cfg, teacher, torch.device("cpu"), init=stage1.checkpoint)
     seen = []
 
-    def spy(targets, masked, mask_id, strategy, ratio, first_step_fn, generator):
+    def spy(targets, masked, mask_id, strategy, ratio, first_step_fn, coin):
         out = build_proxy_inputs(targets, masked, mask_id, strategy, ratio, first_step_fn,
-                                 generator)
+                                 coin=coin)
         with torch.no_grad():
             step1 = first_step_fn(torch.full_like(targets, mask_id)).argmax(-1)
         seen.append((out, step1))

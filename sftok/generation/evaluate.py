@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from sftok.config import DecodeConfig, GenerationConfig, SamplingConfig
+from sftok.evaluate.evaluate import image_batches
 from sftok.evaluate.fid import (
     INCEPTION_NAME,
     ContentHash,
@@ -41,7 +42,6 @@ from sftok.evaluate.fid import (
     load_statistics,
     open_features,
 )
-from sftok.evaluate.evaluate import image_batches
 from sftok.evaluate.metrics import to_uint8
 from sftok.evaluate.tokens import TokenAccumulator
 from sftok.generation.pretokenize import TokenSet
