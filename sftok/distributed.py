@@ -195,7 +195,7 @@ class Workers:
             raise exc
         if not ok:
             raise RankFailedError(0, what, message)
-        return value
+        return result if self.is_main else value
 
     def main_first(self, what: str, fn: Callable[[], T]) -> T:
         """fn() on rank 0, then on the others (a cache that rank 0 builds and stores, which the
@@ -256,8 +256,10 @@ def wrap_ddp(module: nn.Module, workers: Workers, device: torch.device,
 
     ignore: name prefixes of parameters that the wrapped forward never uses (DDP would wait for
     their gradients); set aside with DDP's own ignore list, so the module, its state dict and
-    its optimiser are the same at every W. Buffers are not broadcast each forward: every buffer
-    that changes during training is kept equal on all ranks by the task that owns it.
+    its optimiser are the same at every W. Buffers are synced once, at wrapping, not at every
+    forward: every buffer that changes during training is kept equal on all ranks by the task
+    that owns it. No `find_unused_parameters`: every step module uses all its parameters but
+    the ignored ones (tests/test_data_parallel.py trains each stage, the pixel path present).
     """
     if not workers.distributed:
         return module
@@ -267,7 +269,7 @@ def wrap_ddp(module: nn.Module, workers: Workers, device: torch.device,
         names = [n for n, _ in module.named_parameters() if n.startswith(ignore)]
         DDP._set_params_and_buffers_to_ignore_for_model(module, names)
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False, find_unused_parameters=False)
+               forward_sync_buffers=False, find_unused_parameters=False)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ Sharded (issue 19): with W `workers`, the held-out images are split by batch (gl
 on rank b mod W, `val_batches(..., rank=, world_size=)`); the sums, FID feature moments, IS
 logits, token and trace sums, grid images and image digests are gathered to rank 0, which
 computes the metrics and sends the same `EvalResult` to every rank. Equal to the
-single-process evaluation up to the order of float sums (tests/test_distributed_eval.py).
+single-process evaluation up to the order of float sums (tests/test_data_parallel.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 19) on CPU with gloo.
+"""Data-parallel training and sharded evaluation (issue 19) on CPU with gloo.
 
 - W = 1 keeps the single-process path bit for bit: the smoke teacher, stages 1-3 and the
   generator trained by this code equal the weights the code before data parallelism produced
@@ -7,6 +7,9 @@
   stage 2 (SFVR) and stage 3 with the GAN term and LeCam (final weights and the loss curve); a
   NaN on one rank stops both ranks with one line naming it; a W = 2 run interrupted after a
   checkpoint resumes to the uninterrupted run's weights; W must divide grad_accum.
+- Evaluation sharded over 2 ranks equals the single-process evaluation: PSNR / SSIM, token and
+  trace metrics, the floors and ceiling, rFID (reference statistics computed sharded, or read
+  from a cache the single process wrote: the image hash matches) and IS, at decode temperature 1.
 The two workers are `torch.multiprocessing` processes on a gloo file store; one module fixture
 runs them all in one process group (a few seconds on 2 cores).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 import traceback
 from pathlib import Path
 
@@ -217,6 +221,46 @@ def _job_grads(cfg, teacher, work, workers):
     return {}
 
 
+def _job_pixel_path(cfg, teacher, work, workers):
+    """Stage 1 with the pixel path built (finetune_decoder from the start): its parameters get
+    no gradient in stages 1-2; DDP trains without find_unused_parameters."""
+    pcfg = override(cfg, {"tokenizer.finetune_decoder": True, "train.stage1.steps": 2})
+    res = train_stage(pcfg, "stage1", teacher, work / "pixel_path", workers=workers)
+    return {"steps": res.steps}
+
+
+def _job_syncs(cfg, teacher, work, workers):
+    """Tensor reads made by the library in one stage-2 step at W = 2 (DDP's collectives are
+    no host syncs; issue 10: none per step)."""
+    import sys
+
+    import sftok
+
+    lib = str(Path(sftok.__file__).resolve().parent)
+    calls: list[str] = []
+    reals = {}
+    for name in ("__float__", "__int__", "__bool__", "__index__", "item", "tolist"):
+        real = reals[name] = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _real=real, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(lib):
+                calls.append(f"{_name} in {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return _real(self, *a, **k)
+
+        setattr(torch.Tensor, name, wrapper)
+    try:
+        task = stages_mod.build_stage_task(cfg, "stage2", teacher, torch.device("cpu"),
+                                           workers=workers)
+        batch = (torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+        calls.clear()
+        task.step([batch], 0)
+    finally:
+        for name, real in reals.items():
+            setattr(torch.Tensor, name, real)
+    return {"reads": calls}
+
+
 def _job_stages(cfg, teacher, work, workers):
     init, out = None, {}
     for stage in ("stage1", "stage2", "stage3"):
@@ -273,7 +317,52 @@ def _job_resume(cfg, teacher, work, workers):
             "full_history": full.history, "resumed_history": resumed.history}
 
 
-JOBS = {"grads": _job_grads, "stages": _job_stages, "nan": _job_nan, "resume": _job_resume}
+def eval_config():
+    from sftok.config import EvalConfig
+
+    # smoke's 6 held-out images in 3 batches of 2: rank 0 gets batches 0 and 2, rank 1 batch 1
+    return EvalConfig(decode_steps=(1, 4), trace_steps=4, batch_size=2, max_images=None,
+                      temperature=1.0, metrics=("psnr", "ssim", "tokens", "rfid", "is"),
+                      grid_images=3)
+
+
+def run_eval(cfg, teacher, work: Path, workers, cache: Path):
+    """evaluate() of the W = 1 stage-2 tokenizer, as the parent and as each worker runs it."""
+    from sftok.data import build_val_dataset, val_batches
+    from sftok.evaluate import evaluate
+    from sftok.evaluate.bounds import build_bounds
+    from sftok.train.stages import build_tokenizer, load_init
+    from test_eval_helpers import register_tiny_extractor
+
+    ev = eval_config()
+    tok = build_tokenizer(cfg, teacher)
+    load_init(tok, work / "w1" / "stage2" / "final")
+    images = val_batches(build_val_dataset(cfg.data), ev.batch_size, ev.max_images,
+                         rank=workers.rank, world_size=workers.world_size)
+    bounds = workers.main_first("fitting the floors", lambda: build_bounds(cfg, work / "cache"))
+    return evaluate(tok, teacher, images, ev, progress=False, decode_cfg=cfg.decode,
+                    cache_dir=cache, dataset_key="smoke-val",
+                    fid_feature_extractor=register_tiny_extractor(), bounds=bounds,
+                    workers=workers)
+
+
+def _job_eval(cfg, teacher, work, workers):
+    import numpy as np
+
+    out = {}
+    for name, cache in (("cached", work / "eval_cache_w1"), ("fresh", work / "eval_cache_w2")):
+        r = run_eval(cfg, teacher, work, workers, cache)
+        out[name] = {"metrics": r.metrics, "unavailable": r.unavailable, "trace": r.trace,
+                     "grids": {str(s): g.tolist() for s, g in r.grids.items()}}
+    # the reference statistics this sharded run computed and stored
+    (z,) = (work / "eval_cache_w2" / "fid_stats").glob("*.npz")
+    with np.load(z) as f:
+        out["fresh_stats"] = {"mu": f["mu"].tolist(), "n": int(f["num_images"])}
+    return out
+
+
+JOBS = {"grads": _job_grads, "stages": _job_stages, "nan": _job_nan, "resume": _job_resume,
+        "eval": _job_eval, "pixel_path": _job_pixel_path, "syncs": _job_syncs}
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +376,8 @@ def two_workers(tmp_path_factory):
     for stage in ("stage1", "stage2", "stage3"):
         res = train_stage(cfg, stage, teacher, work / "w1" / stage, init=init)
         init = res.checkpoint if stage != "stage3" else init
+    single_eval = run_eval(cfg, teacher, work, Workers(), work / "eval_cache_w1")
+    (work / "eval_w1.pt").write_bytes(pickle.dumps(single_eval))
     mp.spawn(_worker, args=(W, str(work / "store"), str(work), list(JOBS)), nprocs=W,
              join=True)
     outs = [json.loads((work / f"rank{r}.json").read_text()) for r in range(W)]
@@ -321,6 +412,16 @@ def test_two_workers_equal_one_worker_accumulating_twice(two_workers, stage):
         assert {"gan_g", "gan_d", "lecam"} <= set(two["history"][-1])
 
 
+def test_unused_pixel_path_needs_no_find_unused_parameters(two_workers):
+    _, out0, out1 = two_workers
+    assert out0["pixel_path"] == out1["pixel_path"] == {"steps": 2}
+
+
+def test_a_two_worker_step_reads_nothing_back(two_workers):
+    _, out0, out1 = two_workers
+    assert out0["syncs"]["reads"] == [] and out1["syncs"]["reads"] == []
+
+
 def test_nan_on_one_rank_stops_every_rank_with_one_line_naming_it(two_workers):
     _, out0, out1 = two_workers
     for out in (out0, out1):
@@ -345,3 +446,149 @@ def test_two_workers_resume_to_the_uninterrupted_weights(two_workers):
     # the checkpoint carries every rank's own RNG states
     state = torch.load(work / "resumed" / "step_00000004" / "state.pt", weights_only=True)
     assert len(state["rng_ranks"]) == W
+
+
+# ---- sharded evaluation ----------------------------------------------------------------------
+
+
+def test_sharded_evaluation_equals_the_single_process_one(two_workers):
+    import numpy as np
+
+    work, out0, out1 = two_workers
+    single = pickle.loads((work / "eval_w1.pt").read_bytes())
+    assert single.unavailable == {} and "rfid_s4" in single.metrics
+    assert {"floor_tokenizer_psnr", "teacher_psnr", "token_top1", "is_s1"} <= set(single.metrics)
+    for name in ("cached", "fresh"):
+        for out in (out0, out1):  # every rank gets rank 0's result
+            got = out["eval"][name]
+            assert got["unavailable"] == {}, name  # the cached stats' image hash matched
+            assert got["metrics"].keys() == single.metrics.keys()
+            for k, v in single.metrics.items():
+                assert got["metrics"][k] == pytest.approx(v, rel=1e-9, abs=1e-9), (name, k)
+            for row, want in zip(got["trace"], single.trace):
+                assert row == pytest.approx(want, rel=1e-9, abs=1e-12)
+            assert {int(s): np.array(g, dtype=np.uint8) for s, g in got["grids"].items()}.keys() \
+                == single.grids.keys()
+            for s, g in single.grids.items():
+                np.testing.assert_array_equal(np.array(got["grids"][str(s)], dtype=np.uint8), g)
+    (z,) = (work / "eval_cache_w1" / "fid_stats").glob("*.npz")
+    with np.load(z) as f:
+        mu, n = f["mu"], int(f["num_images"])
+    fresh = out0["eval"]["fresh_stats"]
+    assert fresh["n"] == n == 6
+    np.testing.assert_allclose(np.array(fresh["mu"]), mu, rtol=1e-12, atol=1e-12)
+
+
+# ---- slow: the teacher (stage 0), the generator, torchrun --------------------------------------
+
+SLOW_SETS = {"train.teacher.grad_accum": 2, "train.teacher.steps": 25,  # a dead-code reset at 20
+             "generation.train.grad_accum": 2, "train.stage1.grad_accum": 2}
+
+
+def _slow_cfg():
+    return override(get_preset("smoke"), SLOW_SETS)
+
+
+def _slow_worker(rank: int, world: int, store: str, work: str) -> None:
+    from sftok.generation.pretokenize import load_tokens
+    from sftok.generation.train import train_generator
+    from sftok.train import train_teacher
+
+    torch.set_num_threads(1)
+    work = Path(work)
+    workers = init_workers(rank, world, f"file://{store}", backend="gloo", timeout_s=60)
+    cfg = _slow_cfg()
+    record = train_teacher(cfg, work / "w2_teacher", workers=workers)
+    tokens = load_tokens(work / "tokens.safetensors")
+    gen = train_generator(cfg, tokens, work / "w2_generation", workers=workers)
+    if workers.is_main:
+        (work / "w2.json").write_text(json.dumps(
+            {"teacher_history": record["history"], "generation": str(gen.checkpoint),
+             "generation_history": gen.history}))
+
+
+@pytest.fixture(scope="module")
+def slow_two_workers(tmp_path_factory):
+    from sftok.data import build_train_dataset
+    from sftok.generation.pretokenize import pretokenize, save_tokens
+    from sftok.generation.train import train_generator
+    from sftok.train import train_teacher
+
+    work = tmp_path_factory.mktemp("dist_slow")
+    cfg = _slow_cfg()
+    w1_teacher = train_teacher(cfg, work / "w1_teacher")
+    teacher = get_teacher(cfg, work / "cache")
+    stage1 = train_stage(cfg, "stage1", teacher, work / "stage1")
+    tok = stages_mod.build_tokenizer(cfg, teacher)
+    stages_mod.load_init(tok, stage1.checkpoint)
+    tokens = pretokenize(tok, build_train_dataset(cfg.data), batch_size=8)
+    save_tokens(work / "tokens.safetensors", tokens)
+    w1_gen = train_generator(cfg, tokens, work / "w1_generation")
+    mp.spawn(_slow_worker, args=(W, str(work / "store"), str(work)), nprocs=W, join=True)
+    return work, w1_teacher, w1_gen, json.loads((work / "w2.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_worker_teacher_equals_one_worker(slow_two_workers):
+    work, w1, _, w2 = slow_two_workers
+    assert any("codes_reset" in row for row in w1["history"])  # the gathered reset ran
+    weights = max_rel_diff(_weights(work / "w1_teacher"), _weights(work / "w2_teacher"),
+                           norm=True)
+    curve = curve_rel_diff(w1["history"], w2["teacher_history"])
+    codes = [(a.get("codes_reset"), b.get("codes_reset"))
+             for a, b in zip(w1["history"], w2["teacher_history"])]
+    print(f"\nstage0: W=2 vs W=1 largest relative difference: final weights {weights:.1e}, "
+          f"loss curve {curve:.1e}; codes reset {codes}")
+    assert all(a == b for a, b in codes)
+    assert weights < WEIGHT_TOLERANCE and curve < CURVE_TOLERANCE
+
+
+@pytest.mark.slow
+def test_two_worker_generator_equals_one_worker(slow_two_workers):
+    _, _, w1, w2 = slow_two_workers  # smoke's generator has no dropout: the same draws
+    weights = max_rel_diff(_weights(w1.checkpoint), _weights(w2["generation"]), norm=True)
+    curve = curve_rel_diff(w1.history, w2["generation_history"])
+    print(f"\ngeneration: W=2 vs W=1 largest relative difference: final weights {weights:.1e},"
+          f" loss curve {curve:.1e}")
+    assert weights < WEIGHT_TOLERANCE and curve < CURVE_TOLERANCE
+
+
+TORCHRUN_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from sftok.config import override
+from sftok.distributed import init_from_env
+from sftok.presets import get_preset
+from sftok.train import get_teacher, train_stage
+
+torch.set_num_threads(1)
+work = Path(sys.argv[1])
+workers = init_from_env()
+cfg = override(get_preset("smoke"), {"train.stage1.grad_accum": 2})
+teacher = get_teacher(cfg, work / "cache", train_if_missing=False)
+train_stage(cfg, "stage1", teacher, work / "torchrun_stage1", workers=workers)
+(work / f"rank{workers.rank}-of-{workers.world_size}").touch()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_the_same_stage(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = override(get_preset("smoke"), {"train.stage1.grad_accum": 2})
+    teacher = get_teacher(cfg, tmp_path / "cache")
+    one = train_stage(cfg, "stage1", teacher, tmp_path / "w1_stage1")
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(script), str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "rank0-of-2").exists() and (tmp_path / "rank1-of-2").exists()
+    weights = max_rel_diff(_weights(one.checkpoint),
+                           _weights(tmp_path / "torchrun_stage1" / "final"), norm=True)
+    assert weights < WEIGHT_TOLERANCE
