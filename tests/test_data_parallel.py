@@ -132,6 +132,20 @@ def test_accumulation_per_worker_keeps_the_effective_batch():
     assert "256" in msg and "3 workers" in msg and "multiple of 3" in msg
 
 
+def test_a_pipeline_checks_every_stage_it_trains():
+    from sftok.train import check_world_size
+
+    cfg = override(get_preset("smoke"), {"train.teacher.grad_accum": 2,
+                                         "train.stage1.grad_accum": 2,
+                                         "train.stage2.grad_accum": 4})
+    check_world_size(cfg, ["stage0", "stage1", "stage2"], 2)
+    with pytest.raises(ConfigError, match=r"^train\.stage2\.grad_accum: .* 3 workers"):
+        check_world_size(override(cfg, {"train.stage1.grad_accum": 3}),
+                         ["stage1", "stage2"], 3)  # stage 1 divides, stage 2 (4) does not
+    with pytest.raises(ConfigError, match=r"^generation\.train\.grad_accum"):
+        check_world_size(cfg, ["stage1", "generation"], 2)
+
+
 def test_a_world_size_that_does_not_divide_the_accumulation_is_refused_before_compute(
         tmp_path, monkeypatch):
     monkeypatch.setattr(stages_mod, "build_stage_task",

@@ -3,7 +3,7 @@ the shared resumable loop (docs/architecture.md, `sftok/train/`). No Ray, no MLf
 each stage is a plain function taking a config, an optional start state and a callback.
 """
 from sftok.train.loop import NonFiniteLossError
-from sftok.train.stages import StageResult, train_stage
+from sftok.train.stages import StageResult, check_world_size, train_stage
 from sftok.train.teacher_stage import (
                                        TeacherUnavailableError,
                                        get_teacher,
@@ -15,6 +15,7 @@ from sftok.train.teacher_stage import (
 __all__ = [
                                        "NonFiniteLossError",
                                        "StageResult",
+                                       "check_world_size",
                                        "TeacherUnavailableError",
                                        "get_teacher",
                                        "teacher_cache_key",

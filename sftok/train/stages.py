@@ -71,6 +71,23 @@ def stage_seed(cfg: ExperimentConfig, stage: str) -> int:
     return cfg.seed * 1000 + (STAGES.index(stage) + 1) * 10
 
 
+def check_world_size(cfg: ExperimentConfig, stages: list[str], world_size: int) -> None:
+    """ConfigError (one line) unless `world_size` workers can train every stage in `stages`
+    ("stage0" = the teacher, when it is trained; "stage1".."stage3"; "generation") with the
+    preset's effective batch: W must divide each one's grad_accum. For a campaign to refuse an
+    impossible --workers-per-trial before any compute."""
+    for stage in stages:
+        if stage == "stage0":
+            if cfg.teacher.source != "train":
+                continue
+            s, field = cfg.train.teacher, "train.teacher.grad_accum"
+        elif stage == "generation":
+            s, field = cfg.generation.train, "generation.train.grad_accum"
+        else:
+            s, field = getattr(stage_config(cfg, stage).train, stage), f"train.{stage}.grad_accum"
+        accum_per_worker(s.grad_accum, s.batch_size, world_size, field)
+
+
 def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
     """The resolved config a stage trains and saves (stage 3: finetune_decoder=True)."""
     if stage == "stage3" and not cfg.tokenizer.finetune_decoder:
