@@ -342,18 +342,19 @@ def eval_config():
 
 def run_eval(cfg, teacher, work: Path, workers, cache: Path):
     """evaluate() of the W = 1 stage-2 tokenizer, as the parent and as each worker runs it."""
+    from test_eval_helpers import register_tiny_extractor
+
     from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import evaluate
     from sftok.evaluate.bounds import build_bounds
     from sftok.train.stages import build_tokenizer, load_init
-    from test_eval_helpers import register_tiny_extractor
 
     ev = eval_config()
     tok = build_tokenizer(cfg, teacher)
     load_init(tok, work / "w1" / "stage2" / "final")
     images = val_batches(build_val_dataset(cfg.data), ev.batch_size, ev.max_images,
                          rank=workers.rank, world_size=workers.world_size)
-    bounds = workers.main_first("fitting the floors", lambda: build_bounds(cfg, work / "cache"))
+    bounds = build_bounds(cfg, work / "cache", workers)
     return evaluate(tok, teacher, images, ev, progress=False, decode_cfg=cfg.decode,
                     cache_dir=cache, dataset_key="smoke-val",
                     fid_feature_extractor=register_tiny_extractor(), bounds=bounds,
@@ -395,7 +396,7 @@ def two_workers(tmp_path_factory):
     mp.spawn(_worker, args=(W, str(work / "store"), str(work), list(JOBS)), nprocs=W,
              join=True)
     outs = [json.loads((work / f"rank{r}.json").read_text()) for r in range(W)]
-    for job, result in outs[0].items():
+    for result in outs[0].values():
         assert "error" not in result, result.get("traceback")
     return work, outs[0], outs[1]
 
@@ -504,7 +505,8 @@ def _slow_cfg():
 
 
 def _slow_worker(rank: int, world: int, store: str, work: str) -> None:
-    from sftok.generation.pretokenize import load_tokens
+    from sftok.data import build_train_dataset
+    from sftok.generation.pretokenize import cached_tokens, load_tokens
     from sftok.generation.train import train_generator
     from sftok.train import train_teacher
 
@@ -513,8 +515,17 @@ def _slow_worker(rank: int, world: int, store: str, work: str) -> None:
     workers = init_workers(rank, world, f"file://{store}", backend="gloo", timeout_s=60)
     cfg = _slow_cfg()
     record = train_teacher(cfg, work / "w2_teacher", workers=workers)
-    tokens = load_tokens(work / "tokens.safetensors")
+    teacher = get_teacher(cfg, work / "cache", train_if_missing=False)
+    tok = stages_mod.build_tokenizer(cfg, teacher)
+    stages_mod.load_init(tok, work / "stage1" / "final")
+    # rank 0 tokenises once and stores; rank 1 reads rank 0's file
+    tokens, was_cached = cached_tokens(tok, work / "stage1" / "final",
+                                       build_train_dataset(cfg.data), "smoke", work / "tokcache",
+                                       batch_size=8, workers=workers)
+    same = torch.equal(tokens.tokens, load_tokens(work / "tokens.safetensors").tokens)
     gen = train_generator(cfg, tokens, work / "w2_generation", workers=workers)
+    (work / f"w2_tokens_rank{rank}.json").write_text(json.dumps(
+        {"was_cached": was_cached, "same": same}))
     if workers.is_main:
         (work / "w2.json").write_text(json.dumps(
             {"teacher_history": record["history"], "generation": str(gen.checkpoint),
@@ -559,7 +570,10 @@ def test_two_worker_teacher_equals_one_worker(slow_two_workers):
 
 @pytest.mark.slow
 def test_two_worker_generator_equals_one_worker(slow_two_workers):
-    _, _, w1, w2 = slow_two_workers  # smoke's generator has no dropout: the same draws
+    work, _, w1, w2 = slow_two_workers  # smoke's generator has no dropout: the same draws
+    tok = [json.loads((work / f"w2_tokens_rank{r}.json").read_text()) for r in range(W)]
+    assert tok == [{"was_cached": False, "same": True}] * W  # tokenised once, by rank 0
+    assert len(list((work / "tokcache" / "tokens").glob("*.safetensors"))) == 1
     weights = max_rel_diff(_weights(w1.checkpoint), _weights(w2["generation"]), norm=True)
     curve = curve_rel_diff(w1.history, w2["generation_history"])
     print(f"\ngeneration: W=2 vs W=1 largest relative difference: final weights {weights:.1e},"

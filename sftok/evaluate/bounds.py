@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sftok.distributed import SINGLE, Workers
+
 # Bump when the codec or the palette fit changes: cached palettes of older formats are ignored.
 PALETTE_FORMAT = 1
 # Training images whose thumbnails feed the k-means: enough pixels for thousands of colours
@@ -207,6 +209,14 @@ def floor_codecs(cfg, cache_dir: str | os.PathLike | None = None,
     return {name: codecs[name] for name in specs}
 
 
-def build_bounds(cfg, cache_dir: str | os.PathLike | None = None) -> Bounds:
-    """Floors and ceiling for evaluating a tokenizer trained with ExperimentConfig `cfg`."""
-    return Bounds(floors=floor_codecs(cfg, cache_dir), ceiling=True)
+def build_bounds(cfg, cache_dir: str | os.PathLike | None = None,
+                 workers: Workers = SINGLE) -> Bounds:
+    """Floors and ceiling for evaluating a tokenizer trained with ExperimentConfig `cfg`.
+    With several workers the palettes are fitted once: by rank 0, which stores them under
+    `cache_dir` for the others to load (or, without a cache dir, sends them)."""
+    def fit() -> Bounds:
+        return Bounds(floors=floor_codecs(cfg, cache_dir), ceiling=True)
+
+    if cache_dir is None:
+        return workers.on_main("fitting the floor palettes", fit)
+    return workers.main_first("fitting the floor palettes", fit)

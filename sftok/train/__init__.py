@@ -15,8 +15,8 @@ from sftok.train.teacher_stage import (
 __all__ = [
                                        "NonFiniteLossError",
                                        "StageResult",
-                                       "check_world_size",
                                        "TeacherUnavailableError",
+                                       "check_world_size",
                                        "get_teacher",
                                        "teacher_cache_key",
                                        "teacher_info",
