@@ -347,7 +347,7 @@ def run_eval(cfg, teacher, work: Path, workers, cache: Path):
     from sftok.data import build_val_dataset, val_batches
     from sftok.evaluate import evaluate
     from sftok.evaluate.bounds import build_bounds
-    from sftok.train.stages import build_tokenizer, load_init
+    from sftok.train.stage_setup import build_tokenizer, load_init
 
     ev = eval_config()
     tok = build_tokenizer(cfg, teacher)

@@ -9,7 +9,9 @@ FID needs only the running sums Σx and Σxxᵀ of the features (`FeatureStats`)
 images; IS keeps the 1008 logits per image (4 KB / image), not the image.
 
 Reference statistics: rFID compares reconstructions with the *same* validation images
-(as the paper does). Their Gaussian can be cached per dataset key (`ReferenceStatsCache`).
+(as the paper does), gFID samples with the training images. Their Gaussian is computed while the
+images stream by and cached per key, checked against a hash of the images
+(`ReferenceStatistics`, `ReferenceStatsCache`).
 
 Offline (DESIGN §2): the Inception weights are never downloaded from here. They are found as
 (1) an explicit path, (2) $SFTOK_INCEPTION_WEIGHTS, (3) torch-fidelity's default download
@@ -19,7 +21,6 @@ unavailable — torch-fidelity never gets the chance to try the network.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sftok.data.uint8 import ContentHash
+from sftok.distributed import SINGLE, Workers
 from sftok.weights import find_weights
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -106,6 +109,22 @@ class FeatureStats:
     def statistics(self) -> dict[str, np.ndarray]:
         """{'mu': (D,), 'sigma': D×D} — torch-fidelity's statistics format."""
         return {"mu": self.mu, "sigma": self.sigma}
+
+    def all_reduce(self, workers: Workers) -> None:
+        """n, Σx, Σxxᵀ ← their sums over the ranks (one all-reduce; ranks that saw no
+        features first learn the dimension). Every rank calls it."""
+        if not workers.distributed:
+            return
+        dims = workers.all_gather_object(None if self.sum is None else self.sum.shape[0])
+        dim = next((d for d in dims if d is not None), None)
+        if dim is None:
+            return
+        if self.sum is None:
+            self.sum, self.outer = np.zeros(dim), np.zeros((dim, dim))
+        flat = torch.from_numpy(np.concatenate([[self.n], self.sum, self.outer.reshape(-1)]))
+        flat = workers.all_reduce_sum(flat).numpy()
+        self.n = round(float(flat[0]))
+        self.sum, self.outer = flat[1:1 + dim].copy(), flat[1 + dim:].reshape(dim, dim).copy()
 
 
 def fid_from_statistics(stats1: dict[str, np.ndarray], stats2: dict[str, np.ndarray]) -> float:
@@ -204,34 +223,6 @@ class FidelityFeatures:
 # --------------------------------------------------------------------------------------------
 
 
-class ContentHash:
-    """The identity of a sequence of uint8 images (checks that a cache fits the data): sha256
-    over the images' own sha256 digests, in order. Per image, so the batching does not change
-    it, and mergeable, so ranks that each saw some batches of an evaluation agree with one
-    process that saw them all: `update(images, key=b)` files batch b's digests under b, and
-    `hexdigest()` reads them in key order (keyless updates: in the order made)."""
-
-    def __init__(self):
-        self._parts: list[tuple[int, int, list[bytes]]] = []  # (key, arrival, digests)
-
-    def update(self, images_u8: Tensor, key: int | None = None) -> None:
-        x = images_u8.detach().cpu().contiguous()
-        digests = [hashlib.sha256(img.numpy().tobytes()).digest() for img in x]
-        n = len(self._parts)
-        self._parts.append((n if key is None else key, n, digests))
-
-    def merge(self, other: ContentHash) -> None:
-        """Add the batches another rank saw (keys are global batch indices)."""
-        self._parts += other._parts
-
-    def hexdigest(self) -> str:
-        h = hashlib.sha256()
-        for _, _, digests in sorted(self._parts, key=lambda p: p[:2]):
-            for d in digests:
-                h.update(d)
-        return h.hexdigest()
-
-
 @dataclass
 class ReferenceStats:
     mu: np.ndarray  # (D,)
@@ -270,6 +261,65 @@ class ReferenceStatsCache:
         np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=stats.num_images,
                  content_sha256=stats.content_sha256)
         os.replace(tmp, self.path)  # atomic: concurrent trials never read a half-written file
+
+
+class ReferenceStatistics:
+    """The FID reference statistics of a stream of real images, cached per key.
+
+    Feed every real batch (uint8 B×3×H×W) to `update`, then `result()`. With `cache_dir` and
+    `key` a cached entry (`ReferenceStatsCache`) is used only if the stream's content hash is
+    the one it was computed on, and the features are extracted only on a miss (then cached).
+    Used by rFID (the validation images) and gFID (the training images) alike.
+
+    Sharded over `workers` (every rank constructs it): rank 0 reads the cache for all, each rank
+    updates with its own batches under their global index (`update(x, batch=b)`), `gather()`
+    sums the features and collects the images' digests on rank 0, and `result()` is rank 0's.
+    """
+
+    def __init__(self, features: FidelityFeatures, cache_dir: str | os.PathLike | None = None,
+                 key: str | None = None, key_name: str = "key", workers: Workers = SINGLE):
+        self.features, self.key, self.key_name = features, key, key_name
+        self.workers = workers
+        self.cache = (ReferenceStatsCache(cache_dir, key, features.name, features.fid_layer)
+                      if cache_dir is not None and key else None)
+        self.cached = (workers.on_main("reading the FID reference statistics", self.cache.load)
+                       if self.cache is not None else None)
+        self.stats = FeatureStats() if self.cached is None else None
+        self.content = ContentHash()
+
+    def update(self, images_u8: Tensor, batch: int | None = None) -> None:
+        """batch: the global index of this batch (sharded streams; None: in arrival order)."""
+        self.content.update(images_u8, key=batch)
+        if self.stats is not None:
+            self.stats.update(self.features(images_u8)[0])
+
+    def gather(self) -> None:
+        """Every rank's features and image digests, summed and merged on rank 0 (every rank
+        calls it, before `result()`; nothing to do in one process)."""
+        if not self.workers.distributed:
+            return
+        if self.stats is not None:
+            self.stats.all_reduce(self.workers)
+        contents = self.workers.gather_object(self.content)
+        if self.workers.is_main:
+            for other in contents[1:]:
+                self.content.merge(other)
+
+    def result(self) -> tuple[dict[str, np.ndarray] | None, str]:
+        """({'mu', 'sigma'}, "") or (None, one message saying why there are none)."""
+        if self.cached is not None:
+            if self.cached.content_sha256 != self.content.hexdigest():
+                return None, (f"cached FID reference statistics {self.cache.path} were computed "
+                              f"on other images ({self.key_name}={self.key!r}); delete the file "
+                              f"or use another {self.key_name}")
+            return self.cached.statistics(), ""
+        if self.stats.n < 2:
+            return None, "FID reference statistics need at least 2 images (a covariance)"
+        ref = ReferenceStats(self.stats.mu, self.stats.sigma, self.stats.n,
+                             self.content.hexdigest())
+        if self.cache is not None:
+            self.cache.save(ref)
+        return ref.statistics(), ""
 
 
 # What loading a wrong or corrupt weights file raises (torch.load, load_state_dict, vassert).

@@ -29,9 +29,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sftok.data.transforms import hflip
+from sftok.data.uint8 import ContentHash, to_uint8
 from sftok.distributed import SINGLE, Workers
-from sftok.evaluate.fid import ContentHash
-from sftok.evaluate.metrics import to_uint8
 
 
 @dataclass

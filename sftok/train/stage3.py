@@ -52,6 +52,7 @@ from sftok.train.loop import (
 from sftok.train.losses import load_lpips, lpips_loss
 from sftok.train.masking import build_proxy_inputs, draw_micro, step1_logits_fn
 from sftok.train.optim import build_optimizer
+from sftok.train.stage_setup import build_tokenizer, load_init, stage_seed
 
 
 def trainable_prefixes(s: StageConfig) -> tuple[str, ...]:
@@ -148,8 +149,6 @@ class PixelTask(LoopTask):
 
     def __init__(self, cfg: ExperimentConfig, teacher: FrozenTeacher, device: torch.device,
                  init: Path | None = None, workers: Workers = SINGLE):
-        from sftok.train.stages import build_tokenizer, load_init, stage_seed
-
         self.set_workers(workers)
         s: StageConfig = cfg.train.stage3
         self.name, self.cfg, self.scfg, self.teacher, self.device = "stage3", cfg, s, teacher, device
