@@ -143,14 +143,15 @@ def test_a_pipeline_checks_every_stage_it_trains():
         check_world_size(override(cfg, {"train.stage1.grad_accum": 3}),
                          ["stage1", "stage2"], 3)  # stage 1 divides, stage 2 (4) does not
     with pytest.raises(ConfigError, match=r"^generation\.train\.grad_accum"):
-        check_world_size(cfg, ["stage1", "generation"], 2)
+        check_world_size(override(cfg, {"generation.train.grad_accum": 1}),
+                         ["stage1", "generation"], 2)
 
 
 def test_a_world_size_that_does_not_divide_the_accumulation_is_refused_before_compute(
         tmp_path, monkeypatch):
     monkeypatch.setattr(stages_mod, "build_stage_task",
                         lambda *a, **k: pytest.fail("no task may be built"))
-    cfg = get_preset("smoke")  # grad_accum 1
+    cfg = override(get_preset("smoke"), {"train.stage1.grad_accum": 1})
 
     class Two(Workers):  # rank 0 of 2 without a process group: only the arithmetic runs
         def __post_init__(self):

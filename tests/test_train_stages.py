@@ -255,7 +255,9 @@ def test_finished_stage_is_not_retrained(workdir, smoke_teacher, stage1, monkeyp
 
 
 def test_nan_loss_stops_with_stage_step_and_checkpoint(tmp_path, smoke_teacher, monkeypatch):
-    cfg = _cfg(**{"train.stage1.ckpt_every": 2, "train.stage1.steps": 4})
+    # one micro-batch per step: the 3rd loss computed is step 3's
+    cfg = _cfg(**{"train.stage1.ckpt_every": 2, "train.stage1.steps": 4,
+                  "train.stage1.grad_accum": 1})
     real = stages_mod.weighted_ce
     calls = {"n": 0}
 
