@@ -17,7 +17,7 @@ USAGE = """\
 python experiments/run.py SPEC [--preset NAME] [--seeds N] [--set key=value ...]
                           [--data imagenet=PATH] [--tracking-uri URI] [--ray-address ADDR]
                           [--cpus-per-trial N] [--gpus-per-trial F] [--device auto|cpu]
-                          [--max-concurrent N]
+                          [--workers-per-trial W] [--max-concurrent N]
                           [--resume] [--dry-run]
 python experiments/run.py --list
 python experiments/run.py ui [--tracking-uri URI] [--port 5000] [--print]
@@ -31,6 +31,8 @@ Examples:
   python experiments/run.py step_sweep --set train.stage2.steps=600 --dry-run
   python experiments/run.py ablation_replace_ratio --preset sftok-b --data imagenet=/data/imagenet \\
       --gpus-per-trial 1 --cpus-per-trial 8 --ray-address auto
+  python experiments/run.py ablation_replace_ratio --preset sftok-b --data imagenet=/data/imagenet \\
+      --workers-per-trial 8 --gpus-per-trial 1 --cpus-per-trial 8   # one trial on 8 GPUs
   python experiments/run.py ablation_replace_ratio --resume         # continue an interrupted run
 Every trial is a child run of the invocation's parent run in MLflow (store ./mlruns by default:
 SQLite mlruns/mlflow.db + mlruns/artifacts/); browse it with `python experiments/run.py ui`."""
@@ -54,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "webdataset pattern with .tar; 'embedded' for the built-in photos")
     p.add_argument("--tracking-uri", help="MLflow store: a directory (default ./mlruns) or URI")
     p.add_argument("--ray-address", help="attach to an existing Ray cluster (e.g. auto)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPUs per trial (per worker with --workers-per-trial > 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPU share per trial: 1 per trial for paper presets, a fraction "
-                        "(e.g. 0.25) packs small-preset trials onto one GPU")
+                        "(e.g. 0.25) packs small-preset trials onto one GPU; with "
+                        "--workers-per-trial > 1 the GPUs of each worker (a whole number)")
+    p.add_argument("--workers-per-trial", type=int, metavar="W",
+                   help="train each trial data-parallel on W workers (Ray Train; gloo on CPU, "
+                        "NCCL with a GPU each); W must divide every trained stage's grad_accum, "
+                        "which counts micro-batches over all workers (default: the spec's "
+                        "workers_per_trial, 1)")
     p.add_argument("--device", choices=("auto", "cpu"),
                    help="trials' device (default: the config's, auto): auto = the GPU Ray "
                         "assigned the trial, CPU without a GPU share, and an error naming the "
@@ -189,24 +198,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         print("error: --max-concurrent must be >= 1", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(describe(plan))
-        return 0
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         print("error: --cpus-per-trial must be > 0 and --gpus-per-trial >= 0", file=sys.stderr)
         return 2
 
-    from sftok_experiments.campaign import Options, cache_root, run_campaign, work_root
+    from sftok_experiments.campaign import (
+        Options,
+        cache_root,
+        check_request,
+        run_campaign,
+        work_root,
+    )
 
-    print(describe(plan), flush=True)
     opts = Options(tracking=args.tracking_uri, ray_address=args.ray_address,
                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                   device=args.device,
+                   workers_per_trial=args.workers_per_trial, device=args.device,
                    max_concurrent=args.max_concurrent, resume=args.resume,
                    work_dir=args.work_dir, cache_dir=args.cache_dir,
                    max_failures=args.max_failures, prepare_teacher=not args.no_teacher,
                    share_stages=not args.no_share_stages,
                    progress_every=args.progress_every)
+    bad_request = check_request(plan, opts)  # --dry-run included: before any compute
+    if bad_request:
+        print(f"error: {bad_request}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(describe(plan))
+        return 0
+    print(describe(plan), flush=True)
     opts.resume_hint = resume_command(argv, store_location(args.tracking_uri).uri,
                                       work_root(opts), cache_root(opts))
     if args.trial_fn:

@@ -14,6 +14,7 @@ the evaluation, the analysis notebook it feeds and an optional Optuna `search:` 
     seeds: 3
     evaluation: {decode_steps: [8]}
     report: analysis/table4_replace_ratio.py
+    workers_per_trial: 1        # optional: W data-parallel workers per trial
 
 Every model is `extra='forbid'` and strict: an unknown key, a wrong type or an unknown stage
 raises `SpecError` naming the file and the field (e.g. `ablation.yaml: arms.grid: ...`).
@@ -188,6 +189,9 @@ class Spec(_Strict):
     report: str | None = None  # the analysis notebook this spec feeds
     search: Search | None = None
     max_failures: Annotated[int, Field(ge=0)] = 1  # retries of a crashed trial
+    # W: each trial trains on W data-parallel workers (Ray Train; --workers-per-trial overrides
+    # it). Not part of the campaign's identity: results do not depend on W (issue 19).
+    workers_per_trial: Annotated[int, Field(ge=1)] = 1
 
     @field_validator("name")
     @classmethod
