@@ -185,11 +185,14 @@ def _death(error: Exception) -> tuple[str, str]:
     pid = re.search(r"\bpid=(\d+)", text)
     where = " on ".join(p for p in (f"pid {pid.group(1)}" if pid else "",
                                     f"node {node.group(1)}" if node else "") if p)
-    detail = re.search(r"Worker exit detail: (.+?)(?: There are some potential root causes|$)",
-                       " ".join(text.split()))
-    cause = detail.group(1) if detail else protocol.one_line(
+    # Ray's detail, without its paragraph of possible causes (the OOM killer, `ray stop`, a
+    # crash), which it says after the facts and which would not keep the line short.
+    detail = re.search(r"Worker exit detail: (.+?)(?: Some common causes include| There are some "
+                       r"potential root causes|$)", " ".join(text.split()))
+    cause = (f"{detail.group(1).strip()} (killed, out of memory or crashed: see the node's "
+             "kernel log and Ray's worker logs)") if detail else protocol.one_line(
         getattr(error, "health_check_failure", error))
-    return where or "unknown process", cause.strip()[:400]
+    return where or "unknown process", cause[:400]
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +203,9 @@ def _death(error: Exception) -> tuple[str, str]:
 def worker_main(job: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: one piece of a trial's work on this rank (Ray Train
     has started the process group: gloo, or NCCL with one GPU per rank)."""
+    # Ray Train reset the levels of its loggers' children when it configured this worker's
+    # logging (dictConfig), after the process setup hook turned them down: again.
+    protocol.quiet_ray_worker()
     rt = protocol.Runtime(**job["runtime"])
     torch.set_num_threads(max(1, int(rt.cpus)))  # intra-op threads = the worker's CPUs
     os.environ.setdefault("SFTOK_PROGRESS", "0")
