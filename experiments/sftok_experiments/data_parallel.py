@@ -134,6 +134,13 @@ class TrialWorkers:
         # A Ray preemption watcher per run logs an error line at every start; node preemption
         # is handled as any failure here (Tune retries the trial from its checkpoint).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray Train's own logging set-up (dictConfig in its controller and workers) would reset
+        # the levels the worker setup hook gave its noisy loggers (`protocol.NOISY_RAY_LOGGERS`);
+        # without it they keep them. Ray Train hands these variables to its controller and
+        # workers itself.
+        for var in ("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING",
+                    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"):
+            os.environ.setdefault(var, "0")
         trainer = TorchTrainer(
             worker_main,
             train_loop_config={**job, "runtime": asdict(rt), "payload": self.payload,
@@ -203,9 +210,6 @@ def _death(error: Exception) -> tuple[str, str]:
 def worker_main(job: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: one piece of a trial's work on this rank (Ray Train
     has started the process group: gloo, or NCCL with one GPU per rank)."""
-    # Ray Train reset the levels of its loggers' children when it configured this worker's
-    # logging (dictConfig), after the process setup hook turned them down: again.
-    protocol.quiet_ray_worker()
     rt = protocol.Runtime(**job["runtime"])
     torch.set_num_threads(max(1, int(rt.cpus)))  # intra-op threads = the worker's CPUs
     os.environ.setdefault("SFTOK_PROGRESS", "0")

@@ -250,6 +250,9 @@ NOISY_RAY_LOGGERS = {
     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
         logging.ERROR,
     "ray.train.v2._internal.util": logging.CRITICAL,
+    # "Graceful shutdown of backend failed" with a traceback after a worker died: the trial's
+    # WorkerDiedError line says which and why.
+    "ray.train.v2._internal.callbacks.backend_setup": logging.ERROR,
 }
 
 
