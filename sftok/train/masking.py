@@ -57,7 +57,9 @@ def sample_mask(strategy: str, batch: int, num_positions: int, schedule: str,
     if strategy == "none":
         return torch.ones(batch, num_positions, dtype=torch.bool, device=device)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    return random_mask(batch, num_positions, schedule, generator, gen_device).to(device)
+    # non_blocking: a CPU draw moved to the GPU must not wait for the queued kernels
+    return random_mask(batch, num_positions, schedule, generator,
+                       gen_device).to(device, non_blocking=True)
 
 
 @dataclass
@@ -73,7 +75,7 @@ def draw_micro(strategy: str, batch: int, num_positions: int, schedule: str,
     """`sample_mask`, then (sfvr) the B×N replacement uniforms, from `generator` in that order:
     the order one step used when the coins were drawn after the step-1 pass, which draws none."""
     masked = sample_mask(strategy, batch, num_positions, schedule, generator, device)
-    coin = (_draw((batch, num_positions), generator).to(masked.device)
+    coin = (_draw((batch, num_positions), generator).to(masked.device, non_blocking=True)
             if strategy == "sfvr" else None)
     return MicroDraws(masked, coin)
 
@@ -122,6 +124,6 @@ def build_proxy_inputs(targets: Tensor, masked: Tensor, mask_id: int, strategy: 
             first = first_step_fn(all_masked).argmax(-1)  # M̂_1, B×N
         if coin is None:
             coin = _draw(tuple(targets.shape), generator)
-        replaced = (coin.to(targets.device) < replace_ratio) & ~masked
+        replaced = (coin.to(targets.device, non_blocking=True) < replace_ratio) & ~masked
         ids = torch.where(replaced, first, ids)
     return ProxyInputs(ids=ids, masked=masked, replaced=replaced)

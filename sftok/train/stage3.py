@@ -44,9 +44,8 @@ from sftok.train.ema import EMA
 from sftok.train.loop import (
     LoopTask,
     Precision,
-    clip_and_step,
+    clip_and_step_async,
     compile_children,
-    scalar,
     to_images,
 )
 from sftok.train.losses import load_lpips, lpips_loss
@@ -174,13 +173,18 @@ class PixelTask(LoopTask):
                                     start=s.gan_start, total_steps=s.steps,
                                     generator=self.generator, workers=workers)
                           if s.gan_weight > 0 else None)
+        # fp16's scaler skips steps with inf gradients by design: there the norms are no error.
+        norms = () if self.scaler.is_enabled() else ("grad_norm", "disc_grad_norm")
+        self.finite_keys = ("loss", *Adversary.FINITE_KEYS, *norms)
         if s.compile:
             compile_children(self.model)
         self.step_forward = wrap_ddp(
             PixelStep(self.model, s, self.precision, _Critics(self.lpips, self.adversary)),
             workers, device)
 
-    def step(self, batches: list[Any], step: int) -> dict[str, float]:
+    def step(self, batches: list[Any], step: int) -> dict[str, Tensor | float]:
+        """One optimiser step (and, from gan_start, one discriminator step). No host sync: the
+        metrics stay 0-dim device tensors, `finite_keys` are checked by `run_loop`."""
         s, adversary = self.scfg, self.adversary
         lr = self.begin_step(step, s.steps, s.optim)
         gan_on = adversary is not None and step >= s.gan_start
@@ -196,7 +200,7 @@ class PixelTask(LoopTask):
         draws = self.micro_draws(n, draw)
         disc_views = self.micro_draws(n, lambda: (adversary.draws(b), adversary.draws(b))) \
             if gan_on else None
-        acc: dict[str, float] = {}
+        acc: dict[str, Tensor | float] = {}
         reals, fakes = [], []
         for i, (host, (d, views)) in enumerate(zip(hosts, draws)):
             images = host.to(self.device, non_blocking=True)
@@ -204,23 +208,19 @@ class PixelTask(LoopTask):
             with accumulating(self.step_forward, last=i == n - 1):
                 out = self.step_forward(images, targets, d.masked, d.coin, views, gan_on)
                 loss = out["loss"]
-                self.finite("loss", loss)
                 self.scaler.scale(loss / n).backward()
             with torch.no_grad():
                 ce = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
             for k, v in {"loss": loss, **out["parts"], "ce": ce}.items():
-                acc[k] = acc.get(k, 0.0) + scalar(v) / n
+                acc[k] = acc.get(k, 0.0) + v.detach().float() / n
             reals.append(images)
             fakes.append(out["recon"].detach())
-        norm = clip_and_step(self.optimizer, self.scaler, self.params, s.optim.grad_clip,
-                             check=not self.workers.distributed)
-        if self.workers.distributed and not self.scaler.is_enabled():
-            self.finite("grad_norm", norm)
-        acc["grad_norm"] = norm
+        # DDP averaged the gradients: the same norm on every rank, watched by run_loop.
+        acc["grad_norm"] = clip_and_step_async(self.optimizer, self.scaler, self.params,
+                                               s.optim.grad_clip)
         if self.ema is not None:
             self.ema.update(self.model)
         if gan_on:
-            acc.update(adversary.update(reals, fakes, adversary.lr_at(step), disc_views,
-                                        check=self.finite))
+            acc.update(adversary.update(reals, fakes, adversary.lr_at(step), disc_views))
         acc["lr"] = lr
         return acc

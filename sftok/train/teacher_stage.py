@@ -210,6 +210,8 @@ class TeacherTask(LoopTask):
                           if tcfg.gan_weight > 0 else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.step_forward = wrap_ddp(self.model, workers, device)  # its forward is the step's
+        # The adversary's metrics are device tensors, checked by run_loop (fp32: no scaler).
+        self.finite_keys = (*Adversary.FINITE_KEYS, "disc_grad_norm")
 
     def modules(self) -> dict[str, nn.Module]:
         return {**super().modules(), "usage": self.usage}
@@ -251,7 +253,7 @@ class TeacherTask(LoopTask):
         if workers.distributed:
             self.finite("grad_norm", sums["grad_norm"])
         if gan_on:
-            sums.update(self.adversary.update(reals, fakes, lr, check=self.finite))
+            sums.update(self.adversary.update(reals, fakes, lr))
         if (step + 1) % RESET_EVERY == 0:
             if step < 0.8 * t.steps:
                 # The one-process batch: micro-batch j = a·W + r of rank r, in order of j.
@@ -295,8 +297,8 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
     train_ds, val_ds = build_datasets(cfg.data)
     task = TeacherTask(cfg, device, workers)
     stream = TrainStream(train_ds, tcfg.batch_size, seed=cfg.data.seed,
-                         num_workers=cfg.data.num_workers, rank=workers.rank,
-                         world_size=workers.world_size)
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                         rank=workers.rank, world_size=workers.world_size)
     spec = LoopSpec(stage="stage0", steps=tcfg.steps, grad_accum=per_worker,
                     images_per_step=tcfg.batch_size * tcfg.grad_accum,
                     log_every=tcfg.log_every, ckpt_every=tcfg.ckpt_every, config=to_dict(cfg))
