@@ -221,7 +221,7 @@ def test_two_worker_trial_equals_one_worker_and_records_each_rank(dp_ray, store,
     # The same artifacts as a one-worker trial (rank 0 wrote them, the driver logged them).
     arts = lambda run: sorted(a.path for a in client.list_artifacts(run.info.run_id))
     assert arts(c1) == arts(c2)
-    assert any("2 workers of 1 CPU / 0 GPU each, max concurrent 2" in ln
+    assert any("2 workers of 1 CPU / 0 GPU each (Ray Train), max concurrent 2" in ln
                for ln in two_opts.lines)
 
 

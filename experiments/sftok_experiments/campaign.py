@@ -45,6 +45,7 @@ class Options:
     cpus_per_trial: float = 1.0  # of each worker when workers_per_trial > 1
     gpus_per_trial: float = 0.0  # of each worker when workers_per_trial > 1
     workers_per_trial: int | None = None  # W data-parallel workers per trial; None: the spec's
+    ray_train: bool = False  # through Ray Train even at W = 1 (the device check's NCCL run)
     device: str | None = None  # trials' device; None: the config's ("auto"); see placement.py
     max_concurrent: int | None = None
     resume: bool = False
@@ -73,6 +74,11 @@ def workers_per_trial(plan: Plan, opts: Options) -> int:
     """W: --workers-per-trial, else the spec's `workers_per_trial`."""
     return (plan.spec.workers_per_trial if opts.workers_per_trial is None
             else opts.workers_per_trial)
+
+
+def uses_ray_train(plan: Plan, opts: Options) -> bool:
+    """Whether the trials train on Ray Train workers: W > 1, or asked for (`--ray-train`)."""
+    return opts.ray_train or workers_per_trial(plan, opts) > 1
 
 
 def check_request(plan: Plan, opts: Options) -> str | None:
@@ -392,7 +398,7 @@ def _max_concurrent(plan: Plan, opts: Options) -> int | None:
     once (a Ray Train run starts only when all its workers fit: more trial processes would
     only wait)."""
     workers = workers_per_trial(plan, opts)
-    if workers == 1 or opts.ray_address:
+    if not uses_ray_train(plan, opts) or opts.ray_address:
         return opts.max_concurrent
     fit = concurrent_trials(workers, opts.cpus_per_trial, opts.gpus_per_trial,
                             *_local_resources())
@@ -406,7 +412,7 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
 
     spec = plan.spec
     cpus, gpus = float(opts.cpus_per_trial), float(opts.gpus_per_trial)
-    workers = workers_per_trial(plan, opts)
+    workers, ray_train = workers_per_trial(plan, opts), uses_ray_train(plan, opts)
     max_concurrent = _max_concurrent(plan, opts)
     # The stage store sits beside the campaign dirs (<work dir>/stages, campaign_dir is
     # <work dir>/<spec>/<parent run>), so campaigns sharing a work dir share stage results.
@@ -415,9 +421,10 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
                                                                 "stages"),
         share_stages=bool(opts.share_stages), teacher_cache=str(cache / "teachers"),
         eval_cache=str(cache / "eval"), cpus=max(1, math.ceil(cpus)), cpu_share=cpus,
-        gpus=gpus, device=opts.device, workers=workers)  # placement.py, data_parallel.py
+        gpus=gpus, device=opts.device, workers=workers,
+        ray_train=ray_train)  # placement.py, data_parallel.py
     trainable = tune.with_resources(protocol.guarded(opts.trial_fn or run_trial),
-                                    trial_resources(workers, cpus, gpus))
+                                    trial_resources(ray_train, cpus, gpus))
     if plan.search:
         search = plan.search
         points, rewards = warm_start(search, finished)
@@ -449,8 +456,9 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[tracker], verbose=0)
-    each = f"{cpus:g} CPU / {gpus:g} GPU each" if workers == 1 else (
-        f"{workers} workers of {cpus:g} CPU / {gpus:g} GPU each")
+    each = f"{cpus:g} CPU / {gpus:g} GPU each" if not ray_train else (
+        f"{workers} worker{'s' if workers > 1 else ''} of {cpus:g} CPU / {gpus:g} GPU each "
+        "(Ray Train)")
     echo(f"[{clock()}] {remaining} trial(s) on Ray: {each}, max concurrent "
          f"{max_concurrent or 'unlimited'}, retries {max_failures}", flush=True)
     import logging

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "NCCL with a GPU each); W must divide every trained stage's grad_accum, "
                         "which counts micro-batches over all workers (default: the spec's "
                         "workers_per_trial, 1)")
+    p.add_argument("--ray-train", action="store_true",
+                   help="train through Ray Train workers even with one worker (W = 1 trains in "
+                        "the trial process otherwise): checks the data-parallel path, e.g. "
+                        "NCCL on one GPU (the device check)")
     p.add_argument("--device", choices=("auto", "cpu"),
                    help="trials' device (default: the config's, auto): auto = the GPU Ray "
                         "assigned the trial, CPU without a GPU share, and an error naming the "
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = Options(tracking=args.tracking_uri, ray_address=args.ray_address,
                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                   workers_per_trial=args.workers_per_trial, device=args.device,
+                   workers_per_trial=args.workers_per_trial, ray_train=args.ray_train,
+                   device=args.device,
                    max_concurrent=args.max_concurrent, resume=args.resume,
                    work_dir=args.work_dir, cache_dir=args.cache_dir,
                    max_failures=args.max_failures, prepare_teacher=not args.no_teacher,

@@ -12,8 +12,9 @@ the stage store, its lock and the publishing of results (`StageStore.obtain`, wi
 - the generation stage: tokens and generator on every rank, sampling and scoring on rank 0.
 The workers report their placement and training windows through `protocol` (ray.train.report;
 rank 0's reach the MLflow tracker, which the campaign's driver alone writes); the trial process
-reports its start, `stage_done` and `final`. W = 1 never comes here (`trial.run_trial` trains in
-the trial process, as before issue 19).
+reports its start, `stage_done` and `final`. W = 1 comes here only with `--ray-train`
+(`Runtime.ray_train`: the device check's one-GPU NCCL run); otherwise `trial.run_trial` trains in
+the trial process, as before issue 19.
 
 Runs are named by the trial key and the work (`<key>.<stage>`, `<key>.evaluate`) under
 `<trial work dir>/ray_train`, so a resumed trial finds the same run. Resources: each worker

@@ -110,10 +110,11 @@ def gpu_shortfall(gpus_per_trial: float, node_gpus: float) -> str | None:
 TRIAL_PROCESS_MEMORY = 512 * 2 ** 20
 
 
-def trial_resources(workers: int, cpus: float, gpus: float) -> dict[str, float]:
+def trial_resources(ray_train: bool, cpus: float, gpus: float) -> dict[str, float]:
     """What Tune reserves for one trial process (`tune.with_resources`): the trial's CPUs and
-    GPU share; with W > 1 workers (which reserve their own) only `TRIAL_PROCESS_MEMORY`."""
-    if workers == 1:
+    GPU share; when Ray Train workers train it (W > 1, or `--ray-train`: they reserve their
+    own) only `TRIAL_PROCESS_MEMORY`."""
+    if not ray_train:
         return {"cpu": cpus, "gpu": gpus}
     return {"cpu": 0, "gpu": 0, "memory": TRIAL_PROCESS_MEMORY}
 

@@ -95,7 +95,8 @@ class Runtime:
     cpu_share: float = 1.0  # the CPUs Ray reserves per trial (per worker if W > 1)
     gpus: float = 0.0  # the trial's GPU share (each worker's if W > 1)
     device: str | None = None  # --device; None: the config's
-    workers: int = 1  # W: > 1 trains on W Ray Train workers (data_parallel.py)
+    workers: int = 1  # W data-parallel workers (data_parallel.py)
+    ray_train: bool = False  # train on W Ray Train workers: W > 1, or asked for at W = 1
 
 
 def trial_config(trial: Any, runtime: Runtime, search: dict | None = None) -> dict[str, Any]:
@@ -245,6 +246,9 @@ def last_checkpoint() -> contextlib.AbstractContextManager[Path | None]:
 # nothing autoscales a local Ray); and each failing rank's traceback, which the trial's one-line
 # error stands for (the traceback is kept: the run's error.txt, the failed run's message).
 NOISY_RAY_LOGGERS = {
+    # Ray Train's own info lines ("Requesting resources ...", "Attempting to start training
+    # worker group ..."): its structured logging, which filtered them, is off (data_parallel.py)
+    "ray.train": logging.WARNING,
     "ray.train.v2._internal.execution.context": logging.ERROR,
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":

@@ -4,7 +4,7 @@
 only through `protocol` (its input, reports and checkpoints) and writes its artifacts with
 `sftok.run_record`; the driver's tracker logs both (DESIGN §2, one writer). With one worker
 (`Runtime.workers` 1) it trains and evaluates in its own process, on the device of its Ray
-share; with W > 1 it drives W Ray Train workers (`data_parallel.TrialWorkers`) and keeps only the
+share; with W > 1 (or `--ray-train`, `Runtime.ray_train`) it drives W Ray Train workers (`data_parallel.TrialWorkers`) and keeps only the
 stage store, its lock, the publishing and the reports here.
 
 Stage results live in the content-addressed store `Runtime.stage_store` (`stage_store.py`):
@@ -45,8 +45,8 @@ from sftok_experiments.stage_store import StageStore, snapshot
 def run_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: config = {"trial": payload, "runtime": {...}[, "search"]}."""
     rt = protocol.runtime(config)
-    # Intra-op threads = the CPUs Ray gave the trial (W > 1: its workers have them; it waits).
-    torch.set_num_threads(max(1, int(rt.cpus)) if rt.workers == 1 else 1)
+    # Intra-op threads = the CPUs Ray gave the trial (Ray Train: its workers have them; it waits).
+    torch.set_num_threads(1 if rt.ray_train else max(1, int(rt.cpus)))
     os.environ.setdefault("SFTOK_PROGRESS", "0")  # no progress bars inside Ray workers
     # Skipped files are counted and reported to the driver (train/<stage>/data_skipped,
     # eval/skipped_images), which prints one line for the campaign: no warning per worker.
@@ -54,7 +54,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     payload = protocol.payload(config)
     cfg = protocol.resolved_config(config)
-    if rt.workers == 1:
+    if not rt.ray_train:
         # Before anything heavy: a trial on a node without its device fails here, in one line.
         dev = protocol.place_trial(config, cfg)
         if dev != cfg.device:
@@ -72,7 +72,7 @@ def run_trial(config: dict[str, Any]) -> None:
             store.restore(last, work)
 
     group = device = teacher = None
-    if rt.workers > 1:
+    if rt.ray_train:
         group = TrialWorkers(rt, cfg, key, work, payload)
     else:
         device = resolve_device(cfg.device)
