@@ -157,8 +157,10 @@ def scaling_table(args: argparse.Namespace) -> None:
     before, rows = _load(), []
     for name in args.scaling:
         for stage in args.scaling_stages:
-            rows += benchmark_scaling(get_preset(name), stage, args.scaling_workers,
-                                      steps=args.scaling_steps, device=args.device,
+            rows += benchmark_scaling(split_for(get_preset(name), stage,
+                                                max(args.scaling_workers)),
+                                      stage, args.scaling_workers, steps=args.scaling_steps,
+                                      device=args.device,
                                       threads_per_worker=args.scaling_threads)
     where = (f"{os.cpu_count()} CPU cores, {args.scaling_threads} thread(s) per worker, gloo"
              if args.device == "cpu" else f"{args.device}, one GPU per worker, NCCL")
@@ -170,6 +172,24 @@ def scaling_table(args: argparse.Namespace) -> None:
         with open(args.scaling_json, "w") as f:
             json.dump({"scaling": rows}, f, indent=1)
         print(f"wrote {args.scaling_json}")
+
+
+def split_for(cfg, stage: str, workers: int):
+    """cfg, or (when `workers` does not divide the stage's grad_accum, e.g. `tiny`'s 16 x 1) the
+    same effective batch in smaller micro-batches that it divides (16 x 1 -> 8 x 2 at W = 2),
+    for every row of the stage alike; the rows print the micro-batch and accumulation used."""
+    import math
+
+    from sftok.config import override
+
+    if stage == "stage0":
+        return cfg
+    s = getattr(cfg.train, stage)
+    k = workers // math.gcd(s.grad_accum, workers)
+    if k == 1 or s.batch_size % k:
+        return cfg
+    return override(cfg, {f"train.{stage}.batch_size": s.batch_size // k,
+                          f"train.{stage}.grad_accum": s.grad_accum * k})
 
 
 def teacher_share_table(args: argparse.Namespace, device: torch.device) -> None:

@@ -32,6 +32,14 @@ import ray.cloudpickle
 from campaign_helpers import ROOT, campaign_runs, echo_lines, plan_for, write_spec
 from safetensors.torch import load_file
 from sftok_experiments.campaign import Options, init_ray, run_campaign
+from sftok_experiments.placement import (
+    TRIAL_PROCESS_MEMORY,
+    concurrent_trials,
+    rank_tags,
+    resource_shortfall,
+    trial_resources,
+    worker_request_error,
+)
 
 from sftok import run_record as rr
 
@@ -181,6 +189,31 @@ def test_impossible_requests_stop_before_compute_with_one_line(dp_ray, store, tm
     assert res.exit_code == 2 and res.usage_error.endswith(
         "(same effective batches in smaller micro-batches: --set train.stage1.batch_size=2 "
         "--set train.stage1.grad_accum=2)")
+
+
+def test_trial_resources_and_how_many_trials_fit():
+    """Pure arithmetic of placement.py: a Ray Train trial process reserves no CPU / GPU (its
+    workers do), so two 2-worker trials of 1 CPU fit 4 CPUs, and one of 2 GPUs per worker none
+    of 3 GPUs."""
+    assert trial_resources(False, 2.0, 0.5) == {"cpu": 2.0, "gpu": 0.5}
+    assert trial_resources(True, 2.0, 1.0) == {"cpu": 0, "gpu": 0, "memory": TRIAL_PROCESS_MEMORY}
+    assert concurrent_trials(2, 1.0, 0.0, 4.0, 0.0) == 2
+    assert concurrent_trials(8, 8.0, 1.0, 64.0, 8.0) == 1
+    assert concurrent_trials(2, 1.0, 1.0, 16.0, 3.0) == 1  # 3 GPUs: one trial of 2 at a time
+    assert resource_shortfall(2, 1.0, 2.0, 16.0, 3.0).startswith(
+        "--workers-per-trial 2 x --gpus-per-trial 2 = 4 GPU(s) per trial but Ray found 3")
+    assert resource_shortfall(2, 2.0, 1.0, 4.0, 2.0) is None
+    assert worker_request_error(1, 0.5) is None and worker_request_error(2, 1.0) is None
+    assert "must be a whole number" in worker_request_error(2, 0.5)
+
+
+def test_rank_tags_name_every_rank_and_rank_0_plainly():
+    per_rank = [{"placement.node": "a", "placement.device": "cuda:0", "placement.start": "1"},
+                {"placement.node": "b", "placement.device": "cuda:0", "placement.start": "2"}]
+    tags = rank_tags(per_rank)
+    assert tags == {rr.WORKERS_TAG: "2", "placement.node": "a", "placement.device": "cuda:0",
+                    "placement.rank0.node": "a", "placement.rank0.device": "cuda:0",
+                    "placement.rank1.node": "b", "placement.rank1.device": "cuda:0"}
 
 
 # --------------------------------------------------------------------------------------------
