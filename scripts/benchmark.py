@@ -13,6 +13,13 @@ only on a GPU (`--train-presets` to choose).
 with its ids looked up from a cache instead (`sftok.train.teacher_ids`), per preset
 (`--teacher-batch`, default 2: sftok-b at batch 1-2 runs on a CPU).
 
+`--scaling PRESET...`: data-parallel scaling (issue 19): images/s of a training step at each
+`--scaling-workers` W (default 1 2) on W processes in a process group (gloo on CPU, NCCL with
+one GPU per worker on `--device cuda`), per worker, and the efficiency images/s(W) / (W x
+images/s(1)), for each `--scaling-stages` stage (`sftok.train.scaling`); on CPU each worker
+gets `--scaling-threads` threads (default 1: a worker stands for a device). The same flags
+run on a GPU box.
+
 `--campaign`: the cost of a campaign with and without shared stage results (issue 10): runs the
 Table 4 spec (`ablation_replace_ratio`, `--campaign-preset`, `--campaign-seeds`) twice in this
 process, back to back, in fresh work dirs (teacher and its id cache prepared beforehand, not
@@ -23,6 +30,8 @@ comparable under the same load).
     python scripts/benchmark.py                      # all presets
     python scripts/benchmark.py --presets smoke tiny --batch 8 --device cuda
     python scripts/benchmark.py --no-models --teacher-share tiny small sftok-b
+    python scripts/benchmark.py --no-models --scaling smoke tiny             # W = 1 vs 2, CPU
+    python scripts/benchmark.py --no-models --scaling sftok-b --device cuda --scaling-workers 1 8
     python scripts/benchmark.py --no-models --campaign --campaign-preset tiny --campaign-seeds 3
     python scripts/benchmark.py --presets sftok-b --train-presets sftok-b sftok-l --json b.json
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -65,6 +75,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 for --teacher-share on a "
                                                 "shared machine: it times CPU seconds)")
     ap.add_argument("--teacher-steps", type=int, default=3, help="timed steps (median)")
+    ap.add_argument("--scaling", nargs="+", default=[], choices=list(PRESETS),
+                    help="data-parallel scaling of these presets' training steps (W workers)")
+    ap.add_argument("--scaling-workers", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--scaling-stages", nargs="+", default=["stage1", "stage2"],
+                    choices=["stage0", "stage1", "stage2", "stage3"])
+    ap.add_argument("--scaling-steps", type=int, default=5, help="timed steps per row")
+    ap.add_argument("--scaling-threads", type=int, default=1,
+                    help="CPU threads of each worker (CPU only)")
+    ap.add_argument("--scaling-json", metavar="PATH", help="also write the scaling rows as JSON")
     ap.add_argument("--campaign", action="store_true",
                     help="Table 4 campaign with and without shared stage results")
     ap.add_argument("--campaign-preset", default="tiny", choices=list(PRESETS))
@@ -79,6 +98,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.teacher_share:
         teacher_share_table(args, device)
+    if args.scaling:
+        scaling_table(args)
     if args.campaign:
         campaign_table(args.campaign_preset, args.campaign_seeds, args.campaign_dir)
     if args.no_models:
@@ -129,6 +150,48 @@ def train_table(args: argparse.Namespace, device: torch.device) -> None:
         print(f"wrote {args.json}")
 
 
+def scaling_table(args: argparse.Namespace) -> None:
+    """Data-parallel scaling rows (see the module doc), with the load average around them."""
+    from sftok.train.scaling import benchmark_scaling, format_scaling
+
+    before, rows = _load(), []
+    for name in args.scaling:
+        for stage in args.scaling_stages:
+            rows += benchmark_scaling(split_for(get_preset(name), stage,
+                                                max(args.scaling_workers)),
+                                      stage, args.scaling_workers, steps=args.scaling_steps,
+                                      device=args.device,
+                                      threads_per_worker=args.scaling_threads)
+    where = (f"{os.cpu_count()} CPU cores, {args.scaling_threads} thread(s) per worker, gloo"
+             if args.device == "cpu" else f"{args.device}, one GPU per worker, NCCL")
+    print(f"\ndata-parallel scaling ({where}; random weights and images; mean of "
+          f"{args.scaling_steps} steps after 2 warm-up; load average {before} before, "
+          f"{_load()} after)")
+    print(format_scaling(rows), flush=True)
+    if args.scaling_json:
+        with open(args.scaling_json, "w") as f:
+            json.dump({"scaling": rows}, f, indent=1)
+        print(f"wrote {args.scaling_json}")
+
+
+def split_for(cfg, stage: str, workers: int):
+    """cfg, or (when `workers` does not divide the stage's grad_accum, e.g. `tiny`'s 16 x 1) the
+    same effective batch in smaller micro-batches that it divides (16 x 1 -> 8 x 2 at W = 2),
+    for every row of the stage alike; the rows print the micro-batch and accumulation used."""
+    import math
+
+    from sftok.config import override
+
+    if stage == "stage0":
+        return cfg
+    s = getattr(cfg.train, stage)
+    k = workers // math.gcd(s.grad_accum, workers)
+    if k == 1 or s.batch_size % k:
+        return cfg
+    return override(cfg, {f"train.{stage}.batch_size": s.batch_size // k,
+                          f"train.{stage}.grad_accum": s.grad_accum * k})
+
+
 def teacher_share_table(args: argparse.Namespace, device: torch.device) -> None:
     from sftok.train.benchmark import teacher_flop_share, teacher_share
 
@@ -151,8 +214,6 @@ def teacher_share_table(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def _load() -> str:
-    import os
-
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 

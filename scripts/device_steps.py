@@ -508,8 +508,9 @@ def step_campaign(r: Results, o: dict) -> None:
 
 
 def step_ray_train(r: Results, o: dict) -> None:
-    """One data-parallel Ray Train trial (issue 19): 1 worker on NCCL (gloo on CPU), and 2
-    workers when two GPUs are visible; skipped where the runner has no --workers-per-trial."""
+    """One data-parallel Ray Train trial (issue 19): 1 worker on NCCL with a whole GPU (gloo on
+    CPU; `--ray-train`, since W = 1 otherwise trains in the trial process), and 2 workers when
+    two GPUs are visible; skipped where the runner has no --workers-per-trial."""
     import yaml
     from sftok_experiments.cli import build_parser
     from sftok_experiments.spec import load_spec
@@ -524,8 +525,8 @@ def step_ray_train(r: Results, o: dict) -> None:
     work.mkdir(parents=True, exist_ok=True)
     one = work / "ray_train_spec.yaml"
     one.write_text(yaml.safe_dump(spec))
-    plans = [(1, ["--device", "cpu"] if o["device"] == "cpu" else
-              ["--gpus-per-trial", "0.5", "--device", "auto"])]
+    plans = [(1, ["--ray-train", *(["--device", "cpu"] if o["device"] == "cpu" else
+                                   ["--gpus-per-trial", "1", "--device", "auto"])])]
     if o["device"] != "cpu" and torch.cuda.device_count() >= 2:
         plans.append((2, ["--gpus-per-trial", "1", "--device", "auto"]))
     for workers, extra in plans:

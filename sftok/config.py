@@ -165,7 +165,10 @@ class StageConfig:
     """One training stage. Stage 1 and 2 differ only in `replacement` (DESIGN §1)."""
 
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # one micro-batch (one forward pass; OptVQ's Sinkhorn balances within it)
+    # Micro-batches per optimiser step over all workers: the effective batch is
+    # batch_size × grad_accum at any number of workers W, each running grad_accum / W of them
+    # (sftok.distributed; a W that does not divide it is refused).
     grad_accum: int = 1
     replacement: Literal["none", "vanilla", "sfvr"] = "sfvr"
     replace_ratio: float = 1.0  # sfvr: probability a visible position takes the step-1 argmax
@@ -206,6 +209,8 @@ class TeacherTrainConfig:
 
     steps: int = 2000
     batch_size: int = 32
+    # Micro-batches per optimiser step over all workers (sftok.distributed), as for the stages.
+    grad_accum: int = 1
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=2.0e-4, betas=(0.5, 0.9), weight_decay=0.0, warmup_steps=100, end_lr=2.0e-5))
     commitment: float = 0.25
@@ -426,7 +431,8 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
                     "log_every": _min(1), "ckpt_every": _min(1), "l2_weight": _min(0),
                     "lpips_weight": _min(0), "gan_weight": _min(0), "gan_start": _min(0),
                     "lecam_weight": _min(0)},
-    "TeacherTrainConfig": {"steps": _min(1), "batch_size": _min(1), "commitment": _min(0),
+    "TeacherTrainConfig": {"steps": _min(1), "batch_size": _min(1), "grad_accum": _min(1),
+                           "commitment": _min(0),
                            "l2_weight": _min(0), "lpips_weight": _min(0), "gan_weight": _min(0),
                            "gan_start": _min(0), "log_every": _min(1), "ckpt_every": _min(1)},
     "EvalConfig": {"decode_steps": _EACH_POS_INT,

@@ -1,6 +1,6 @@
 """Named scales: a preset is a complete `ExperimentConfig`.
 
-- `smoke`: seconds; for tests only.
+- `smoke`: seconds; for tests only (every stage accumulates 2 micro-batches: 1 or 2 workers).
 - `tiny`: the CPU default; embedded photos at 32x32, a trained f4 teacher (8x8 codes).
 - `small`: one GPU, about an hour; 64x64 embedded photos (or a folder), trained f4 teacher.
 - `sftok-b`, `sftok-l`: the paper's models (Table 6) on ImageNet 256 with the MaskGIT-VQGAN teacher.
@@ -81,6 +81,9 @@ def _generation(width: int, depth: int, heads: int, steps: int, batch: int, lr: 
 
 def smoke() -> ExperimentConfig:
     size = 16
+    # Every trained stage accumulates 2 micro-batches per optimiser step (the effective batches
+    # of 4, and 8 for the generator, as before): smoke runs on 1 or 2 workers (issue 19;
+    # --workers-per-trial W needs W to divide grad_accum), as the paper presets do on 1-8 GPUs.
     return ExperimentConfig(
         preset="smoke",
         data=DataConfig(image_size=size, train_crops_per_image=4, val_crops_per_image=2),
@@ -92,16 +95,18 @@ def smoke() -> ExperimentConfig:
             quantizer=QuantizerConfig(codebook_size=32),
             decoder=DecoderConfig(width=32, depth=1, heads=2)),
         train=TrainConfig(
-            teacher=TeacherTrainConfig(steps=4, batch_size=4, log_every=2, ckpt_every=2),
-            **_stages(3, 3, 2, batch=4, ema=0.9, log_every=1, ckpt_every=2, gan_start=1,
-                      lpips_weight=0.0,
+            teacher=TeacherTrainConfig(steps=4, batch_size=2, grad_accum=2, log_every=2,
+                                       ckpt_every=2),
+            **_stages(3, 3, 2, batch=2, accum=2, ema=0.9, log_every=1, ckpt_every=2,
+                      stage3_accum=2, gan_start=1, lpips_weight=0.0,
                       optim=OptimConfig(lr=1e-3, warmup_steps=1, end_lr=1e-4))),
         eval=EvalConfig(decode_steps=(1, 2, 4), trace_steps=4, batch_size=8, max_images=8,
                         metrics=("psnr", "ssim", "tokens"), grid_images=4),
         # Classes of the embedded photos: the source photo (labels index PHOTOS).
         generation=dataclasses.replace(
-            _generation(32, 1, 2, steps=3, batch=8, lr=1e-3, warmup=1, samples_per_class=2,
-                        eval_batch=8, num_classes=len(PHOTOS), ema=0.9, log_every=1,
+            _generation(32, 1, 2, steps=3, batch=4, accum=2, lr=1e-3, warmup=1,
+                        samples_per_class=2, eval_batch=8, num_classes=len(PHOTOS), ema=0.9,
+                        log_every=1,
                         ckpt_every=2, dropout=0.0),
             sampling=SamplingConfig(steps=4)),
     )

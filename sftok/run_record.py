@@ -29,7 +29,9 @@ Child run: one per trial (`trial_tags`): `mlflow.parentRunId`, `sftok.role=trial
 `seed`, `trial_key` (`<arm>_s<seed>`, or `search-<ray trial id>` for an Optuna sample), `spec`,
 `preset`, `ray_trial_id`, `stages`, `arm.<field>` / `search.<field>` (the arm's or the sample's
 values); `stage.<stage>.source` (trained / reused) and `stage.<stage>.key`; `placement.*`
-(`sftok_experiments/placement.py`); `eval_unavailable.<metric>` (why a metric is missing);
+(`sftok_experiments/placement.py`: `placement.workers` = W, the node / device of the process
+that trained, and with W > 1 `placement.rank<r>.*` of every rank); `eval_unavailable.<metric>`
+(why a metric is missing);
 `error`, `artifact_error`, `resumed`. Params: the flattened resolved config plus `stages` and
 `arm` (`param_str`; read back with `coerce_param`). Metrics: `train/<stage>/<name>` (step =
 global optimiser step), `eval/<name>` (step 0) and `trace/<name>` (step = decode step i, 1..S).
@@ -262,6 +264,16 @@ ERROR_TAG = "error"
 ARTIFACT_ERROR_TAG = "artifact_error"
 UNAVAILABLE_PREFIX = "eval_unavailable."
 SEARCH_KEY_PREFIX = "search-"
+# Where a trial ran (values: sftok_experiments/placement.py). `placement.<name>` describes the
+# process that trained (rank 0 of a data-parallel trial); `placement.workers` is the world size W
+# and, when W > 1, `placement.rank<r>.<name>` describes rank r.
+PLACEMENT_PREFIX = "placement."
+WORKERS_TAG = PLACEMENT_PREFIX + "workers"
+
+
+def placement_tag(name: str, rank: int | None = None) -> str:
+    """`placement.<name>`, or rank r's `placement.rank<r>.<name>`."""
+    return f"{PLACEMENT_PREFIX}{name}" if rank is None else f"{PLACEMENT_PREFIX}rank{rank}.{name}"
 
 
 def parent_tags(*, spec: str, preset: str, commit: str, dirty: bool, command: str,
@@ -565,6 +577,11 @@ def read_unavailable(out: Path) -> dict[str, str]:
     """eval.json's `unavailable` ({} when there is no eval.json)."""
     path = out / EVAL_JSON
     return (json.loads(path.read_text()).get("unavailable") or {}) if path.exists() else {}
+
+
+def read_eval_metrics(out: Path) -> dict[str, float]:
+    """eval.json's `metrics` (the evaluator's flat names)."""
+    return dict(json.loads((out / EVAL_JSON).read_text())["metrics"])
 
 
 def write_recon_grids(out: Path, grids: Mapping[int, Any]) -> None:

@@ -70,9 +70,6 @@ def test_rehearsal_report_has_the_documented_schema(rehearsal):
     assert [s["name"] for s in report["steps"]] == [s.name for s in device_check.STEPS]
     for s in report["steps"]:
         assert set(s) == set(device_report.STEP_KEYS) and s["status"] in device_report.STATUSES
-        if s["name"] == "ray_train" and s["status"] == "skipped":  # until issue 19 merges
-            assert "not available in this checkout" in s["reason"]
-            continue
         assert s["status"] == "ok", (s["name"], s["reason"])
         assert set(device_report.RESULT_KEYS[s["name"]]) <= set(s["result"]), s["name"]
         assert 0 < s["seconds"] <= s["box_s"]
@@ -111,6 +108,12 @@ def test_rehearsal_answers_what_holds_on_any_machine(rehearsal):
     trials = _step(report, "campaign")["result"]["trials"]
     assert len(trials) == 3 and {t["status"] for t in trials} == {"FINISHED"}
     assert {t["placement"]["device"] for t in trials} == {"cpu"}
+    # One trial on one Ray Train worker (gloo): its rank's placement, W = 1.
+    (run,) = _step(report, "ray_train")["result"]["runs"]
+    assert (run["workers"], run["returncode"]) == (1, 0) and "--ray-train" in run["command"]
+    (trial,) = run["trials"]
+    assert trial["status"] == "FINISHED" and trial["placement"]["workers"] == "1"
+    assert trial["placement"]["rank0.device"] == trial["placement"]["device"] == "cpu"
     print(f"rehearsal wall time: {wall:.0f} s")
 
 

@@ -129,9 +129,9 @@ def test_augmentation_is_applied_to_real_and_fake(monkeypatch):
     assert isinstance(adv.disc, DinoDiscriminator) and adv.augment
     seen = []
 
-    def recording(x, generator=None):
+    def recording(x, generator=None, **kw):
         seen.append(x)
-        return diff_augment(x, generator)
+        return diff_augment(x, generator, **kw)
 
     monkeypatch.setattr(discriminator, "diff_augment", recording)
     real, fake = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32, requires_grad=True)

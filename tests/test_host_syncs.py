@@ -21,7 +21,7 @@ from sftok.presets import get_preset
 from sftok.teacher import FrozenTeacher, MaskGitVQGAN
 from sftok.train import NonFiniteLossError
 from sftok.train import stages as stages_mod
-from sftok.train.loop import FiniteWatch
+from sftok.train.loop import FiniteWatch, Ratio
 from sftok.train.syncs import HostReads
 
 
@@ -72,8 +72,10 @@ def test_training_step_reads_nothing_back(stage, sets):
     with HostReads() as reads:
         out = task.step(batches, 1)
     assert reads.calls == []
-    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for k, v in out.items()
-               if k not in ("lr", "disc_lr"))
+    # 0-dim device tensors, or Ratios of two (summed over ranks before the division)
+    parts = [p for k, v in out.items() if k not in ("lr", "disc_lr")
+             for p in (v if isinstance(v, Ratio) else (v,))]
+    assert all(isinstance(p, torch.Tensor) and p.ndim == 0 for p in parts)
     assert {"loss", "grad_norm"} <= set(task.finite_keys)
     if stage == "stage3":
         assert {"gan_g", "gan_d", "lecam", "disc_grad_norm"} <= set(out)
@@ -128,7 +130,8 @@ def test_nonfinite_discriminator_loss_stops_stage3_at_its_step(tmp_path, monkeyp
 
     cfg = override(get_preset("smoke"), {
         "train.stage3.steps": 4, "train.stage3.ckpt_every": 2, "train.stage3.log_every": 4,
-        "train.stage3.gan_start": 0, "train.stage3.gan_weight": 0.5})
+        "train.stage3.gan_start": 0, "train.stage3.gan_weight": 0.5,
+        "train.stage3.grad_accum": 1})  # one hinge_d call per step
     _poison(monkeypatch, discriminator, "hinge_d", at_call=3)
     with pytest.raises(NonFiniteLossError) as err:
         stages_mod.train_stage(cfg, "stage3", _teacher(cfg), tmp_path / "s3")

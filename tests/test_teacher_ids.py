@@ -89,7 +89,8 @@ def test_which_datasets_are_pools(tmp_path):
 
 
 def test_token_stage_looks_ids_up(smoke_teacher, tmp_path, monkeypatch):
-    cfg = override(get_preset("smoke"), {"train.stage1.steps": 2})
+    # 2 steps of one micro-batch: 2 look-ups
+    cfg = override(get_preset("smoke"), {"train.stage1.steps": 2, "train.stage1.grad_accum": 1})
     seen = []
     real = TeacherIdCache.lookup
     monkeypatch.setattr(TeacherIdCache, "lookup",

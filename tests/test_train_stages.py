@@ -204,9 +204,9 @@ def test_stage3_input_is_guided_by_the_step1_prediction(smoke_teacher, stage1, m
     task = stage3.PixelTask(cfg, smoke_teacher, torch.device("cpu"), init=stage1.checkpoint)
     seen = []
 
-    def spy(targets, masked, mask_id, strategy, ratio, first_step_fn, generator):
+    def spy(targets, masked, mask_id, strategy, ratio, first_step_fn, coin):
         out = build_proxy_inputs(targets, masked, mask_id, strategy, ratio, first_step_fn,
-                                 generator)
+                                 coin=coin)
         with torch.no_grad():
             step1 = first_step_fn(torch.full_like(targets, mask_id)).argmax(-1)
         seen.append((out, step1))
@@ -255,7 +255,9 @@ def test_finished_stage_is_not_retrained(workdir, smoke_teacher, stage1, monkeyp
 
 
 def test_nan_loss_stops_with_stage_step_and_checkpoint(tmp_path, smoke_teacher, monkeypatch):
-    cfg = _cfg(**{"train.stage1.ckpt_every": 2, "train.stage1.steps": 4})
+    # one micro-batch per step: the 3rd loss computed is step 3's
+    cfg = _cfg(**{"train.stage1.ckpt_every": 2, "train.stage1.steps": 4,
+                  "train.stage1.grad_accum": 1})
     real = stages_mod.weighted_ce
     calls = {"n": 0}
 

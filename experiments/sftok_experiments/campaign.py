@@ -36,7 +36,14 @@ from sftok.storage import (
 )
 from sftok_experiments import EXPERIMENTS_DIR, ROOT, protocol
 from sftok_experiments import tracking as trk
-from sftok_experiments.expand import Plan, reported_metrics
+from sftok_experiments.expand import Plan, check_workers, reported_metrics
+from sftok_experiments.placement import (
+    concurrent_trials,
+    resource_shortfall,
+    trial_resources,
+    worker_request_error,
+)
+from sftok_experiments.spec import SpecError
 from sftok_experiments.summary import (
     CampaignResult,
     TrialSummary,
@@ -52,8 +59,10 @@ DRIVER_LOCK = "driver.lock"  # <campaign dir>/driver.lock: who runs the campaign
 class Options:
     tracking: str | None = None  # store dir or URI; default ./mlruns
     ray_address: str | None = None  # attach to an existing Ray cluster
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0  # of each worker when workers_per_trial > 1
+    gpus_per_trial: float = 0.0  # of each worker when workers_per_trial > 1
+    workers_per_trial: int | None = None  # W data-parallel workers per trial; None: the spec's
+    ray_train: bool = False  # through Ray Train even at W = 1 (the device check's NCCL run)
     device: str | None = None  # trials' device; None: the config's ("auto"); see placement.py
     max_concurrent: int | None = None
     resume: bool = False
@@ -78,6 +87,28 @@ def cache_root(opts: Options) -> Path:
     return Path(opts.cache_dir).expanduser().resolve() if opts.cache_dir else ROOT / ".cache"
 
 
+def workers_per_trial(plan: Plan, opts: Options) -> int:
+    """W: --workers-per-trial, else the spec's `workers_per_trial`."""
+    return (plan.spec.workers_per_trial if opts.workers_per_trial is None
+            else opts.workers_per_trial)
+
+
+def uses_ray_train(plan: Plan, opts: Options) -> bool:
+    """Whether the trials train on Ray Train workers: W > 1, or asked for (`--ray-train`)."""
+    return opts.ray_train or workers_per_trial(plan, opts) > 1
+
+
+def check_request(plan: Plan, opts: Options) -> str | None:
+    """The one-line error for a request no trial could run with (W does not divide a stage's
+    accumulation, a fractional GPU per worker), else None. Pure: before any compute."""
+    workers = workers_per_trial(plan, opts)
+    try:
+        check_workers(plan, workers)
+    except SpecError as e:
+        return str(e)
+    return worker_request_error(workers, opts.gpus_per_trial)
+
+
 # --------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------
@@ -94,16 +125,23 @@ FORWARDED_ENV = ("SFTOK_INCEPTION_WEIGHTS", "SFTOK_LPIPS_WEIGHTS", "SFTOK_DINO_W
                  "TORCH_HOME", "HF_HOME")
 
 
+# Run by every Ray worker process as it starts: Ray internals' per-report log lines off.
+WORKER_SETUP_HOOK = "sftok_experiments.protocol.quiet_ray_worker"
+
+
 def _forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             num_gpus: int | None = None) -> bool:
+             num_gpus: int | None = None,
+             worker_setup: str | Callable[[], None] = WORKER_SETUP_HOOK) -> bool:
     """Start (or attach to) Ray so workers can import this package; True if we started it.
 
     num_gpus None: Ray counts the machine's GPUs; a number declares logical GPUs (tests
-    schedule on them without CUDA, tests/test_gpu_scheduling.py)."""
+    schedule on them without CUDA, tests/test_gpu_scheduling.py). worker_setup: what every
+    Ray worker process runs first (default `protocol.quiet_ray_worker`; tests inject faults
+    into the workers of data-parallel trials with it)."""
     import ray
 
     if ray.is_initialized():
@@ -111,11 +149,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     os.environ["PYTHONPATH"] = _pythonpath()  # local workers inherit it from the raylet
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"],
-                                                "SFTOK_PROGRESS": "0", **_forwarded_env()}}
+                                                "SFTOK_PROGRESS": "0", **_forwarded_env()},
+                                   "worker_process_setup_hook": worker_setup}
     if address:
         # Other nodes may not have this checkout: ship the orchestration package with the job.
         runtime_env = {"py_modules": [str(EXPERIMENTS_DIR / "sftok_experiments")],
-                       "env_vars": {"SFTOK_PROGRESS": "0", **_forwarded_env()}}
+                       "env_vars": {"SFTOK_PROGRESS": "0", **_forwarded_env()},
+                       "worker_process_setup_hook": worker_setup}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
                  logging_level="WARNING")
     else:
@@ -229,6 +269,9 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
         why = {"usage_error": error} if usage else {"setup_error": error}
         return CampaignResult("", exp_id, store.uri, Path(), [], time.time() - t_start, **why)
 
+    bad_request = check_request(plan, opts)  # W, GPUs per worker: before anything else
+    if bad_request:
+        return refused(bad_request, usage=True)
     exp_id = ""
     try:  # before anything is computed or recorded
         check_writable(work_root(opts), "the work dir (--work-dir)")
@@ -348,7 +391,15 @@ def _invocation(plan: Plan, opts: Options, client, uri: str, exp_id: str,
     started_ray = False
     setup_error = None
     try:
-        if remaining and opts.prepare_teacher:
+        if remaining:
+            # Ray first: a request that this machine can never satisfy stops the campaign here,
+            # before stage 0, rather than leaving the trials pending forever.
+            started_ray = init_ray(opts.ray_address)
+            setup_error = None if opts.ray_address else _local_shortfall(plan, opts)
+            if setup_error:
+                echo(f"error: {setup_error}", file=sys.stderr, flush=True)
+                parent.record_error(setup_error)
+        if remaining and opts.prepare_teacher and setup_error is None:
             import torch
 
             torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -363,21 +414,15 @@ def _invocation(plan: Plan, opts: Options, client, uri: str, exp_id: str,
                      f"started: {setup_error}", file=sys.stderr, flush=True)
                 parent.record_error(setup_error)
         if remaining and setup_error is None:
-            started_ray = init_ray(opts.ray_address)
-            setup_error = None if opts.ray_address else _local_gpu_shortfall(opts)
-            if setup_error:  # Ray would keep the trials pending forever
-                echo(f"error: {setup_error}", file=sys.stderr, flush=True)
-                parent.record_error(setup_error)
-            else:
-                # Made here so that what it recorded survives a Ctrl-C inside fit().
-                tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
-                                            existing={k: r for k, r in existing.items()
-                                                      if r.info.status != "FINISHED"},
-                                            echo=echo, progress_every=opts.progress_every)
-                _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache,
-                           echo)
-                if tracker.store_fault is not None:  # the store failed: Tune stopped the trials
-                    raise tracker.store_fault
+            # Made here so that what it recorded survives a Ctrl-C inside fit().
+            tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
+                                        existing={k: r for k, r in existing.items()
+                                                  if r.info.status != "FINISHED"},
+                                        echo=echo, progress_every=opts.progress_every)
+            _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache,
+                       echo)
+            if tracker.store_fault is not None:  # the store failed: Tune stopped the trials
+                raise tracker.store_fault
     except KeyboardInterrupt:
         interrupted = True
         echo(f"[{clock()}] interrupted: closing the runs (the command that continues is "
@@ -446,14 +491,31 @@ def _invocation(plan: Plan, opts: Options, client, uri: str, exp_id: str,
     return result
 
 
-def _local_gpu_shortfall(opts: Options) -> str | None:
-    """A local Ray with fewer GPUs than one trial's share: the one-line error, else None.
-    (An attached cluster may autoscale, so it is left to Ray's own warning.)"""
+def _local_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the local Ray."""
     import ray
 
-    from sftok_experiments.placement import gpu_shortfall
+    have = ray.cluster_resources()
+    return have.get("CPU", 0.0), have.get("GPU", 0.0)
 
-    return gpu_shortfall(opts.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
+
+def _local_shortfall(plan: Plan, opts: Options) -> str | None:
+    """A local Ray too small for one trial (W workers' CPUs and GPUs): the one-line error, else
+    None. (An attached cluster may autoscale, so it is left to Ray's own messages.)"""
+    return resource_shortfall(workers_per_trial(plan, opts), opts.cpus_per_trial,
+                              opts.gpus_per_trial, *_local_resources())
+
+
+def _max_concurrent(plan: Plan, opts: Options) -> int | None:
+    """--max-concurrent; with W > 1 on a local Ray at most the trials whose workers all fit at
+    once (a Ray Train run starts only when all its workers fit: more trial processes would
+    only wait)."""
+    workers = workers_per_trial(plan, opts)
+    if not uses_ray_train(plan, opts) or opts.ray_address:
+        return opts.max_concurrent
+    fit = concurrent_trials(workers, opts.cpus_per_trial, opts.gpus_per_trial,
+                            *_local_resources())
+    return min(fit, opts.max_concurrent or fit)
 
 
 def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache, echo):
@@ -462,17 +524,20 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
     from sftok_experiments.trial import run_trial
 
     spec = plan.spec
-    cpus = float(opts.cpus_per_trial)
+    cpus, gpus = float(opts.cpus_per_trial), float(opts.gpus_per_trial)
+    workers, ray_train = workers_per_trial(plan, opts), uses_ray_train(plan, opts)
+    max_concurrent = _max_concurrent(plan, opts)
     # The stage store sits beside the campaign dirs (<work dir>/stages, campaign_dir is
     # <work dir>/<spec>/<parent run>), so campaigns sharing a work dir share stage results.
     runtime = protocol.Runtime(
         work_root=str(campaign_dir / "trials"), stage_store=str(campaign_dir.parent.parent /
                                                                 "stages"),
         share_stages=bool(opts.share_stages), teacher_cache=str(cache / "teachers"),
-        eval_cache=str(cache / "eval"), cpus=max(1, math.ceil(cpus)),
-        gpus=float(opts.gpus_per_trial), device=opts.device)  # placement.py
+        eval_cache=str(cache / "eval"), cpus=max(1, math.ceil(cpus)), cpu_share=cpus,
+        gpus=gpus, device=opts.device, workers=workers,
+        ray_train=ray_train)  # placement.py, data_parallel.py
     trainable = tune.with_resources(protocol.guarded(opts.trial_fn or run_trial),
-                                    {"cpu": cpus, "gpu": float(opts.gpus_per_trial)})
+                                    trial_resources(ray_train, cpus, gpus))
     if plan.search:
         search = plan.search
         points, rewards = warm_start(search, finished)
@@ -481,13 +546,13 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
                                             _search_space(search))
         tune_config = tune.TuneConfig(search_alg=_optuna_searcher(search, points, rewards),
                                       num_samples=remaining,
-                                      max_concurrent_trials=opts.max_concurrent,
+                                      max_concurrent_trials=max_concurrent,
                                       trial_dirname_creator=lambda t: protocol.trial_key(
                                           t.config, t.trial_id))
     else:
         param_space = protocol.trial_config(tune.grid_search([t.to_payload() for t in todo]),
                                             runtime)
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=opts.max_concurrent,
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
                                       trial_dirname_creator=lambda t: protocol.trial_key(
                                           t.config, t.trial_id))
     max_failures = spec.max_failures if opts.max_failures is None else opts.max_failures
@@ -504,9 +569,11 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[tracker], stop=tracker.stopper(), verbose=0)
-    echo(f"[{clock()}] {remaining} trial(s) on Ray: {cpus:g} CPU / "
-         f"{opts.gpus_per_trial:g} GPU each, max concurrent "
-         f"{opts.max_concurrent or 'unlimited'}, retries {max_failures}", flush=True)
+    each = f"{cpus:g} CPU / {gpus:g} GPU each" if not ray_train else (
+        f"{workers} worker{'s' if workers > 1 else ''} of {cpus:g} CPU / {gpus:g} GPU each "
+        "(Ray Train)")
+    echo(f"[{clock()}] {remaining} trial(s) on Ray: {each}, max concurrent "
+         f"{max_concurrent or 'unlimited'}, retries {max_failures}", flush=True)
     import logging
 
     # The tracker prints each failure as one line and logs its traceback as the child run's

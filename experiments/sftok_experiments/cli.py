@@ -22,7 +22,7 @@ USAGE = """\
 python experiments/run.py SPEC [--preset NAME] [--seeds N] [--set key=value ...]
                           [--data imagenet=PATH] [--tracking-uri URI] [--ray-address ADDR]
                           [--cpus-per-trial N] [--gpus-per-trial F] [--device auto|cpu]
-                          [--max-concurrent N]
+                          [--workers-per-trial W] [--max-concurrent N]
                           [--resume] [--dry-run [--verbose]] [--yes]
 python experiments/run.py --list
 python experiments/run.py ui [--tracking-uri URI] [--port 5000] [--campaign ID]
@@ -37,6 +37,8 @@ Examples:
   python experiments/run.py step_sweep --set train.stage2.steps=600 --dry-run
   python experiments/run.py ablation_replace_ratio --preset sftok-b --data imagenet=/data/imagenet \\
       --gpus-per-trial 1 --cpus-per-trial 8 --ray-address auto
+  python experiments/run.py ablation_replace_ratio --preset sftok-b --data imagenet=/data/imagenet \\
+      --workers-per-trial 8 --gpus-per-trial 1 --cpus-per-trial 8   # one trial on 8 GPUs
   python experiments/run.py ablation_replace_ratio --resume         # continue an interrupted run
 A plan of more than 50 trials is printed as a summary (--verbose: every trial); one of more
 than the spec's max_trials (default 100) asks for --yes before any compute.
@@ -62,10 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "webdataset pattern with .tar; 'embedded' for the built-in photos")
     p.add_argument("--tracking-uri", help="MLflow store: a directory (default ./mlruns) or URI")
     p.add_argument("--ray-address", help="attach to an existing Ray cluster (e.g. auto)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPUs per trial (per worker with --workers-per-trial > 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPU share per trial: 1 per trial for paper presets, a fraction "
-                        "(e.g. 0.25) packs small-preset trials onto one GPU")
+                        "(e.g. 0.25) packs small-preset trials onto one GPU; with "
+                        "--workers-per-trial > 1 the GPUs of each worker (a whole number)")
+    p.add_argument("--workers-per-trial", type=int, metavar="W",
+                   help="train each trial data-parallel on W workers (Ray Train; gloo on CPU, "
+                        "NCCL with a GPU each); W must divide every trained stage's grad_accum, "
+                        "which counts micro-batches over all workers (default: the spec's "
+                        "workers_per_trial, 1)")
+    p.add_argument("--ray-train", action="store_true",
+                   help="train through Ray Train workers even with one worker (W = 1 trains in "
+                        "the trial process otherwise): checks the data-parallel path, e.g. "
+                        "NCCL on one GPU (the device check)")
     p.add_argument("--device", choices=("auto", "cpu"),
                    help="trials' device (default: the config's, auto): auto = the GPU Ray "
                         "assigned the trial, CPU without a GPU share, and an error naming the "
@@ -287,7 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give a SPEC (or --list)", file=sys.stderr)
         return 2
 
-    from sftok_experiments.campaign import Options, cache_root, run_campaign, work_root
+    from sftok_experiments.campaign import (
+        Options,
+        cache_root,
+        check_request,
+        run_campaign,
+        work_root,
+    )
     from sftok_experiments.expand import expand, parse_data, parse_set
     from sftok_experiments.overview import describe
 
@@ -307,12 +326,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = Options(tracking=args.tracking_uri, ray_address=args.ray_address,
                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                   workers_per_trial=args.workers_per_trial, ray_train=args.ray_train,
                    device=args.device,
                    max_concurrent=args.max_concurrent, resume=args.resume,
                    work_dir=args.work_dir, cache_dir=args.cache_dir,
                    max_failures=args.max_failures, prepare_teacher=not args.no_teacher,
                    share_stages=not args.no_share_stages,
                    progress_every=args.progress_every)
+    bad_request = check_request(plan, opts)  # --dry-run included: before any compute
+    if bad_request:
+        print(f"error: {bad_request}", file=sys.stderr)
+        return 2
     print(describe(plan, verbose=args.verbose, stage_root=work_root(opts) / "stages",
                    teacher_root=cache_root(opts) / "teachers", share=opts.share_stages),
           flush=True)

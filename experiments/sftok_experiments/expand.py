@@ -17,6 +17,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 from sftok.config import ConfigError, ExperimentConfig, override, to_dict
 from sftok.presets import PRESETS, get_preset
 from sftok.run_record import BOUND_PREFIXES, bound_metric, eval_key, step_metric
+from sftok.train import check_world_size
 from sftok_experiments.spec import STAGES, NamedArm, Spec, SpecError
 
 
@@ -69,14 +71,14 @@ class Plan:
 
         The sha256 of `json.dumps({"preset", "spec", "trials": [payloads]}, sort_keys=True)`,
         fed one trial at a time (the same bytes without the whole text of a 10,000-trial plan
-        in memory). `max_trials` is left out: a confirmation threshold changes nothing a trial
-        computes.
+        in memory). `max_trials` is left out (a confirmation threshold changes nothing a trial
+        computes), and so is `workers_per_trial`: a campaign resumes on any number of workers.
         """
         def dumps(v: Any) -> str:
             return json.dumps(v, sort_keys=True, default=str)
 
         h = hashlib.sha256()
-        spec = self.spec.model_dump(mode="json", exclude={"max_trials"})
+        spec = self.spec.model_dump(mode="json", exclude={"max_trials", "workers_per_trial"})
         h.update(f'{{"preset": {dumps(self.preset)}, "spec": {dumps(spec)}, "trials": ['
                  .encode())
         for i, t in enumerate(self.trials):
@@ -364,6 +366,36 @@ def _check_generation_source(t: Trial, file: Path) -> None:
     if own and path:
         raise SpecError(file, "generation.tokenizer", f"trial {t.key}: set both to a checkpoint "
                         f"({path}) and trains its own tokenizer ({', '.join(own)}); keep one")
+
+
+def check_workers(plan: Plan, workers: int) -> None:
+    """SpecError (one line) unless every trial can train on `workers` data-parallel workers:
+    W must divide the grad_accum of every stage it trains (the effective batch stays
+    batch_size x grad_accum, sftok.distributed). Pure and fast: before any compute."""
+    if workers < 1:
+        raise SpecError("--workers-per-trial", "", f"must be >= 1, got {workers}")
+    for t in plan.trials:
+        try:
+            check_world_size(t.config, t.stages, workers)
+        except ConfigError as e:
+            raise SpecError("--workers-per-trial", "", f"{workers} workers cannot train trial "
+                            f"{t.key}: {e}{_accumulation_hint(t, workers)}") from None
+
+
+def _accumulation_hint(t: Trial, workers: int) -> str:
+    """The --set that split each stage's micro-batch so that W divides its accumulation, with
+    the same effective batch (the micro-batch changes: say so, it matters to OptVQ)."""
+    sets = []
+    for stage in t.stages:
+        prefix = "generation.train" if stage == "generation" else f"train.{stage}"
+        s = t.config.generation.train if stage == "generation" else getattr(t.config.train,
+                                                                            stage)
+        k = workers // math.gcd(s.grad_accum, workers)
+        if k > 1 and s.batch_size % k == 0:
+            sets += [f"--set {prefix}.batch_size={s.batch_size // k}",
+                     f"--set {prefix}.grad_accum={s.grad_accum * k}"]
+    return (f" (same effective batches in smaller micro-batches: {' '.join(sets)})" if sets
+            else "")
 
 
 def stage_steps(cfg: ExperimentConfig, stage: str) -> int:

@@ -15,20 +15,30 @@ for that (`--device cpu`). A trial without a GPU share runs on CPU under "auto",
 leaves `CUDA_VISIBLE_DEVICES` set for zero-GPU workers and "auto" would otherwise put it on a GPU
 it was not given.
 
-Every trial reports, as tags of its MLflow run (`placement.*`, see `placement_tags`): the node
-and its IP, the Ray GPU ids and `CUDA_VISIBLE_DEVICES` it saw, its GPU share, the CUDA device
-its share maps to (`gpu_slot`), the device it chose, the GPU model when it runs on CUDA, and its
-start and end times (Unix seconds; the end comes with the final report).
+Every trial reports, as tags of its MLflow run (`placement.*`, see `placement_tags`; the names
+come from `sftok.run_record`): the node and its IP, the Ray GPU ids and `CUDA_VISIBLE_DEVICES`
+it saw, its GPU share, the CUDA device its share maps to (`gpu_slot`), the device it chose, the
+GPU model when it runs on CUDA, its start and end times (Unix seconds; the end comes with the
+final report) and `placement.workers`, the number of workers W it trains on.
+
+A data-parallel trial (W > 1, `data_parallel.py`) trains on W Ray Train workers, not in the trial
+process: each worker chooses its device with the same `select_device` (`--gpus-per-trial` is then
+the share of each worker), and the trial's run gets `placement.rank<r>.*` for every rank
+(`rank_tags`) with rank 0's values also under the plain names. Requests are checked before
+compute: a worker needs a whole number of GPUs (`worker_request_error`: two ranks on one GPU fail
+in NCCL), and W times a worker's CPUs / GPUs must fit this machine's Ray (`resource_shortfall`).
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-TAG_PREFIX = "placement."
+from sftok.run_record import PLACEMENT_PREFIX as TAG_PREFIX
+from sftok.run_record import WORKERS_TAG, placement_tag
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -94,6 +104,62 @@ def gpu_shortfall(gpus_per_trial: float, node_gpus: float) -> str | None:
             "attach to a cluster with GPUs via --ray-address")
 
 
+# What the process of a data-parallel trial reserves (bytes of Ray's `memory` resource): no CPU
+# and no GPU, since it only waits on its workers (Tune needs a non-empty request); about what it
+# holds (Python, torch, Ray).
+TRIAL_PROCESS_MEMORY = 512 * 2 ** 20
+
+
+def trial_resources(ray_train: bool, cpus: float, gpus: float) -> dict[str, float]:
+    """What Tune reserves for one trial process (`tune.with_resources`): the trial's CPUs and
+    GPU share; when Ray Train workers train it (W > 1, or `--ray-train`: they reserve their
+    own) only `TRIAL_PROCESS_MEMORY`."""
+    if not ray_train:
+        return {"cpu": cpus, "gpu": gpus}
+    return {"cpu": 0, "gpu": 0, "memory": TRIAL_PROCESS_MEMORY}
+
+
+def worker_request_error(workers: int, gpus_per_worker: float) -> str | None:
+    """The one-line error for a GPU share that W > 1 workers cannot use, else None: each rank
+    needs a GPU of its own (NCCL cannot run two ranks of one group on one GPU, and a fraction
+    lets Ray put two of them on the same card)."""
+    if workers == 1 or gpus_per_worker == int(gpus_per_worker):
+        return None
+    return (f"--gpus-per-trial {gpus_per_worker:g} with --workers-per-trial {workers}: with "
+            "several workers --gpus-per-trial is each worker's GPUs and must be a whole number "
+            "(two ranks cannot share a GPU); use --gpus-per-trial 1, or 0 to train the workers "
+            "on CPU (gloo)")
+
+
+def resource_shortfall(workers: int, cpus: float, gpus: float, have_cpus: float,
+                       have_gpus: float) -> str | None:
+    """The one-line error when one trial (W workers of `cpus` CPUs and `gpus` GPUs each; W = 1:
+    the trial itself) can never start on this machine's Ray, else None."""
+    if workers == 1:
+        if cpus > have_cpus:
+            return (f"--cpus-per-trial {cpus:g} but Ray found {have_cpus:g} CPU(s) on this "
+                    "machine, so no trial could start: lower --cpus-per-trial, or attach to a "
+                    "cluster via --ray-address")
+        return gpu_shortfall(gpus, have_gpus)
+    for what, per, have, flag in (("CPU", cpus, have_cpus, "--cpus-per-trial"),
+                                  ("GPU", gpus, have_gpus, "--gpus-per-trial")):
+        if workers * per > have:
+            return (f"--workers-per-trial {workers} x {flag} {per:g} = {workers * per:g} "
+                    f"{what}(s) per trial but Ray found {have:g} {what}(s) on this machine, so "
+                    f"no trial could start: use fewer workers, lower {flag}, or attach to a "
+                    "cluster via --ray-address")
+    return None
+
+
+def concurrent_trials(workers: int, cpus: float, gpus: float, have_cpus: float,
+                      have_gpus: float) -> int:
+    """How many trials of W workers fit this machine's Ray at once (Ray Train starts a trial's
+    workers only when all of them fit; more trial processes would only wait)."""
+    fits = [have_cpus / (workers * cpus)] if cpus > 0 else []
+    fits += [have_gpus / (workers * gpus)] if gpus > 0 else []
+    return max(1, math.floor(min(fits) + 1e-9)) if fits else 1
+
+
 @dataclass(frozen=True)
 class Placement:
     """What a running trial observed about where it runs (read by `observe`)."""
@@ -138,7 +204,31 @@ def placement_tags(p: Placement, device: str | None) -> dict[str, str]:
         import torch
 
         tags["gpu_model"] = torch.cuda.get_device_name(device)
-    return {TAG_PREFIX + k: v for k, v in tags.items()}
+    return {placement_tag(k): v for k, v in tags.items()}
+
+
+def workers_tag(workers: int) -> dict[str, str]:
+    """`placement.workers`: the number of workers the trial trains on."""
+    return {WORKERS_TAG: str(workers)}
+
+
+# A worker's tags that describe the trial rather than the worker: the trial process reports them.
+_TRIAL_LEVEL = ("start", "gpu_share")
+
+
+def rank_tags(per_rank: Sequence[dict[str, str]]) -> dict[str, str]:
+    """The tags of W workers (each rank's `placement_tags`): every rank's under
+    `placement.rank<r>.<name>`, rank 0's also under `placement.<name>`, and `placement.workers`."""
+    out = workers_tag(len(per_rank))
+    for rank, tags in enumerate(per_rank):
+        for key, value in tags.items():
+            name = key[len(TAG_PREFIX):]
+            if name in _TRIAL_LEVEL:
+                continue
+            out[placement_tag(name, rank)] = value
+            if rank == 0:
+                out[key] = value
+    return out
 
 
 def trial_placement(requested: str, gpu_share: float | None,
@@ -152,16 +242,48 @@ def trial_placement(requested: str, gpu_share: float | None,
     try:
         device = select_device(requested, p.gpu_ids, p.visible, p.cuda_available, p.node)
     except DeviceUnavailableError:
-        report(placement_tags(p, None))
+        report({**placement_tags(p, None), **workers_tag(1)})
         raise
+    _use(device)
+    report({**placement_tags(p, device), **workers_tag(1)})
+    return device
+
+
+def worker_placement(requested: str, gather: Callable[[object], list],
+                     report: Callable[[dict[str, str]], None]) -> str:
+    """Inside each of W Ray Train workers: choose its device, `report` every rank's tags
+    (`rank_tags`; gather = an all-gather over the ranks), return the device. A rank without its
+    device fails on every rank with its one line, after the tags were reported."""
+    p = observe()
+    try:
+        device, error = select_device(requested, p.gpu_ids, p.visible, p.cuda_available,
+                                      p.node), None
+        _use(device)  # before the gather: NCCL's collectives run on the current GPU
+    except DeviceUnavailableError as e:
+        device, error = None, str(e)
+    everyone = gather((placement_tags(p, device), error))
+    report(rank_tags([tags for tags, _ in everyone]))
+    bad = [(rank, err) for rank, (_, err) in enumerate(everyone) if err]
+    if bad:
+        rank, err = bad[0]
+        raise DeviceUnavailableError(f"worker rank {rank} of {len(everyone)}: {err}")
+    return device
+
+
+def _use(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.set_device(device)  # bare "cuda" tensors elsewhere land on the same GPU
-    report(placement_tags(p, device))
-    return device
+
+
+def start_tags(workers: int, gpu_share: float) -> dict[str, str]:
+    """What the process of a data-parallel trial reports first (its workers report the rest):
+    W, each worker's GPU share, the trial's start (Unix seconds)."""
+    return {**workers_tag(workers), placement_tag("gpu_share"): f"{gpu_share:g}",
+            placement_tag("start"): f"{time.time():.3f}"}
 
 
 def end_tag() -> dict[str, str]:
     """The trial's end time, sent with its final report."""
-    return {TAG_PREFIX + "end": f"{time.time():.3f}"}
+    return {placement_tag("end"): f"{time.time():.3f}"}

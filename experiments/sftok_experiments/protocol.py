@@ -1,10 +1,17 @@
 """How a trial and the driver talk: the trial's input, its reports, and their decoding.
 
 The only module that touches a Ray trial's session (`ray.tune.report`, `get_checkpoint`,
-`get_context`): a trial function calls the `report_*` functions and the accessors below, never
-Ray itself, so trials could run elsewhere (e.g. as Ray Train workers) by changing this module.
-A trial never touches the MLflow store (DESIGN §2, one writer); the driver's tracker
-(`tracking.MlflowTracker`) decodes every report with `decode` and writes the record.
+`get_context`) or a Ray Train worker's (`ray.train.report`, `ray.train.get_context`): a trial
+function and the workers of a data-parallel trial call the `report_*` functions and the
+accessors below, never Ray itself. A trial never touches the MLflow store (DESIGN §2, one
+writer); the driver's tracker (`tracking.MlflowTracker`) decodes every report with `decode` and
+writes the record.
+
+A data-parallel trial (`Runtime.workers` W > 1, `data_parallel.py`) trains on W Ray Train
+workers: they send the `placement` and `train` reports below with `ray.train.report` (every rank
+alike: a barrier), and the `TuneReportCallback` of `worker_report_callback` forwards rank 0's to
+the trial's session, so the driver sees the same reports as from a one-process trial; the trial
+process itself reports its start, `stage_done` and `final`.
 
 A trial function receives `config` = {"trial": payload, "runtime": Runtime fields[, "search":
 {field: sampled value}]}: the payload of one expanded trial (`expand.Trial.to_payload`: key, arm,
@@ -13,7 +20,9 @@ trial (`Runtime`), and an Optuna sample's values. `resolved_config`, `trial_key`
 `trial_arm` decode it.
 
 Reports (each a `tune.report`; the driver sees them in `on_trial_result`):
-- `{"event": "placement", "placement.<k>": v, ...}` first (`place_trial`, placement.py);
+- `{"event": "placement", "placement.<k>": v, ...}` first (`place_trial`, placement.py; with
+  W > 1 `report_trial_start`, then the workers' `place_worker` at the start of each of their
+  runs);
 - `{"event": "train", "stage": s, "global_step": n, "train/<s>/<name>": v, ...}` every
   logged window (`"replayed": true` for the windows of a stage result the trial did not train);
 - `{"event": "stage_done", "stage": s, "global_step": n, "source": trained | reused, "key": k,
@@ -29,7 +38,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib.util
 import logging
+import os
 import sys
 import tempfile
 import traceback
@@ -42,7 +53,13 @@ from sftok import run_record
 from sftok.config import ConfigError, ExperimentConfig, from_dict, override
 from sftok.storage import StorageError, StorageFullError, disk_full
 from sftok.train import NonFiniteLossError
-from sftok_experiments.placement import TAG_PREFIX, end_tag, trial_placement
+from sftok_experiments.placement import (
+    TAG_PREFIX,
+    end_tag,
+    start_tags,
+    trial_placement,
+    worker_placement,
+)
 
 TRIAL, RUNTIME, SEARCH = "trial", "runtime", "search"  # the parts of a trial's config
 PLACEMENT, TRAIN, STAGE_DONE, FINAL, ERROR = "placement", "train", "stage_done", "final", "error"
@@ -53,6 +70,13 @@ def _session():
     from ray import tune
 
     return tune
+
+
+def _worker_session():
+    """Ray Train's worker session API (imported only inside a data-parallel trial's workers)."""
+    import ray.train
+
+    return ray.train
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,9 +93,12 @@ class Runtime:
     work_root: str | None = None  # the trial works in <work_root>/<trial key>
     stage_store: str | None = None  # <work dir>/stages: stage results shared by the trials
     share_stages: bool = True  # False: every trial trains every stage in its own work dir
-    cpus: int = 1  # intra-op threads (the CPUs Ray gave the trial)
-    gpus: float = 0.0  # the trial's GPU share
+    cpus: int = 1  # intra-op threads (the CPUs Ray gave the trial; of each worker if W > 1)
+    cpu_share: float = 1.0  # the CPUs Ray reserves per trial (per worker if W > 1)
+    gpus: float = 0.0  # the trial's GPU share (each worker's if W > 1)
     device: str | None = None  # --device; None: the config's
+    workers: int = 1  # W data-parallel workers (data_parallel.py)
+    ray_train: bool = False  # train on W Ray Train workers: W > 1, or asked for at W = 1
 
 
 def trial_config(trial: Any, runtime: Runtime, search: dict | None = None) -> dict[str, Any]:
@@ -138,6 +165,56 @@ def _report_placement(tags: dict[str, str]) -> None:
     _session().report({"event": PLACEMENT, **tags})
 
 
+def report_trial_start(workers: int, gpus_per_worker: float) -> None:
+    """The first report of a data-parallel trial: W, each worker's GPU share and the start
+    (its workers report where they run, `place_worker`)."""
+    _report_placement(start_tags(workers, gpus_per_worker))
+
+
+def worker_report_callback():
+    """The Ray Train callback that forwards rank 0's reports to this trial's session (made in
+    the trial process, for the `TorchTrainer` it starts)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
+
+
+# --------------------------------------------------------------------------------------------
+# Inside the Ray Train workers of a data-parallel trial
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where this Ray Train worker stands among the trial's W workers."""
+
+    rank: int
+    local_rank: int  # its index on its node
+    world_size: int
+
+
+def worker_context() -> WorkerContext:
+    ctx = _worker_session().get_context()
+    return WorkerContext(ctx.get_world_rank(), ctx.get_local_rank(), ctx.get_world_size())
+
+
+def _report_from_worker(out: dict[str, Any]) -> None:
+    """ray.train.report on every rank (a barrier; rank 0's reaches the driver)."""
+    _worker_session().report(out)
+
+
+def place_worker(requested: str, gather: Callable[[Any], list]) -> str:
+    """A worker's device (`placement.worker_placement`), every rank's tags reported first."""
+    return worker_placement(requested, gather,
+                            report=lambda tags: _report_from_worker({"event": PLACEMENT, **tags}))
+
+
+def worker_stage_reporter(stage: str) -> Callable[[int, dict], None]:
+    """The training callback of `stage` on every rank (the loop calls it on all ranks at the
+    same steps with the same rank-averaged metrics, as ray.train.report needs)."""
+    return lambda step, metrics: _report_from_worker(_train_report(stage, step, metrics))
+
+
 def trial_dir() -> Path:
     """The Ray trial's own directory (a trial without a shared work dir works in it)."""
     return Path(_session().get_context().get_trial_dir())
@@ -163,22 +240,65 @@ def last_checkpoint() -> contextlib.AbstractContextManager[Path | None]:
 # --------------------------------------------------------------------------------------------
 
 
+# Ray internals whose logs would drown the campaign's one line per trial event: a line per
+# report of every rank ("Reporting training result ...", a logger named by its file); one every
+# second from each Ray Train run's placement-group cleaner, whose state-API queries fail without
+# Ray's dashboard (which `campaign.init_ray` leaves off); a traceback when a busy machine starts
+# an actor slowly (the autoscaling coordinator's request, "safe to ignore" by its own words;
+# nothing autoscales a local Ray); and each failing rank's traceback, which the trial's one-line
+# error stands for (the traceback is kept: the run's error.txt, the failed run's message).
+NOISY_RAY_LOGGERS = {
+    # Ray Train's own info lines ("Requesting resources ...", "Attempting to start training
+    # worker group ..."): its structured logging, which filtered them, is off (data_parallel.py)
+    "ray.train": logging.WARNING,
+    "ray.train.v2._internal.execution.context": logging.ERROR,
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
+        logging.ERROR,
+    "ray.train.v2._internal.util": logging.CRITICAL,
+    # "Graceful shutdown of backend failed" with a traceback after a worker died: the trial's
+    # WorkerDiedError line says which and why.
+    "ray.train.v2._internal.callbacks.backend_setup": logging.ERROR,
+}
+
+
+def quiet_ray_worker() -> None:
+    """Ray's `worker_process_setup_hook` (`campaign.init_ray`), in every Ray worker process:
+    the noisy internal loggers above are turned down (the console shows trial events), and
+    Ray's own clients in it (the state API) find this process's cluster even where other Ray
+    clusters run on the same machine."""
+    import ray
+
+    for module, level in NOISY_RAY_LOGGERS.items():
+        spec = importlib.util.find_spec(module)
+        for name in (module, spec.origin if spec is not None else None):
+            if name:
+                logging.getLogger(name).setLevel(level)
+    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def _quiet_ray_logs() -> None:
     # "Checkpoint successfully created at ..." on every report would drown the event lines.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
 
-def report_train(stage: str, global_step: int, metrics: dict[str, float],
-                 replayed: bool = False) -> None:
-    """One logged window of `stage` (metric names of docs/architecture.md) at a global step;
-    replayed: the window of a result trained before (by another trial or an earlier attempt)."""
+def _train_report(stage: str, global_step: int, metrics: dict[str, float],
+                  replayed: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"event": TRAIN, "stage": stage, "global_step": int(global_step)}
     out.update({run_record.train_key(stage, k): float(v) for k, v in metrics.items()
                 if isinstance(v, (int, float))})
     if replayed:
         out["replayed"] = True
-    _session().report(out)
+    return out
+
+
+def report_train(stage: str, global_step: int, metrics: dict[str, float],
+                 replayed: bool = False) -> None:
+    """One logged window of `stage` (metric names of docs/architecture.md) at a global step;
+    replayed: the window of a result trained before (by another trial or an earlier attempt)."""
+    _session().report(_train_report(stage, global_step, metrics, replayed))
 
 
 def stage_reporters(stage: str) -> tuple[Callable[[int, dict], None], Callable[[int, dict], None]]:

@@ -15,6 +15,7 @@ the evaluation, the analysis notebook it feeds and an optional Optuna `search:` 
     evaluation: {decode_steps: [8]}
     report: analysis/table4_replace_ratio.py
     max_trials: 100          # optional: more trials than this need --yes (default 100)
+    workers_per_trial: 1        # optional: W data-parallel workers per trial
 
 Every model is `extra='forbid'` and strict: an unknown key, a wrong type or an unknown stage
 raises `SpecError` naming the file and the field (e.g. `ablation.yaml: arms.grid: ...`).
@@ -194,6 +195,10 @@ class Spec(_Strict):
     # mean 10,000 trials); a spec meant to be that large says so here. Not part of the
     # campaign's identity (`Plan.campaign_hash`).
     max_trials: Annotated[int, Field(ge=1)] = DEFAULT_MAX_TRIALS
+
+    # W: each trial trains on W data-parallel workers (Ray Train; --workers-per-trial overrides
+    # it). Not part of the campaign's identity: results do not depend on W (issue 19).
+    workers_per_trial: Annotated[int, Field(ge=1)] = 1
 
     @field_validator("name")
     @classmethod

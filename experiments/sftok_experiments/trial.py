@@ -2,7 +2,10 @@
 
 `run_trial(config)` is the trial function (`protocol.guarded` wraps it): it speaks to the driver
 only through `protocol` (its input, reports and checkpoints) and writes its artifacts with
-`sftok.run_record`; the driver's tracker logs both (DESIGN §2, one writer).
+`sftok.run_record`; the driver's tracker logs both (DESIGN §2, one writer). With one worker
+(`Runtime.workers` 1) it trains and evaluates in its own process, on the device of its Ray
+share; with W > 1 (or `--ray-train`, `Runtime.ray_train`) it drives W Ray Train workers (`data_parallel.TrialWorkers`) and keeps only the
+stage store, its lock, the publishing and the reports here.
 
 Stage results live in the content-addressed store `Runtime.stage_store` (`stage_store.py`):
 each distinct stage result is trained once per work directory and every trial that needs it
@@ -28,16 +31,13 @@ from typing import Any
 
 import torch
 
-from sftok import run_record
-from sftok.checkpoint import load_model
-from sftok.config import override, to_dict
-from sftok.data import CorruptImageWarning, build_val_dataset, val_batches
-from sftok.evaluate import dataset_key, evaluate
-from sftok.evaluate.bounds import build_bounds
-from sftok.storage import writing
+from sftok.config import override
+from sftok.data import CorruptImageWarning
 from sftok.train import TeacherUnavailableError, get_teacher
 from sftok.train.loop import resolve_device
 from sftok_experiments import protocol
+from sftok_experiments.data_parallel import TrialWorkers
+from sftok_experiments.evaluation import evaluate_trial
 from sftok_experiments.generation import run_generation
 from sftok_experiments.stage_store import StageStore, snapshot
 
@@ -45,7 +45,8 @@ from sftok_experiments.stage_store import StageStore, snapshot
 def run_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: config = {"trial": payload, "runtime": {...}[, "search"]}."""
     rt = protocol.runtime(config)
-    torch.set_num_threads(max(1, int(rt.cpus)))  # intra-op threads = the CPUs Ray gave it
+    # Intra-op threads = the CPUs Ray gave the trial (Ray Train: its workers have them; it waits).
+    torch.set_num_threads(1 if rt.ray_train else max(1, int(rt.cpus)))
     os.environ.setdefault("SFTOK_PROGRESS", "0")  # no progress bars inside Ray workers
     # Skipped files are counted and reported to the driver (train/<stage>/data_skipped,
     # eval/skipped_images), which prints one line for the campaign: no warning per worker.
@@ -53,10 +54,13 @@ def run_trial(config: dict[str, Any]) -> None:
 
     payload = protocol.payload(config)
     cfg = protocol.resolved_config(config)
-    # Before anything heavy: a trial on a node without its device fails here, in one line.
-    dev = protocol.place_trial(config, cfg)
-    if dev != cfg.device:
-        cfg = override(cfg, {"device": dev})  # train_stage / get_teacher read cfg.device
+    if not rt.ray_train:
+        # Before anything heavy: a trial on a node without its device fails here, in one line.
+        dev = protocol.place_trial(config, cfg)
+        if dev != cfg.device:
+            cfg = override(cfg, {"device": dev})  # train_stage / get_teacher read cfg.device
+    else:  # its workers choose their devices and report where they run (data_parallel.py)
+        protocol.report_trial_start(rt.workers, rt.gpus)
     key = protocol.trial_key(config)
     # No shared work dir: the Ray trial directory (retries rely on Ray checkpoints).
     work = Path(rt.work_root) / key if rt.work_root else protocol.trial_dir() / "work"
@@ -67,16 +71,12 @@ def run_trial(config: dict[str, Any]) -> None:
         if last is not None:
             store.restore(last, work)
 
-    device = resolve_device(cfg.device)
-    # The driver trained (or loaded) the teacher before any trial: trials only load it. On a
-    # cluster whose nodes do not share --cache-dir this fails loudly instead of quietly
-    # training a different teacher (a different codebook) on every node.
-    try:
-        teacher = get_teacher(cfg, Path(rt.teacher_cache), train_if_missing=False)
-    except TeacherUnavailableError as e:
-        raise TeacherUnavailableError(f"{e} (trial on {platform.node()}: put --cache-dir on "
-                                      "storage every Ray node can read)") from e
-    teacher = teacher.to(device)
+    group = device = teacher = None
+    if rt.ray_train:
+        group = TrialWorkers(rt, cfg, key, work, payload)
+    else:
+        device = resolve_device(cfg.device)
+        teacher = _load_teacher(cfg, rt).to(device)
 
     tmp = Path(tempfile.mkdtemp(prefix="sftok-trial-"))
     try:
@@ -86,7 +86,8 @@ def run_trial(config: dict[str, Any]) -> None:
             prev = store.obtain(cfg, stage, teacher, init=prev, callback=live,
                                 replay_callback=replayed, step_offset=offset,
                                 echo=lambda m: print(m, flush=True),
-                                id_cache_dir=Path(rt.teacher_cache) / "ids")
+                                id_cache_dir=Path(rt.teacher_cache) / "ids",
+                                train_fn=group.train_stage if group is not None else None)
             offset += prev.steps
             done.append(prev)
             protocol.report_stage_done(stage, offset, snapshot(done, tmp), source=prev.source,
@@ -95,22 +96,28 @@ def run_trial(config: dict[str, Any]) -> None:
         init = prev.checkpoint if prev is not None else None
         if "generation" in payload["stages"]:  # Table 2: the tokenizer feeds a generator
             source = init if init is not None else Path(cfg.generation.tokenizer)
-            run_generation(cfg, source, teacher, work, tmp, payload, device, rt, offset, done)
+            if group is not None:
+                group.generation(source, offset, done, tmp)
+            else:
+                run_generation(cfg, source, teacher, work, tmp, payload, device, rt, offset,
+                               done)
             return
-        tokenizer = load_model(init, device)[0].eval()
-        val = build_val_dataset(cfg.data)  # never scans the training data
-        images = val_batches(val, cfg.eval.batch_size, cfg.eval.max_images)
-        # Floors (naive codecs with the tokenizer's / teacher's bits) and the teacher ceiling
-        # are scored on the same images: every table places the arms between them (issue 9).
-        bounds = build_bounds(cfg, rt.eval_cache)
-        result = evaluate(tokenizer, teacher, images, cfg.eval, device=device,
-                          cache_dir=rt.eval_cache, progress=False, decode_cfg=cfg.decode,
-                          dataset_key=dataset_key(cfg), bounds=bounds)
-        metrics = {**result.metrics, "skipped_images": images.skipped}  # left out, not scored
-        with writing(tmp, "the trial's artifacts"):
-            art = run_record.write_trial_artifacts(tmp / "artifacts", to_dict(cfg), payload,
-                                                   metrics, result.unavailable, result.trace,
-                                                   result.grids, init)
+        if group is not None:
+            metrics, art = group.evaluate(init)
+        else:
+            art = tmp / "artifacts"
+            metrics = evaluate_trial(cfg, init, teacher, device, rt, payload, art)
         protocol.report_final(metrics, art)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_teacher(cfg, rt: protocol.Runtime):
+    """The driver trained (or loaded) the teacher before any trial: trials only load it. On a
+    cluster whose nodes do not share --cache-dir this fails loudly instead of quietly training
+    a different teacher (a different codebook) on every node."""
+    try:
+        return get_teacher(cfg, Path(rt.teacher_cache), train_if_missing=False)
+    except TeacherUnavailableError as e:
+        raise TeacherUnavailableError(f"{e} (trial on {platform.node()}: put --cache-dir on "
+                                      "storage every Ray node can read)") from e

@@ -2,15 +2,20 @@
 image (`jpg`/`jpeg`/`png`/`webp`) and a class id (`cls`, ASCII integer; absent -> label 0).
 
 `ShardDataset` is an IterableDataset with the same preprocessing and corrupt-sample policy as the
-image folder. Training order: shards permuted by (seed, epoch), split across ranks (when
-torch.distributed is initialised) and DataLoader workers, then a shuffle buffer seeded by
-(seed, epoch, rank, worker); crop and flip from a seed per (seed, epoch, rank, worker, sample).
+image folder. Training order: shards permuted by (seed, epoch), split over slots (one per
+data-parallel rank × DataLoader worker: slot = worker·W + rank, so every rank gets shards when
+there are at least W), then a shuffle buffer seeded by (seed, epoch, slot); crop and flip from
+a seed per (seed, epoch, slot, sample). The ranks are given explicitly (`configured(rank=,
+world_size=)`, by `TrainStream`), never read from torch.distributed. A rank with fewer shards
+than DataLoader workers would leave workers idle, and one without a shard would have no data:
+with W > 1 `check_slots` refuses fewer shards than slots, naming the fix.
 Evaluation: shards in the given order, no shuffling, centre crops.
 
-Resume is approximate (`TrainStream`): the stream restarts the epoch and each process drops its
-share of the samples already consumed, before decoding. With one process and no corrupt samples
-this reproduces the uninterrupted stream exactly; with several workers the split of the dropped
-samples between workers, and skipped corrupt samples, can shift it by a few samples.
+Resume is approximate (`TrainStream`): the stream restarts the epoch and each slot drops its
+share of the samples already consumed (a position counting global samples: all ranks together),
+before decoding. With one process and no corrupt samples this reproduces the uninterrupted
+stream exactly; with several workers or ranks the split of the dropped samples between slots,
+and skipped corrupt samples, can shift it by a few samples.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ class ShardDataset(IterableDataset):
         self.skip_log = SkipLog(f"{field} shards")
         # Set through `configured()` by TrainStream; plain iteration is epoch 0 from the start.
         self.seed, self.epoch, self.skip, self.flip = seed, 0, 0, train
+        self.rank, self.world_size = 0, 1
 
     @property
     def skipped(self) -> int:
@@ -75,22 +81,30 @@ class ShardDataset(IterableDataset):
         return self.skip_log.count
 
     def configured(self, **changes) -> ShardDataset:
-        """A shallow copy with seed / epoch / skip / flip changed (the original is untouched)."""
+        """A shallow copy with seed / epoch / skip / flip / rank / world_size changed (the
+        original is untouched)."""
         view = copy.copy(self)
         for k, v in changes.items():
-            if k not in ("seed", "epoch", "skip", "flip"):
+            if k not in ("seed", "epoch", "skip", "flip", "rank", "world_size"):
                 raise TypeError(f"unknown setting {k!r}")
             setattr(view, k, v)
         return view
 
+    def check_slots(self, world_size: int, loader_workers: int) -> None:
+        """ConfigError unless every one of world_size × loader_workers slots gets a shard."""
+        slots = world_size * loader_workers
+        if len(self.urls) < slots:
+            raise ConfigError("data.path", f"{len(self.urls)} shard(s) for {world_size} workers "
+                                           f"x {loader_workers} DataLoader worker(s) = {slots} "
+                                           f"slots: every slot reads whole shards, so some would "
+                                           f"get none; write at least {slots} shards, or lower "
+                                           f"data.num_workers or the number of workers")
+
     def _process_slot(self) -> tuple[int, int]:
         """(slot, slots) of this process among ranks × DataLoader workers."""
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        return rank * nw + wid, world * nw
+        return wid * self.world_size + self.rank, self.world_size * nw
 
     def _raw(self, slot: int, slots: int) -> Iterator[dict]:
         urls = self.urls

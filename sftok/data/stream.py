@@ -10,6 +10,13 @@ batches the uninterrupted one would, with or without DataLoader workers (the wor
 (index, seed, flip) keys from a batch sampler and never draw random numbers of their own).
 
 Iterable data (`ShardDataset`): the same state, but resume is approximate; see `shards.py`.
+
+Data parallelism (issue 19): with `world_size` W > 1 the stream of rank r yields every W-th
+batch of the single-process sequence, starting at the r-th: a step's G micro-batches
+j = 0..G-1 are global batches, and rank r gets j = a·W + r (`sftok.distributed`). The
+state still counts global samples (each local batch advances it by W·B), so it is the same on
+every rank at a step boundary and rank 0's checkpoint resumes them all. Shards are split over
+rank × DataLoader-worker slots instead (`ShardDataset`), the position counting global samples.
 """
 from __future__ import annotations
 
@@ -71,24 +78,34 @@ class _Keyed(Dataset):
 
 
 class _KeyBatches:
-    """Infinite batch sampler: lists of keys from (epoch, position) on, spanning epochs."""
+    """Infinite batch sampler: lists of keys from (epoch, position) on, spanning epochs; with
+    several ranks, this rank's batch of every round of W (the others' only advance the
+    position)."""
 
     def __init__(self, stream: TrainStream, epoch: int, position: int):
         self.stream, self.epoch, self.position = stream, epoch, position
 
     def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
-        s, n = self.stream, self.stream.num_samples
+        s, n, b = self.stream, self.stream.num_samples, self.stream.batch_size
         epoch, position = self.epoch, self.position
         while True:
+            epoch, position = _advance(epoch, position, s.rank * b, n)
             keys = []
-            while len(keys) < s.batch_size:
+            while len(keys) < b:
                 perm = s._permutation(epoch)
-                take = min(s.batch_size - len(keys), n - position)
+                take = min(b - len(keys), n - position)
                 keys += [s._key(epoch, int(i)) for i in perm[position:position + take]]
                 position += take
                 if position == n:
                     epoch, position = epoch + 1, 0
             yield keys
+            epoch, position = _advance(epoch, position, (s.world_size - 1 - s.rank) * b, n)
+
+
+def _advance(epoch: int, position: int, samples: int, n: int) -> tuple[int, int]:
+    """(epoch, position) `samples` samples later in a stream of epochs of n samples."""
+    position += samples
+    return epoch + position // n, position % n
 
 
 class TrainStream:
@@ -105,19 +122,26 @@ class TrainStream:
         pin_memory: hand out batches in page-locked memory, so that the training step's
             `.to(device, non_blocking=True)` really overlaps the copy with compute. Only for a
             CUDA device (the caller passes `device.type == "cuda"`; pinning needs a driver).
+        rank, world_size: this process's share under data parallelism (module docstring).
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, flip: bool = True,
-                 num_workers: int = 0, pin_memory: bool = False):
+                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
+                 world_size: int = 1):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"TrainStream: rank {rank} is not in [0, {world_size})")
         self.dataset = dataset
         self.batch_size, self.seed, self.flip = batch_size, seed, flip
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.rank, self.world_size = rank, world_size
         self.iterable = isinstance(dataset, IterableDataset)
         if self.iterable and not hasattr(dataset, "configured"):
             raise TypeError("TrainStream needs a map-style dataset or a ShardDataset (an iterable "
                             "must accept seed/epoch/skip/flip through `configured()`)")
+        if self.iterable and world_size > 1 and hasattr(dataset, "check_slots"):
+            dataset.check_slots(world_size, max(1, num_workers))
         self.num_samples = None if self.iterable else len(dataset)
         if self.num_samples == 0:
             raise ValueError("TrainStream: the dataset is empty")
@@ -178,7 +202,8 @@ class TrainStream:
         epoch, position = self.epoch, self.position
         while True:
             view = self.dataset.configured(seed=self.seed, epoch=epoch, skip=position,
-                                           flip=self.flip)
+                                           flip=self.flip, rank=self.rank,
+                                           world_size=self.world_size)
             # Not pinned here: the samples are re-stacked into batches below (pinned there).
             loader = DataLoader(view, batch_size=self.batch_size, collate_fn=_collate,
                                 **loader_options(self.num_workers, pin_memory=False))
@@ -186,7 +211,7 @@ class TrainStream:
             for images, labels in loader:
                 for image, label in zip(images, labels):
                     yield epoch, position, image, label
-                    position += 1
+                    position += self.world_size  # global samples: every rank reads as many
             if position == 0 and start == 0:
                 raise RuntimeError("TrainStream: a whole epoch of the shards gave no samples")
             epoch, position = epoch + 1, 0
@@ -195,7 +220,7 @@ class TrainStream:
         samples = self._iterable_samples()
         while True:
             chunk = [next(samples) for _ in range(self.batch_size)]
-            self._next_state = (chunk[-1][0], chunk[-1][1] + 1)
+            self._next_state = (chunk[-1][0], chunk[-1][1] + self.world_size)
             yield torch.stack([c[2] for c in chunk]), torch.stack([c[3] for c in chunk])
 
     # --- iteration ------------------------------------------------------------------------
@@ -212,9 +237,9 @@ class TrainStream:
         else:  # the state is pure arithmetic on sample counts, whatever the workers prefetched
             images, labels, met = batch
             batch, self._skipped = (images, labels), self._skipped + met
-            self.position += self.batch_size
-            self.epoch += self.position // self.num_samples
-            self.position %= self.num_samples
+            self.epoch, self.position = _advance(self.epoch, self.position,
+                                                 self.world_size * self.batch_size,
+                                                 self.num_samples)
         if self.pin_memory and not self._loader_pins:
             batch = tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t
                           for t in batch)
@@ -234,12 +259,22 @@ class ValBatches:
     file is left out, never replaced, and counted: after iterating, `images` is the number of
     images yielded and `skipped` the number of undecodable files met on the way. `max_images`
     caps the images yielded (None: the whole split); files are read until it is reached.
+
+    Sharded (rank, world_size; `sftok.evaluate` with several workers): global batch b (the
+    b-th DataLoader batch of one process) belongs to rank b mod W, and `indexed()` yields this
+    rank's (b, images). Map-style data: each rank reads only its own batches (batch b = indices
+    [b·B, (b+1)·B) below max_images, undecodable files left out; with undecodable files *and*
+    a max_images cap, the cap then counts files, not decodable images). Shards have no index:
+    every rank reads the whole stream and keeps its batches.
     """
 
     def __init__(self, val_dataset, batch_size: int, max_images: int | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ValBatches: rank {rank} is not in [0, {world_size})")
         self.dataset, self.batch_size = val_dataset, batch_size
         self.max_images, self.num_workers = max_images, num_workers
+        self.rank, self.world_size = rank, world_size
         self.images = 0
         self.skipped = 0
 
@@ -251,8 +286,39 @@ class ValBatches:
                 f"{self.images} evaluated")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        ds = self.dataset
+        for _, images in self.indexed():
+            yield images
+
+    def indexed(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(global batch index, images) of this rank's batches."""
         self.images, self.skipped = 0, 0
+        if self.world_size > 1 and not isinstance(self.dataset, IterableDataset):
+            yield from self._own_batches()
+            return
+        for b, images in self._sequential():
+            if b % self.world_size == self.rank:
+                self.images += images.shape[0]
+                yield b, images
+        if self.rank > 0:  # every rank read the same files: count their skips once
+            self.skipped = 0
+
+    def _own_batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        n = len(self.dataset) if self.max_images is None else min(len(self.dataset),
+                                                                  self.max_images)
+        own = list(range(self.rank, -(-n // self.batch_size), self.world_size))
+        sampler = [list(range(b * self.batch_size, min(n, (b + 1) * self.batch_size)))
+                   for b in own]
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                            collate_fn=_collate_counted)
+        for b, (images, _labels, met) in zip(own, loader):
+            self.skipped += met
+            if images is not None:
+                self.images += images.shape[0]
+                yield b, images
+
+    def _sequential(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(b, images) of every batch, as one process reads them (max_images applied)."""
+        ds = self.dataset
         if isinstance(ds, IterableDataset):  # shards skip bad samples themselves; count here
             source = ds.configured(flip=False) if hasattr(ds, "configured") else ds
             before = getattr(ds, "skipped", 0)
@@ -262,7 +328,7 @@ class ValBatches:
                             **loader_options(self.num_workers))
         remaining = self.max_images
         try:
-            for images, _labels, met in loader:
+            for b, (images, _labels, met) in enumerate(loader):
                 self.skipped += met
                 if images is None:
                     continue
@@ -270,8 +336,7 @@ class ValBatches:
                     images = images[:remaining]
                     remaining -= images.shape[0]
                 if images.shape[0]:
-                    self.images += images.shape[0]
-                    yield images
+                    yield b, images
                 if remaining is not None and remaining <= 0:
                     return
         finally:
@@ -280,9 +345,10 @@ class ValBatches:
 
 
 def val_batches(val_dataset, batch_size: int, max_images: int | None = None,
-                num_workers: int = 0) -> ValBatches:
-    """The evaluation batches of `val_dataset` (see `ValBatches`: bad files left out, counted)."""
-    return ValBatches(val_dataset, batch_size, max_images, num_workers)
+                num_workers: int = 0, rank: int = 0, world_size: int = 1) -> ValBatches:
+    """The evaluation batches of `val_dataset` (see `ValBatches`: bad files left out, counted;
+    rank / world_size: this rank's share of them)."""
+    return ValBatches(val_dataset, batch_size, max_images, num_workers, rank, world_size)
 
 
 def image_batches(images: Iterable, batch_size: int, max_images: int | None

@@ -18,13 +18,28 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 class ContentHash:
-    """sha256 over the uint8 bytes of a stream of images (checks that a cache fits the data)."""
+    """The identity of a sequence of uint8 images (checks that a cache fits the data): sha256
+    over the images' own sha256 digests, in order. Per image, so the batching does not change
+    it, and mergeable, so ranks that each saw some batches of an evaluation agree with one
+    process that saw them all: `update(images, key=b)` files batch b's digests under b, and
+    `hexdigest()` reads them in key order (keyless updates: in the order made)."""
 
     def __init__(self):
-        self._h = hashlib.sha256()
+        self._parts: list[tuple[int, int, list[bytes]]] = []  # (key, arrival, digests)
 
-    def update(self, images_u8: Tensor) -> None:
-        self._h.update(images_u8.detach().cpu().contiguous().numpy().tobytes())
+    def update(self, images_u8: Tensor, key: int | None = None) -> None:
+        x = images_u8.detach().cpu().contiguous()
+        digests = [hashlib.sha256(img.numpy().tobytes()).digest() for img in x]
+        n = len(self._parts)
+        self._parts.append((n if key is None else key, n, digests))
+
+    def merge(self, other: ContentHash) -> None:
+        """Add the batches another rank saw (keys are global batch indices)."""
+        self._parts += other._parts
 
     def hexdigest(self) -> str:
-        return self._h.hexdigest()
+        h = hashlib.sha256()
+        for _, _, digests in sorted(self._parts, key=lambda p: p[:2]):
+            for d in digests:
+                h.update(d)
+        return h.hexdigest()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sftok.distributed import SINGLE, Workers
 from sftok.run_record import CEILING_PREFIX, floor_prefix
 from sftok.storage import DamagedFileError, open_tensors, publish_tensors, rebuilding
 
@@ -220,6 +221,14 @@ def _cached_palette(path: Path) -> Tensor | None:
         return None
 
 
-def build_bounds(cfg, cache_dir: str | os.PathLike | None = None) -> Bounds:
-    """Floors and ceiling for evaluating a tokenizer trained with ExperimentConfig `cfg`."""
-    return Bounds(floors=floor_codecs(cfg, cache_dir), ceiling=True)
+def build_bounds(cfg, cache_dir: str | os.PathLike | None = None,
+                 workers: Workers = SINGLE) -> Bounds:
+    """Floors and ceiling for evaluating a tokenizer trained with ExperimentConfig `cfg`.
+    With several workers the palettes are fitted once: by rank 0, which stores them under
+    `cache_dir` for the others to load (or, without a cache dir, sends them)."""
+    def fit() -> Bounds:
+        return Bounds(floors=floor_codecs(cfg, cache_dir), ceiling=True)
+
+    if cache_dir is None:
+        return workers.on_main("fitting the floor palettes", fit)
+    return workers.main_first("fitting the floor palettes", fit)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from sftok.data.uint8 import ContentHash
+from sftok.distributed import SINGLE, Workers
 from sftok.weights import find_weights
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -110,6 +111,22 @@ class FeatureStats:
     def statistics(self) -> dict[str, np.ndarray]:
         """{'mu': (D,), 'sigma': D×D} — torch-fidelity's statistics format."""
         return {"mu": self.mu, "sigma": self.sigma}
+
+    def all_reduce(self, workers: Workers) -> None:
+        """n, Σx, Σxxᵀ ← their sums over the ranks (one all-reduce; ranks that saw no
+        features first learn the dimension). Every rank calls it."""
+        if not workers.distributed:
+            return
+        dims = workers.all_gather_object(None if self.sum is None else self.sum.shape[0])
+        dim = next((d for d in dims if d is not None), None)
+        if dim is None:
+            return
+        if self.sum is None:
+            self.sum, self.outer = np.zeros(dim), np.zeros((dim, dim))
+        flat = torch.from_numpy(np.concatenate([[self.n], self.sum, self.outer.reshape(-1)]))
+        flat = workers.all_reduce_sum(flat).numpy()
+        self.n = round(float(flat[0]))
+        self.sum, self.outer = flat[1:1 + dim].copy(), flat[1 + dim:].reshape(dim, dim).copy()
 
 
 def fid_from_statistics(stats1: dict[str, np.ndarray], stats2: dict[str, np.ndarray]) -> float:
@@ -219,13 +236,19 @@ class ReferenceStats:
         return {"mu": self.mu, "sigma": self.sigma}
 
 
+# Bump when ContentHash's definition changes: entries hashed the old way are then not found
+# (and recomputed) rather than refused as "computed on other images". 2: per-image digests.
+STATS_FORMAT = 2
+
+
 class ReferenceStatsCache:
     """FID statistics of a dataset's validation images under
-    `cache_dir/fid_stats/<dataset key>-<extractor>-<layer>.npz` (mu, sigma, n, content sha256)."""
+    `cache_dir/fid_stats/<dataset key>-<extractor>-<layer>-v<format>.npz` (mu, sigma, n,
+    content sha256)."""
 
     def __init__(self, cache_dir: str | os.PathLike, dataset_key: str, extractor: str, layer: str):
         safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{dataset_key}-{extractor}-{layer}")
-        self.path = Path(cache_dir) / "fid_stats" / f"{safe}.npz"
+        self.path = Path(cache_dir) / "fid_stats" / f"{safe}-v{STATS_FORMAT}.npz"
 
     def load(self) -> ReferenceStats | None:
         if not self.path.is_file():
@@ -249,21 +272,40 @@ class ReferenceStatistics:
     `key` a cached entry (`ReferenceStatsCache`) is used only if the stream's content hash is
     the one it was computed on, and the features are extracted only on a miss (then cached).
     Used by rFID (the validation images) and gFID (the training images) alike.
+
+    Sharded over `workers` (every rank constructs it): rank 0 reads the cache for all, each rank
+    updates with its own batches under their global index (`update(x, batch=b)`), `gather()`
+    sums the features and collects the images' digests on rank 0, and `result()` is rank 0's.
     """
 
     def __init__(self, features: FidelityFeatures, cache_dir: str | os.PathLike | None = None,
-                 key: str | None = None, key_name: str = "key"):
+                 key: str | None = None, key_name: str = "key", workers: Workers = SINGLE):
         self.features, self.key, self.key_name = features, key, key_name
+        self.workers = workers
         self.cache = (ReferenceStatsCache(cache_dir, key, features.name, features.fid_layer)
                       if cache_dir is not None and key else None)
-        self.cached = self.cache.load() if self.cache is not None else None
+        self.cached = (workers.on_main("reading the FID reference statistics", self.cache.load)
+                       if self.cache is not None else None)
         self.stats = FeatureStats() if self.cached is None else None
         self.content = ContentHash()
 
-    def update(self, images_u8: Tensor) -> None:
-        self.content.update(images_u8)
+    def update(self, images_u8: Tensor, batch: int | None = None) -> None:
+        """batch: the global index of this batch (sharded streams; None: in arrival order)."""
+        self.content.update(images_u8, key=batch)
         if self.stats is not None:
             self.stats.update(self.features(images_u8)[0])
+
+    def gather(self) -> None:
+        """Every rank's features and image digests, summed and merged on rank 0 (every rank
+        calls it, before `result()`; nothing to do in one process)."""
+        if not self.workers.distributed:
+            return
+        if self.stats is not None:
+            self.stats.all_reduce(self.workers)
+        contents = self.workers.gather_object(self.content)
+        if self.workers.is_main:
+            for other in contents[1:]:
+                self.content.merge(other)
 
     def result(self) -> tuple[dict[str, np.ndarray] | None, str]:
         """({'mu', 'sigma'}, "") or (None, one message saying why there are none)."""

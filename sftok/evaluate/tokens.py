@@ -60,6 +60,13 @@ class TokenAccumulator:
             raise ValueError(f"token ids outside [0, {self.counts.numel()})")
         self.counts += torch.bincount(ids, minlength=self.counts.numel())
 
+    def merge(self, other: TokenAccumulator) -> None:
+        """Add another accumulator's sums (another rank's images)."""
+        self.counts += other.counts
+        self.correct += other.correct
+        self.ce += other.ce
+        self.n += other.n
+
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.n:

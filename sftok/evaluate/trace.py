@@ -73,6 +73,20 @@ class TraceAccumulator:
             acc["fixed"] += st.fixed_now.sum().item()
         self.images += gt.shape[0]
 
+    def merge(self, other: TraceAccumulator) -> None:
+        """Add another accumulator's sums (another rank's images)."""
+        if other.steps is None:
+            return
+        if self.steps is None:
+            self.steps, self.sums = other.steps, [dict(acc) for acc in other.sums]
+        elif other.steps != self.steps:
+            raise ValueError(f"trace has {other.steps} steps, earlier batches had {self.steps}")
+        else:
+            for mine, theirs in zip(self.sums, other.sums):
+                for k, v in theirs.items():
+                    mine[k] += v
+        self.images += other.images
+
     def rows(self) -> list[dict]:
         out = []
         for i, acc in enumerate(self.sums):

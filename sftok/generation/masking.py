@@ -16,11 +16,15 @@ from sftok.train.losses import CEOutput, weighted_ce
 
 
 def mask_tokens(tokens: Tensor, mask_id: int, schedule: str = "arccos",
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """tokens B×K long -> (input ids B×K with mask_id where masked, masked B×K bool)."""
-    b, k = tokens.shape
-    dev = generator.device if generator is not None else tokens.device
-    masked = random_mask(b, k, schedule, generator, dev).to(tokens.device)
+                generator: torch.Generator | None = None,
+                masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """tokens B×K long -> (input ids B×K with mask_id where masked, masked B×K bool).
+    masked: the mask (`random_mask`, drawn ahead of the step); None draws it from `generator`."""
+    if masked is None:
+        b, k = tokens.shape
+        dev = generator.device if generator is not None else tokens.device
+        masked = random_mask(b, k, schedule, generator, dev)
+    masked = masked.to(tokens.device)
     return torch.where(masked, torch.full_like(tokens, mask_id), tokens), masked
 
 

@@ -61,9 +61,12 @@ class MaskGITGenerator(nn.Module):
 
 
 def drop_labels(labels: Tensor, prob: float, null_label: int,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, draws: Tensor | None = None) -> Tensor:
     """Classifier-free guidance training: each label becomes `null_label` with probability
-    `prob` (0.1 in the released config). Draws B uniforms from `generator` on its device."""
-    dev = generator.device if generator is not None else labels.device
-    coin = torch.rand(labels.shape, generator=generator, device=dev).to(labels.device) < prob
+    `prob` (0.1 in the released config). Draws B uniforms from `generator` on its device
+    (`draws`: those uniforms, drawn ahead of the step)."""
+    if draws is None:
+        dev = generator.device if generator is not None else labels.device
+        draws = torch.rand(labels.shape, generator=generator, device=dev)
+    coin = draws.to(labels.device) < prob
     return torch.where(coin, torch.full_like(labels, null_label), labels)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from sftok.data.transforms import hflip
 from sftok.data.uint8 import ContentHash, to_uint8
+from sftok.distributed import SINGLE, Workers
 from sftok.storage import (
     DamagedFileError,
     open_tensors,
@@ -165,22 +166,29 @@ def load_tokens(path: Path) -> TokenSet:
 
 def cached_tokens(tokenizer, tokenizer_dir: str | os.PathLike, dataset, data_key: str,
                   cache_dir: str | os.PathLike, *, flips: bool = True, assign: str = "nearest",
-                  batch_size: int = 64, device=None) -> tuple[TokenSet, bool]:
+                  batch_size: int = 64, device=None,
+                  workers: Workers = SINGLE) -> tuple[TokenSet, bool]:
     """The dataset's TokenSet from the cache, else computed and cached -> (tokens, was_cached).
 
     tokenizer_dir: the checkpoint directory `tokenizer` was loaded from (its model.safetensors
-    keys the cache).
+    keys the cache). workers: rank 0 tokenises, the others read its cache file (once, not W
+    times); was_cached is rank 0's answer on every rank.
     """
     sha = weights_sha256(Path(tokenizer_dir) / "model.safetensors")
     path = token_cache_path(cache_dir, sha, data_key, assign, flips, batch_size)
-    if path.is_file():
-        try:
-            return load_tokens(path), True
-        except DamagedFileError as e:  # truncated, altered, or from before digests: redo it
-            rebuilding(e)
-    ts = pretokenize(tokenizer, dataset, flips=flips, assign=assign, batch_size=batch_size,
-                     device=device)
-    ts.meta.update(tokenizer_sha256=sha, tokenizer_dir=str(tokenizer_dir), data_key=data_key,
-                   batch_size=batch_size)
-    save_tokens(path, ts)
-    return ts, False
+
+    def obtain() -> tuple[TokenSet, bool]:
+        if path.is_file():
+            try:
+                return load_tokens(path), True
+            except DamagedFileError as e:  # truncated, altered, or from before digests: redo it
+                rebuilding(e)
+        ts = pretokenize(tokenizer, dataset, flips=flips, assign=assign, batch_size=batch_size,
+                         device=device)
+        ts.meta.update(tokenizer_sha256=sha, tokenizer_dir=str(tokenizer_dir),
+                       data_key=data_key, batch_size=batch_size)
+        save_tokens(path, ts)
+        return ts, False
+
+    tokens, was_cached = workers.main_first("tokenising the training images", obtain)
+    return tokens, workers.broadcast_object(was_cached)

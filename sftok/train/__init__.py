@@ -3,7 +3,7 @@ the shared resumable loop (docs/architecture.md, `sftok/train/`). No Ray, no MLf
 each stage is a plain function taking a config, an optional start state and a callback.
 """
 from sftok.train.loop import NonFiniteLossError
-from sftok.train.stages import StageResult, train_stage
+from sftok.train.stages import StageResult, check_world_size, train_stage
 from sftok.train.teacher_stage import (
                                        TeacherUnavailableError,
                                        get_teacher,
@@ -16,6 +16,7 @@ __all__ = [
                                        "NonFiniteLossError",
                                        "StageResult",
                                        "TeacherUnavailableError",
+                                       "check_world_size",
                                        "get_teacher",
                                        "teacher_cache_key",
                                        "teacher_info",

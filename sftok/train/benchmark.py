@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from sftok.config import ExperimentConfig, override, proxy_grid
+from sftok.distributed import SINGLE, Workers
 from sftok.teacher import FrozenTeacher, MaskGitVQGAN
 from sftok.tokenizer import SFTok
 from sftok.train.loop import CompileFallbackWarning, compile_children, resolve_device
@@ -56,18 +57,20 @@ def count_flops(fn: Callable[[], object]) -> float:
 
 
 def _stage_task(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher, dev: torch.device,
-                batch_size: int | None):
+                batch_size: int | None, workers: Workers = SINGLE):
     """(task, micro-batch, grad_accum, stage config or None for stage 0), compile off (the
-    caller compiles after counting FLOPs eagerly)."""
+    caller compiles after counting FLOPs eagerly). grad_accum: the micro-batches of a step over
+    all `workers` (stage 0: 1 per worker)."""
     from sftok.train.stages import build_stage_task, stage_config
     from sftok.train.teacher_stage import TeacherTask
 
     if stage == "stage0":
-        return TeacherTask(cfg, dev), batch_size or cfg.train.teacher.batch_size, 1, None
+        return (TeacherTask(cfg, dev, workers), batch_size or cfg.train.teacher.batch_size,
+                workers.world_size, None)
     scfg = override(stage_config(cfg, stage), {f"train.{stage}.compile": False})
     s = getattr(scfg.train, stage)
-    return build_stage_task(scfg, stage, teacher, dev), batch_size or s.batch_size, \
-        s.grad_accum, s
+    return build_stage_task(scfg, stage, teacher, dev, workers=workers), \
+        batch_size or s.batch_size, s.grad_accum, s
 
 
 def _random_teacher(cfg: ExperimentConfig, dev: torch.device) -> FrozenTeacher:

@@ -35,16 +35,23 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device) 
     return torch.rand(shape, generator=generator, device=gdev).to(device, non_blocking=True)
 
 
+def augment_draws(batch: int, generator: torch.Generator | None = None) -> Tensor:
+    """The 7×B uniforms one `diff_augment` of B images uses (on the generator's device)."""
+    return _uniform((7, batch), generator, generator.device if generator is not None else "cpu")
+
+
 def diff_augment(x: Tensor, generator: torch.Generator | None = None,
-                 translation: float = 0.125, cutout: float = 0.2) -> Tensor:
+                 translation: float = 0.125, cutout: float = 0.2,
+                 draws: Tensor | None = None) -> Tensor:
     """DiffAugment (Zhao et al. 2020) as the paper's DINO discriminator uses it, on real and
     fake images alike: per image, a translation by up to `translation` of the side (zero fill),
     colour (brightness ±0.5, saturation ×[0, 2], contrast ×[0.5, 1.5]) and one square cutout of
     side `cutout`·H. Differentiable in x. x B×3×H×W (float) -> B×3×H×W.
+    draws: the `augment_draws` to use (drawn ahead of the step); None draws them from `generator`.
     """
     x = x.float()
     b, _, h, w = x.shape
-    u = _uniform((7, b), generator, x.device)
+    u = (draws if draws is not None else augment_draws(b, generator)).to(x.device)
     # translation: read the image shifted by (ty, tx) from a 1-pixel zero border
     dh, dw = round(h * translation), round(w * translation)
     ty = (u[0] * (2 * dh + 1)).floor().long() - dh
@@ -181,21 +188,34 @@ class DinoDiscriminator(nn.Module):
         self.backbone.eval()  # frozen features: never in train mode
         return self
 
-    def _resize(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    @staticmethod
+    def view_draws(image_size: int, generator: torch.Generator | None) -> Tensor | None:
+        """The 3 uniforms (crop or resize, crop offsets) one call on images of this side draws,
+        or None when it draws none (sides up to 224)."""
+        if image_size <= DINO_SIZE:
+            return None
+        return _uniform((3,), generator, "cpu")
+
+    def _resize(self, x: Tensor, generator: torch.Generator | None,
+                draws: Tensor | None = None) -> Tensor:
         h, w = x.shape[-2:]
         if (h, w) == (DINO_SIZE, DINO_SIZE):
             return x
         if h > DINO_SIZE and w > DINO_SIZE:
-            coin, oy, ox = _uniform((3,), generator, "cpu").tolist()
+            if draws is None:
+                draws = _uniform((3,), generator, "cpu")
+            coin, oy, ox = draws.tolist()
             if coin < 0.5:
                 y, z = int(oy * (h - DINO_SIZE + 1)), int(ox * (w - DINO_SIZE + 1))
                 return x[..., y:y + DINO_SIZE, z:z + DINO_SIZE]
             return F.interpolate(x, size=DINO_SIZE, mode="area")
         return F.interpolate(x, size=DINO_SIZE, mode="bicubic", align_corners=False)
 
-    def readouts(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
-        """images B×3×H×W in [0, 1] -> len(taps)+1 read-outs, each B×D×L (float32)."""
-        x = self._resize(images.float(), generator)
+    def readouts(self, images: Tensor, generator: torch.Generator | None = None,
+                 view: Tensor | None = None) -> list[Tensor]:
+        """images B×3×H×W in [0, 1] -> len(taps)+1 read-outs, each B×D×L (float32).
+        view: `view_draws` drawn ahead; None draws them from `generator` when needed."""
+        x = self._resize(images.float(), generator, view)
         x = (x - self.mean) / self.std
         bb = self.backbone
         x = bb.norm_pre(bb._pos_embed(bb.patch_embed(x)))  # B×(1+L)×D, class token first
@@ -210,10 +230,11 @@ class DinoDiscriminator(nn.Module):
                 outs.append(read(x))
         return outs
 
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, images: Tensor, generator: torch.Generator | None = None,
+                view: Tensor | None = None) -> Tensor:
         """images B×3×H×W in [0, 1] -> logits B×((len(taps)+1)·L)."""
-        return torch.cat([head(r) for head, r in zip(self.heads, self.readouts(images, generator))],
-                         dim=1)
+        reads = self.readouts(images, generator, view)
+        return torch.cat([head(r) for head, r in zip(self.heads, reads)], dim=1)
 
 
 def find_dino_weights() -> Path | None:

@@ -15,13 +15,16 @@ loss averages).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from sftok.distributed import SINGLE, Workers
 from sftok.train.dino_discriminator import (
     DINO_REPO,
     DinoDiscriminator,
+    augment_draws,
     diff_augment,
     find_dino_weights,
 )
@@ -101,6 +104,15 @@ def discriminator_lr(step: int, start: int, total_steps: int, cfg) -> float:
     return lr_at(step - start, max(1, total_steps - start), cfg)
 
 
+@dataclass
+class Views:
+    """The random numbers of one discriminator call on a batch (DINO: DiffAugment's 7×B
+    uniforms, then the 224-px view's 3 or None), drawn ahead of the step (`Adversary.draws`)."""
+
+    augment: Tensor
+    view: Tensor | None
+
+
 class Adversary:
     """A discriminator with its own AdamW, learning-rate schedule, grad scaler and LeCam anchors.
 
@@ -111,15 +123,26 @@ class Adversary:
     2. `update(reals, fakes, lr)` on detached fakes: 0.5·hinge + lecam_weight · LeCam, at
        `lr_at(step)` (its own schedule, warming up from `start`).
     The DINO discriminator sees `diff_augment`ed images in both phases, real and fake alike
-    (random draws from `generator`, the stage's, so a resumed run draws the same).
+    (random draws from `generator`, the stage's, so a resumed run draws the same; a stage draws
+    them ahead of its step with `draws` so that every rank draws them for every micro-batch).
+
+    Several workers: the discriminator is not wrapped in DDP. Micro-batch j's LeCam term uses
+    the anchors after micro-batches 0..j-1 of every rank, so `update` first computes all the
+    logits of its micro-batches, gathers every rank's logit means, moves the anchors through
+    them in the one-process order, then takes the losses' backward passes and averages the
+    gradients over ranks in one all-reduce (DDP allows one forward per backward). Its buffers
+    (spectral-norm power iterations of the DINO heads) are then broadcast from rank 0.
     """
 
     def __init__(self, kind: str, image_size: int, optim_cfg, device: torch.device,
                  precision, lecam_weight: float = 0.0, start: int = 0,
-                 total_steps: int | None = None, generator: torch.Generator | None = None):
+                 total_steps: int | None = None, generator: torch.Generator | None = None,
+                 workers: Workers = SINGLE):
         self.disc = build_discriminator(kind, image_size).to(device)
         self.augment = isinstance(self.disc, DinoDiscriminator)  # as the reference: dino only
+        self.image_size = image_size
         self.generator = generator
+        self.workers = workers
         self.params = trainable_parameters(self.disc)
         self.optimizer = build_optimizer([{"params": self.params,
                                            "weight_decay": optim_cfg.weight_decay}],
@@ -139,21 +162,31 @@ class Adversary:
         total = self.total_steps if self.total_steps is not None else step + 1
         return discriminator_lr(step, self.start, total, self.optim_cfg)
 
-    def logits(self, images: Tensor) -> Tensor:
-        """D(augment(images)) as float32 logits."""
+    def draws(self, batch: int) -> Views | None:
+        """The random numbers of one call on `batch` images, from the stage's generator (None:
+        this discriminator draws none)."""
+        if not self.augment:
+            return None
+        aug = augment_draws(batch, self.generator)
+        return Views(aug, DinoDiscriminator.view_draws(self.image_size, self.generator))
+
+    def logits(self, images: Tensor, views: Views | None = None) -> Tensor:
+        """D(augment(images)) as float32 logits (views: drawn ahead; None: drawn now)."""
         if self.augment:
-            return self.disc(diff_augment(images, self.generator), self.generator).float()
+            if views is None:
+                views = self.draws(images.shape[0])
+            return self.disc(diff_augment(images, draws=views.augment), view=views.view).float()
         return self.disc(images).float()
 
     def _set_trainable(self, flag: bool) -> None:
         for p in self.params:
             p.requires_grad_(flag)
 
-    def generator_loss(self, fake: Tensor) -> Tensor:
+    def generator_loss(self, fake: Tensor, views: Views | None = None) -> Tensor:
         """-mean D(fake), differentiable w.r.t. `fake` only."""
         self._set_trainable(False)
         try:
-            return hinge_g(self.logits(fake))
+            return hinge_g(self.logits(fake, views))
         finally:
             # requires_grad is read when the graph is built, so re-enabling it now does not
             # route the generator's backward into the discriminator's parameters.
@@ -163,30 +196,44 @@ class Adversary:
     # norm only without a loss scaler, which skips inf steps by design).
     FINITE_KEYS = ("gan_d", "lecam")
 
-    def update(self, reals: list[Tensor], fakes: list[Tensor],
-               lr: float) -> dict[str, Tensor | float]:
-        """One discriminator optimiser step over micro-batches (reals[i], fakes[i] detached).
+    def update(self, reals: list[Tensor], fakes: list[Tensor], lr: float,
+               views: list[tuple[Views | None, Views | None]] | None = None
+               ) -> dict[str, Tensor | float]:
+        """One discriminator optimiser step over this rank's micro-batches (reals[i], fakes[i]
+        detached; views[i]: their (real, fake) draws, None: drawn now). See the class docstring
+        for W > 1.
 
         No host sync: gan_d, lecam, logits_real / _fake and disc_grad_norm are 0-dim device
         tensors; the caller lists `FINITE_KEYS` (+ disc_grad_norm) in its `finite_keys`.
         """
+        workers = self.workers
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         n = len(reals)
-        out: dict[str, Tensor | float] = {}
-        for real, fake in zip(reals, fakes):
+        views = views or [(None, None)] * n
+        pairs = []
+        for real, fake, (v_real, v_fake) in zip(reals, fakes, views):
             with self.precision.autocast():
-                lr_real = self.logits(real)
-                lr_fake = self.logits(fake.detach())
+                pairs.append((self.logits(real, v_real), self.logits(fake.detach(), v_fake)))
+        means = torch.stack([torch.stack([r.detach().float().mean(), f.detach().float().mean()])
+                             for r, f in pairs])  # n×2, this rank's micro-batches
+        # Every micro-batch j = a·W + r of the step, in the one-process order (n·W)×2.
+        means = torch.stack(workers.all_gather(means), 1).reshape(-1, 2)
+        anchors = self.lecam.advance(means)
+        out = {"gan_d": 0.0, "lecam": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
+        for j, (lr_real, lr_fake) in zip(workers.micro_indices(n), pairs):
             d = hinge_d(lr_real, lr_fake)
-            reg = self.lecam(lr_real, lr_fake)
+            reg = self.lecam(lr_real, lr_fake, anchors[j])
             loss = d + self.lecam_weight * reg
             self.scaler.scale(loss / n).backward()
-            self.lecam.update(lr_real.detach(), lr_fake.detach())
             for k, v in (("gan_d", d), ("lecam", reg), ("logits_real", lr_real.mean()),
                          ("logits_fake", lr_fake.mean())):
-                out[k] = out.get(k, 0.0) + v.detach().float() / n
+                out[k] = out[k] + v.detach().float() / n
+        workers.average_gradients(self.params)
         out["disc_grad_norm"] = clip_and_step_async(self.optimizer, self.scaler, self.params,
                                                     self.grad_clip)
+        if workers.distributed:  # power-iteration vectors: rank 0's on every rank
+            for buf in self.disc.buffers():
+                buf.copy_(workers.broadcast_tensor(buf))
         out["disc_lr"] = lr
         return out

@@ -10,6 +10,15 @@ Exact resume (issue 3): all randomness a step uses comes from `task.generator` (
 replacement draws, dead-code resets), the data stream (order, crops, flips) or torch's global
 RNG (dropout, if any); the states of all three, of the optimisers / grad scalers / EMA and the
 step are checkpointed, so on CPU a resumed run ends bitwise equal to an uninterrupted one.
+
+Data parallelism (issue 19, `sftok.distributed`): with W workers every rank runs this loop
+on its share of each step's micro-batches; the task's forward goes through DDP, so gradients
+are averaged before the optimiser step and weights, EMA and the task generator stay equal on
+every rank. The loop adds the rest: logged scalars averaged over ranks at logging boundaries
+only (no host sync per step), the non-finite check agreed across ranks at those boundaries (a
+NaN on one rank stops every rank with one error naming it, never a hang), checkpoints and the
+final export written by rank 0 (with every rank's own RNG states) and then shared, and resume
+from rank 0's checkpoints. At W = 1 none of this runs: the path is the single-process one.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sftok.distributed import SINGLE, Workers
 from sftok.progress import progress_disabled
 from sftok.train import checkpointing as ckpt
 from sftok.train.ema import EMA
@@ -45,25 +55,29 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss (or gradient norm); the stage stops (DESIGN §4).
 
     Attributes: stage, step (1-based optimiser step within the stage), global_step, name (which
-    quantity), value, last_checkpoint (Path of the newest good checkpoint, or None).
+    quantity), value, last_checkpoint (Path of the newest good checkpoint, or None); with
+    several workers, rank (the one where it was first non-finite) and world_size.
     """
 
     def __init__(self, stage: str, step: int, global_step: int, name: str, value: float,
-                 last_checkpoint: Path | None):
+                 last_checkpoint: Path | None, rank: int | None = None, world_size: int = 1):
         self.stage, self.step, self.global_step = stage, step, global_step
         self.name, self.value, self.last_checkpoint = name, value, last_checkpoint
+        self.rank, self.world_size = rank, world_size
         where = (str(last_checkpoint) if last_checkpoint is not None
                  else "none (no checkpoint written yet)")
+        on = (f" on rank {rank} of {world_size}; training stopped on every rank"
+              if rank is not None and world_size > 1 else "; training stopped")
         super().__init__(
-            f"{stage}: non-finite {name} ({value}) at step {step} (global step {global_step}); "
-            f"training stopped. Last good checkpoint: {where}. Lower the learning rate, use "
+            f"{stage}: non-finite {name} ({value}) at step {step} (global step {global_step})"
+            f"{on}. Last good checkpoint: {where}. Lower the learning rate, use "
             f"fp32/bf16 instead of fp16, or check the data, then resume.")
 
     def __reduce__(self):
         # Ray pickles a trial's exception to the driver; rebuild it from its fields (the
         # default would call __init__ with the message alone and fail).
         return (type(self), (self.stage, self.step, self.global_step, self.name, self.value,
-                             self.last_checkpoint))
+                             self.last_checkpoint, self.rank, self.world_size))
 
 
 class NonFinite(Exception):
@@ -86,6 +100,48 @@ def check_finite(name: str, value: Tensor | float) -> float:
     if not math.isfinite(v):
         raise NonFinite(name, v)
     return v
+
+
+class FiniteChecks:
+    """Where a task's immediate finite checks go: raised at once by a single process (as
+    `check_finite`); with several workers kept, the first per step, for `run_loop`'s watch to
+    report at the next boundary, after every rank has agreed on it. Raising on one rank in the
+    middle of a step would leave the others waiting in its next all-reduce."""
+
+    def __init__(self, deferred: bool = False):
+        self.deferred = deferred
+        self.pending: dict[str, float] = {}
+
+    def __call__(self, name: str, value: Tensor | float) -> float:
+        if not self.deferred:
+            return check_finite(name, value)
+        v = scalar(value)
+        if not math.isfinite(v) and not self.pending:
+            self.pending[name] = v
+        return v
+
+    def take(self) -> dict[str, Tensor]:
+        """The recorded non-finite value of the last step (as tensors for `FiniteWatch`)."""
+        out = {k: torch.tensor(v) for k, v in self.pending.items()}
+        self.pending = {}
+        return out
+
+
+class Ratio(tuple):
+    """A metric num / den.clamp_min(1) (0-dim tensors) that `run_loop` forms after summing
+    num and den over ranks, so ratios of counts (CE over masked positions, the replaced
+    fraction) mean the same at every number of workers."""
+
+    def __new__(cls, num: Tensor, den: Tensor):
+        return super().__new__(cls, (num, den))
+
+    def value(self) -> Tensor:
+        num, den = self
+        return num / den.clamp_min(1)
+
+    def __float__(self) -> float:
+        """This process's own ratio (a host read; `run_loop` sums over ranks first)."""
+        return float(self.value())
 
 
 class FiniteWatch:
@@ -123,6 +179,17 @@ class FiniteWatch:
         step, index, value = torch.stack([self.step.double(), self.index.double(),
                                           self.value.double()]).tolist()
         return (int(step), self.names[int(index)], value) if step else None
+
+    def first_of_all(self, workers: Workers) -> tuple[int, str, float, int] | None:
+        """(step, name, value, rank) of the first non-finite value on any rank, the same on
+        every rank (one gather). A gradient norm is all-reduced, so one rank's NaN loss makes
+        every rank's norm NaN at the same step: at a tie the other quantity names the cause."""
+        found = [(b[0], b[1].endswith("grad_norm"), r, b[1], b[2])
+                 for r, b in enumerate(workers.all_gather_object(self.first())) if b]
+        if not found:
+            return None
+        step, _, rank, name, value = min(found, key=lambda f: f[:3])
+        return step, name, value, rank
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,13 +376,19 @@ class LoopTask:
     own optimiser and scaler) for the GAN terms.
     modules(): name -> module whose state dict is checkpointed ("model" must be included).
     optimizers(), scalers(): name -> optimiser / GradScaler, checkpointed.
-    step(batches, step): one optimiser step on `grad_accum` micro-batches; `step` is 0-based
-    within the stage; returns scalar metrics, floats or 0-dim device tensors (read back only at
-    logging boundaries); raises `NonFinite` on a bad loss, or lists the tensor metrics to check
-    in `finite_keys` (`run_loop` watches them without a host sync per step).
+    step(batches, step): one optimiser step on this rank's `grad_accum` micro-batches; `step`
+    is 0-based within the stage; returns scalar metrics: floats, 0-dim device tensors (read
+    back only at logging boundaries) or `Ratio`s; checks a bad loss through `self.finite`
+    (raises `NonFinite` in a single process), or lists the tensor metrics to check in
+    `finite_keys` (`run_loop` watches them without a host sync per step).
+    workers: the process group the task trains on (`Workers()`: one process).
     """
 
     finite_keys: tuple[str, ...] = ()
+    workers: Workers = SINGLE
+    # Immediate raises: stateless, so one shared instance serves every single-process task;
+    # `set_workers` gives a data-parallel task its own deferring one.
+    finite: FiniteChecks = FiniteChecks()
 
     name: str
     model: nn.Module
@@ -343,6 +416,21 @@ class LoopTask:
             out["discriminator"] = self.adversary.scaler
         return out
 
+    def set_workers(self, workers: Workers) -> None:
+        """Train on `workers` (call first in a task's constructor)."""
+        self.workers = workers
+        if workers.distributed:
+            self.finite = FiniteChecks(deferred=True)
+
+    def micro_draws(self, per_worker: int, draw: Callable[[], Any]) -> list[Any]:
+        """This rank's share of a step's random draws: `draw()` (the draws of one micro-batch,
+        from `self.generator`) is called for every micro-batch j of the step on every rank, in
+        the order one process would; rank r keeps j = a·W + r (`Workers.micro_indices`), so
+        micro-batch j gets the same numbers whichever rank computes it and the generator ends
+        the step in the same state on every rank. At W = 1: the draws of all micro-batches."""
+        everything = [draw() for _ in range(per_worker * self.workers.world_size)]
+        return [everything[j] for j in self.workers.micro_indices(per_worker)]
+
     def step(self, batches: list[Any], step: int) -> dict[str, float]:
         raise NotImplementedError  # abstract: each stage's task defines its update
 
@@ -366,8 +454,8 @@ class LoopTask:
 class LoopSpec:
     stage: str  # "stage0" .. "stage3", used in messages and files
     steps: int
-    grad_accum: int
-    images_per_step: int  # batch_size * grad_accum (for images/s)
+    grad_accum: int  # micro-batches per step on this rank (accum_per_worker)
+    images_per_step: int  # batch_size * micro-batches per step over all workers (images/s)
     log_every: int
     ckpt_every: int
     config: dict[str, Any]  # resolved config, stored with every checkpoint
@@ -400,39 +488,46 @@ def run_loop(task: LoopTask, stream: Any, out_dir: Path, spec: LoopSpec,
              init_checkpoint: Path | None = None) -> LoopResult:
     """Train `task` for spec.steps optimiser steps, resumably, and export out_dir/final.
 
-    stream: the data stream (iterable of batches, with state_dict / load_state_dict).
+    stream: the data stream (iterable of batches, with state_dict / load_state_dict); with
+    several workers, this rank's share (`TrainStream(rank=, world_size=)`).
     export(tmp_dir, task): writes the final model files into tmp_dir (then renamed to final/).
-    callback(global_step, metrics) every spec.log_every steps and at the last step.
+    callback(global_step, metrics) every spec.log_every steps and at the last step, on every
+    rank with the same rank-averaged metrics.
     init_checkpoint: named as the last good checkpoint before this stage wrote its own.
+    Several workers (`task.workers`) share `out_dir` (a directory every rank reads): rank 0
+    writes, every rank reads.
     """
     out_dir = Path(out_dir)
+    workers = task.workers
     if resume:
-        done = read_final(out_dir)
+        done = workers.on_main("reading the finished stage", lambda: read_final(out_dir))
         if done is not None:
             return done
     else:
-        ckpt.clear_checkpoints(out_dir)
+        workers.on_main("clearing old checkpoints", lambda: ckpt.clear_checkpoints(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     start, history = 0, []
-    latest = ckpt.latest_checkpoint(out_dir) if resume else None
+    latest = (workers.on_main("finding the newest checkpoint",
+                              lambda: ckpt.latest_checkpoint(out_dir)) if resume else None)
     if latest is not None:
         start, history = _restore(task, stream, latest)
     last_good = latest or init_checkpoint
 
     it: Iterator = iter(stream)
     bar = tqdm(total=spec.steps, initial=start, desc=spec.stage, dynamic_ncols=True,
-               disable=progress_disabled(), leave=False)
+               disable=progress_disabled() or not workers.is_main, leave=False)
     window = _Window()
     watch = FiniteWatch()
     win_images, win_time = 0, 0.0
     metrics: dict[str, float] = history[-1] if history else {}
 
-    def check_watch() -> None:  # one host sync, at boundaries only
-        bad = watch.first()
+    def check_watch() -> None:  # one host sync (one gather with several workers), at boundaries
+        bad = watch.first_of_all(workers)
         if bad is not None:
-            raise NonFiniteLossError(spec.stage, bad[0], step_offset + bad[0], bad[1], bad[2],
-                                     last_good)
+            step, name, value, rank = bad
+            raise NonFiniteLossError(spec.stage, step, step_offset + step, name, value,
+                                     last_good, rank, workers.world_size)
 
     try:
         for step in range(start, spec.steps):
@@ -447,7 +542,8 @@ def run_loop(task: LoopTask, stream: Any, out_dir: Path, spec: LoopSpec,
             except NonFinite as e:
                 raise NonFiniteLossError(spec.stage, step + 1, step_offset + step + 1, e.name,
                                          e.value, last_good) from None
-            watch.observe(step + 1, {k: out[k] for k in task.finite_keys if k in out})
+            watch.observe(step + 1, {**task.finite.take(),
+                                     **{k: out[k] for k in task.finite_keys if k in out}})
             win_time += time.perf_counter() - t0  # on a GPU: launch time, synced at the window
             win_images += spec.images_per_step
             window.add(out)
@@ -456,10 +552,11 @@ def run_loop(task: LoopTask, stream: Any, out_dir: Path, spec: LoopSpec,
             last = done_steps == spec.steps
             if done_steps % spec.log_every == 0 or last:
                 check_watch()
-                metrics = window.means()
-                metrics["images_per_s"] = win_images / max(win_time, 1e-9)
+                metrics = window.means(workers)
+                local = {"images_per_s": win_images / max(win_time, 1e-9)}
                 if hasattr(stream, "skipped"):  # undecodable files replaced so far (issue 13)
-                    metrics["data_skipped"] = float(stream.skipped)
+                    local["data_skipped"] = float(stream.skipped)
+                metrics.update(_over_ranks(workers, local, summed=("data_skipped",)))
                 history.append({"step": done_steps, **metrics})
                 window, win_images, win_time = _Window(), 0, 0.0
                 if "loss" in metrics:
@@ -473,57 +570,119 @@ def run_loop(task: LoopTask, stream: Any, out_dir: Path, spec: LoopSpec,
     finally:
         bar.close()
 
-    tmp, final = ckpt.atomic_dir(out_dir, ckpt.FINAL)
-    export(tmp, task)
-    meta = {"stage": spec.stage, "steps": spec.steps, "metrics": metrics, "history": history,
-            "ema": task.ema is not None,
-            "weights": "EMA weights" if task.ema is not None else "raw weights"}
-    (tmp / "stage.json").write_text(json.dumps(meta, indent=1))
-    ckpt.commit_dir(tmp, final)
+    def write_final() -> Path:
+        tmp, final = ckpt.atomic_dir(out_dir, ckpt.FINAL)
+        export(tmp, task)
+        meta = {"stage": spec.stage, "steps": spec.steps, "metrics": metrics,
+                "history": history, "ema": task.ema is not None,
+                "weights": "EMA weights" if task.ema is not None else "raw weights"}
+        (tmp / "stage.json").write_text(json.dumps(meta, indent=1))
+        return ckpt.commit_dir(tmp, final)
+
+    final = workers.on_main("exporting the final checkpoint", write_final)
     return LoopResult(final_dir=final, steps=spec.steps, metrics=metrics, history=history)
+
+
+def _over_ranks(workers: Workers, values: dict[str, float],
+                summed: tuple[str, ...] = ()) -> dict[str, float]:
+    """Per-rank floats averaged over ranks (those in `summed`: added up); one all-reduce."""
+    if not workers.distributed or not values:
+        return values
+    keys = sorted(values)
+    total = workers.all_reduce_sum(torch.tensor([values[k] for k in keys],
+                                                dtype=torch.float64)).tolist()
+    return {k: v if k in summed else v / workers.world_size for k, v in zip(keys, total)}
 
 
 class _Window:
     """Per-metric sums over a logging window. Tensor metrics are summed on their device and
-    read back together (one host sync) by `means()`; float metrics are summed on the host."""
+    read back together (one host sync) by `means()`; float metrics are summed on the host.
+    `Ratio` metrics keep each step's numerator and denominator until `means()`, which sums
+    them over ranks first. With several workers `means()` averages over ranks (one all-reduce):
+    each rank's window mean is over its own micro-batches, the same number on every rank."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor | float] = {}
         self.counts: dict[str, int] = {}
+        self.ratios: dict[str, list[Ratio]] = {}
+        self.order: dict[str, None] = {}  # every key, in the order first seen
 
-    def add(self, out: dict[str, Tensor | float]) -> None:
+    def add(self, out: dict[str, Tensor | float | Ratio]) -> None:
         for k, v in out.items():
+            self.order.setdefault(k)
+            if isinstance(v, Ratio):
+                self.ratios.setdefault(k, []).append(Ratio(v[0].detach(), v[1].detach()))
+                continue
             v = v.detach().double() if isinstance(v, Tensor) else float(v)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + 1
 
-    def means(self) -> dict[str, float]:
-        dev = [k for k, v in self.sums.items() if isinstance(v, Tensor)]
-        values = dict(zip(dev, torch.stack([self.sums[k].reshape(()) for k in dev])
+    def _ratio_sums(self, workers: Workers) -> dict[str, Tensor]:
+        out = {}
+        for k, steps in self.ratios.items():
+            if workers.distributed:  # Σ over ranks of every step's num and den, then divide
+                nums = workers.all_reduce_sum(torch.stack([r[0] for r in steps]))
+                dens = workers.all_reduce_sum(torch.stack([r[1] for r in steps]))
+                steps = [Ratio(n, d) for n, d in zip(nums, dens)]
+            total = steps[0].value().double()
+            for r in steps[1:]:  # in step order, as the sums of plain tensor metrics
+                total = total + r.value().double()
+            out[k] = total
+            self.counts[k] = len(steps)
+        return out
+
+    def means(self, workers: Workers = SINGLE) -> dict[str, float]:
+        sums = {**self.sums, **self._ratio_sums(workers)}
+        keys = sorted(sums)
+        dev = [k for k in keys if isinstance(sums[k], Tensor)]
+        values = dict(zip(dev, torch.stack([sums[k].reshape(()) for k in dev])
                           .tolist())) if dev else {}
-        return {k: (values[k] if k in values else float(v)) / self.counts[k]
-                for k, v in self.sums.items()}
+        out = {k: (values[k] if k in values else float(sums[k])) / self.counts[k]
+               for k in keys if k not in self.ratios}
+        out.update({k: values[k] / self.counts[k] for k in self.ratios})
+        ratio_keys = tuple(self.ratios)
+        if workers.distributed:  # ratios are already over all ranks: the same on each
+            plain = _over_ranks(workers, {k: v for k, v in out.items() if k not in ratio_keys})
+            out = {**plain, **{k: out[k] for k in ratio_keys}}
+        return {k: out[k] for k in self.order}
 
 
 def _save(task: LoopTask, stream: Any, out_dir: Path, step: int, history: list,
           spec: LoopSpec) -> Path:
-    tensors = {name: m.state_dict() for name, m in task.modules().items()}
-    if task.ema is not None:
-        tensors["ema"] = task.ema.state_dict()
-    torch_state = {
-        "optimizers": {k: o.state_dict() for k, o in task.optimizers().items()},
-        "scalers": {k: s.state_dict() for k, s in task.scalers().items()},
-        "rng": ckpt.torch_rng_state(),
-        "generator": task.generator.get_state(),
-        "data": stream.state_dict() if hasattr(stream, "state_dict") else None,
-    }
-    meta = {"stage": spec.stage, "python_rng": ckpt.python_rng_state(), "history": history,
-            "ema_updates": task.ema.num_updates if task.ema is not None else None,
-            "config": spec.config}
-    return ckpt.save_checkpoint(out_dir, step, tensors, torch_state, meta, keep=spec.keep)
+    """Rank 0 writes the checkpoint (every rank's RNG states in it) and every rank gets its path.
+
+    Weights, optimiser and EMA states, the task generator and the data position are the same on
+    every rank (the step all-reduces gradients; every rank draws the whole step's randomness);
+    torch's and Python's global RNGs are per rank (dropout draws differ between ranks)."""
+    workers = task.workers
+    rng = workers.all_gather_object((ckpt.torch_rng_state(), ckpt.python_rng_state()))
+
+    def write() -> Path:
+        tensors = {name: m.state_dict() for name, m in task.modules().items()}
+        if task.ema is not None:
+            tensors["ema"] = task.ema.state_dict()
+        torch_state = {
+            "optimizers": {k: o.state_dict() for k, o in task.optimizers().items()},
+            "scalers": {k: s.state_dict() for k, s in task.scalers().items()},
+            "rng": rng[0][0],
+            "generator": task.generator.get_state(),
+            "data": stream.state_dict() if hasattr(stream, "state_dict") else None,
+        }
+        meta = {"stage": spec.stage, "python_rng": rng[0][1], "history": history,
+                "ema_updates": task.ema.num_updates if task.ema is not None else None,
+                "config": spec.config}
+        if workers.distributed:
+            torch_state["rng_ranks"] = [r[0] for r in rng]
+            meta["python_rng_ranks"] = [r[1] for r in rng]
+        return ckpt.save_checkpoint(out_dir, step, tensors, torch_state, meta, keep=spec.keep)
+
+    return workers.on_main(f"writing the step-{step} checkpoint", write)
 
 
 def _restore(task: LoopTask, stream: Any, path: Path) -> tuple[int, list]:
+    """Load a checkpoint (each rank reads it); each rank takes its own RNG states when the
+    checkpoint was written by as many workers, else rank 0's."""
+    rank, world = task.workers.rank, task.workers.world_size
     names = list(task.modules()) + (["ema"] if task.ema is not None else [])
     tensors, torch_state, meta = ckpt.load_checkpoint(path, names)
     for name, module in task.modules().items():
@@ -534,9 +693,10 @@ def _restore(task: LoopTask, stream: Any, path: Path) -> tuple[int, list]:
         o.load_state_dict(torch_state["optimizers"][k])
     for k, s in task.scalers().items():
         s.load_state_dict(torch_state["scalers"][k])
-    ckpt.set_torch_rng_state(torch_state["rng"])
+    own = len(torch_state.get("rng_ranks", [])) == world and world > 1
+    ckpt.set_torch_rng_state(torch_state["rng_ranks"][rank] if own else torch_state["rng"])
     task.generator.set_state(torch_state["generator"])
-    ckpt.set_python_rng_state(meta["python_rng"])
+    ckpt.set_python_rng_state(meta["python_rng_ranks"][rank] if own else meta["python_rng"])
     if torch_state.get("data") is not None and hasattr(stream, "load_state_dict"):
         stream.load_state_dict(torch_state["data"])
     return int(meta["step"]), list(meta.get("history", []))

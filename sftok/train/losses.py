@@ -83,9 +83,24 @@ class LeCamEMA(nn.Module):
         self.ema_real.lerp_(real_logits.float().mean(), 1.0 - self.decay)
         self.ema_fake.lerp_(fake_logits.float().mean(), 1.0 - self.decay)
 
-    def forward(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-        return (F.relu(real_logits.float() - self.ema_fake).pow(2).mean()
-                + F.relu(self.ema_real - fake_logits.float()).pow(2).mean())
+    @torch.no_grad()
+    def advance(self, means: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Move the anchors through a step's micro-batches at once: means G×2 (mean real and
+        fake logit of micro-batch j, in order) -> the (ema_real, ema_fake) micro-batch j sees,
+        i.e. before its own update, as when `forward` and `update` alternate per micro-batch.
+        Several workers pass every rank's means, so all ranks hold the same anchors."""
+        out = []
+        for real_mean, fake_mean in means.float():
+            out.append((self.ema_real.clone(), self.ema_fake.clone()))
+            self.ema_real.lerp_(real_mean, 1.0 - self.decay)
+            self.ema_fake.lerp_(fake_mean, 1.0 - self.decay)
+        return out
+
+    def forward(self, real_logits: Tensor, fake_logits: Tensor,
+                anchors: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        ema_real, ema_fake = anchors if anchors is not None else (self.ema_real, self.ema_fake)
+        return (F.relu(real_logits.float() - ema_fake).pow(2).mean()
+                + F.relu(ema_real - fake_logits.float()).pow(2).mean())
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ Strategies for what a *visible* position carries (B batch, N proxy positions, V 
             takes `M̂_1` with probability `replace_ratio` (Table 4), else `M_g`.
 
 All randomness comes from an explicit `torch.Generator` so that a resumed run draws the same
-masks and replacements as an uninterrupted one (exact resume, issue 3).
+masks and replacements as an uninterrupted one (exact resume, issue 3). `draw_micro` draws one
+micro-batch's mask and replacement coins together, before any forward pass: a data-parallel
+step draws them for every micro-batch of the step on every rank, so micro-batch j gets the same
+numbers whichever rank computes it (sftok.distributed).
 """
 from __future__ import annotations
 
@@ -59,6 +62,24 @@ def sample_mask(strategy: str, batch: int, num_positions: int, schedule: str,
                        gen_device).to(device, non_blocking=True)
 
 
+@dataclass
+class MicroDraws:
+    """The random numbers of one micro-batch's masking, drawn before its forward pass."""
+
+    masked: Tensor  # B×N bool, True = masked
+    coin: Tensor | None  # B×N uniforms of the sfvr replacement (None for none / vanilla)
+
+
+def draw_micro(strategy: str, batch: int, num_positions: int, schedule: str,
+               generator: torch.Generator | None, device=None) -> MicroDraws:
+    """`sample_mask`, then (sfvr) the B×N replacement uniforms, from `generator` in that order:
+    the order one step used when the coins were drawn after the step-1 pass, which draws none."""
+    masked = sample_mask(strategy, batch, num_positions, schedule, generator, device)
+    coin = (_draw((batch, num_positions), generator).to(masked.device, non_blocking=True)
+            if strategy == "sfvr" else None)
+    return MicroDraws(masked, coin)
+
+
 def step1_logits_fn(model, z_q: Tensor, fp32: bool = True) -> Callable[[Tensor], Tensor]:
     """The SFVR step-1 pass of `model` (anything with `decoder_logits(ids B×N, z_q B×K×C)`),
     conditioned on z_q (no gradient is needed: `build_proxy_inputs` runs it under no_grad).
@@ -80,13 +101,15 @@ def step1_logits_fn(model, z_q: Tensor, fp32: bool = True) -> Callable[[Tensor],
 def build_proxy_inputs(targets: Tensor, masked: Tensor, mask_id: int, strategy: str,
                        replace_ratio: float = 1.0,
                        first_step_fn: Callable[[Tensor], Tensor] | None = None,
-                       generator: torch.Generator | None = None) -> ProxyInputs:
+                       generator: torch.Generator | None = None,
+                       coin: Tensor | None = None) -> ProxyInputs:
     """Decoder input ids for one training step.
 
     targets: B×N long, the teacher ids M_g. masked: B×N bool (True = masked).
     first_step_fn(all_masked_ids B×N) -> logits B×N×V: only called for `sfvr`, under no_grad;
     it must be a forward pass of the *current* weights with the same condition tokens.
-    The replacement draw happens for every position (even masked ones, where it is ignored) so
+    coin: the B×N replacement uniforms (`draw_micro`); None draws them from `generator` now.
+    The replacement draw covers every position (even masked ones, where it is ignored) so
     the generator advances by a fixed amount per step whatever the mask looks like.
     """
     if strategy not in STRATEGIES:
@@ -99,8 +122,8 @@ def build_proxy_inputs(targets: Tensor, masked: Tensor, mask_id: int, strategy: 
         with torch.no_grad():
             all_masked = torch.full_like(targets, mask_id)
             first = first_step_fn(all_masked).argmax(-1)  # M̂_1, B×N
-        coin = _draw(tuple(targets.shape), generator).to(targets.device,
-                                                         non_blocking=True) < replace_ratio
-        replaced = coin & ~masked
+        if coin is None:
+            coin = _draw(tuple(targets.shape), generator)
+        replaced = (coin.to(targets.device, non_blocking=True) < replace_ratio) & ~masked
         ids = torch.where(replaced, first, ids)
     return ProxyInputs(ids=ids, masked=masked, replaced=replaced)

@@ -19,10 +19,16 @@ added to the total [loss] as in the reference (it carries no gradient). The disc
 [lecam] on its own learning-rate schedule [disc_lr]. During the generator's update the
 discriminator's parameters have requires_grad False, so none of the generator's gradient
 reaches them (the reference leaks it; DESIGN says do not copy that).
+
+Data parallelism: the generator's gradient-carrying forward (`PixelStep`: frozen encode, the
+no-grad step-1 pass, decoder, soft path, pixel losses, the frozen discriminator's verdict) is
+the module DDP wraps; the discriminator has its own update and gradient all-reduce
+(`Adversary`); masks, coins and DiffAugment draws are drawn for every micro-batch of the step.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sftok.config import ExperimentConfig, StageConfig
+from sftok.distributed import SINGLE, Workers, accumulating, wrap_ddp
 from sftok.teacher import FrozenTeacher
-from sftok.train.discriminator import Adversary
+from sftok.train.discriminator import Adversary, Views
 from sftok.train.ema import EMA
 from sftok.train.loop import (
     LoopTask,
@@ -42,7 +49,7 @@ from sftok.train.loop import (
     to_images,
 )
 from sftok.train.losses import load_lpips, lpips_loss
-from sftok.train.masking import build_proxy_inputs, sample_mask, step1_logits_fn
+from sftok.train.masking import build_proxy_inputs, draw_micro, step1_logits_fn
 from sftok.train.optim import build_optimizer
 from sftok.train.stage_setup import build_tokenizer, load_init, stage_seed
 
@@ -89,11 +96,59 @@ def set_stage3_mode(model: nn.Module) -> None:
     model.encoder.eval()
 
 
+@dataclass
+class _Critics:
+    """The frozen judges of the pixel losses, held outside the module tree of `PixelStep` so
+    that DDP neither broadcasts nor inspects them."""
+
+    lpips: nn.Module | None
+    adversary: Adversary | None
+
+
+class PixelStep(nn.Module):
+    """The gradient-carrying forward of one stage-3 micro-batch: the module DDP wraps.
+
+    frozen encode (no grad, quantizer in train mode) -> the no-grad step-1 pass (unwrapped
+    tokenizer) -> decoder logits -> soft pixels -> L2 (+ LPIPS) (+ hinge-G through the frozen
+    discriminator). Returns the loss (with gradient), its parts, the logits and the pixels.
+    """
+
+    def __init__(self, model: nn.Module, s: StageConfig, precision: Precision,
+                 critics: _Critics):
+        super().__init__()
+        self.model, self.s, self.precision, self.critics = model, s, precision, critics
+
+    def forward(self, images: Tensor, targets: Tensor, masked: Tensor, coin: Tensor | None,
+                gan_views: Views | None, gan_on: bool) -> dict[str, Any]:
+        s, model, critics = self.s, self.model, self.critics
+        with torch.no_grad():
+            q = model.encode(images)  # frozen encoder + quantizer (Sinkhorn assignment)
+        z_q = q.z_q
+        with self.precision.autocast():
+            proxy = build_proxy_inputs(
+                targets, masked, model.mask_id, s.replacement, s.replace_ratio,
+                first_step_fn=step1_logits_fn(model, z_q, s.sfvr_pass_fp32), coin=coin)
+            logits = model.decoder_logits(proxy.ids, z_q)
+            recon = model.pixels_from_logits(logits)
+        recon = recon.float()
+        parts = {"l2": F.mse_loss(recon, images), "quant_loss": q.loss.float()}
+        loss = s.l2_weight * parts["l2"] + s.quantizer_weight * parts["quant_loss"]
+        if critics.lpips is not None:
+            parts["lpips"] = lpips_loss(critics.lpips, recon, images)
+            loss = loss + s.lpips_weight * parts["lpips"]
+        if gan_on:
+            with self.precision.autocast():
+                parts["gan_g"] = critics.adversary.generator_loss(recon, gan_views)
+            loss = loss + s.gan_weight * parts["gan_g"]
+        return {"loss": loss, "parts": parts, "logits": logits, "recon": recon}
+
+
 class PixelTask(LoopTask):
     """Stage-3 step: frozen encode -> decoder logits -> soft pixels -> L2/LPIPS/GAN."""
 
     def __init__(self, cfg: ExperimentConfig, teacher: FrozenTeacher, device: torch.device,
-                 init: Path | None = None):
+                 init: Path | None = None, workers: Workers = SINGLE):
+        self.set_workers(workers)
         s: StageConfig = cfg.train.stage3
         self.name, self.cfg, self.scfg, self.teacher, self.device = "stage3", cfg, s, teacher, device
         seed = stage_seed(cfg, "stage3")
@@ -116,61 +171,56 @@ class PixelTask(LoopTask):
         self.adversary = (Adversary(s.discriminator, cfg.tokenizer.image_size, s.optim, device,
                                     self.precision, lecam_weight=s.lecam_weight,
                                     start=s.gan_start, total_steps=s.steps,
-                                    generator=self.generator)
+                                    generator=self.generator, workers=workers)
                           if s.gan_weight > 0 else None)
         # fp16's scaler skips steps with inf gradients by design: there the norms are no error.
         norms = () if self.scaler.is_enabled() else ("grad_norm", "disc_grad_norm")
         self.finite_keys = ("loss", *Adversary.FINITE_KEYS, *norms)
         if s.compile:
             compile_children(self.model)
+        self.step_forward = wrap_ddp(
+            PixelStep(self.model, s, self.precision, _Critics(self.lpips, self.adversary)),
+            workers, device)
 
     def step(self, batches: list[Any], step: int) -> dict[str, Tensor | float]:
         """One optimiser step (and, from gan_start, one discriminator step). No host sync: the
         metrics stay 0-dim device tensors, `finite_keys` are checked by `run_loop`."""
-        s, model = self.scfg, self.model
+        s, adversary = self.scfg, self.adversary
         lr = self.begin_step(step, s.steps, s.optim)
-        gan_on = self.adversary is not None and step >= s.gan_start
+        gan_on = adversary is not None and step >= s.gan_start
         n = len(batches)
+        hosts = [to_images(batch) for batch in batches]
+        b = hosts[0].shape[0]
+
+        def draw() -> tuple:  # one micro-batch's generator-phase draws, in the order they run
+            d = draw_micro(s.replacement, b, self.model.num_positions, s.mask_schedule,
+                           self.generator, self.device)
+            return d, (adversary.draws(b) if gan_on else None)
+
+        draws = self.micro_draws(n, draw)
+        disc_views = self.micro_draws(n, lambda: (adversary.draws(b), adversary.draws(b))) \
+            if gan_on else None
         acc: dict[str, Tensor | float] = {}
         reals, fakes = [], []
-        for batch in batches:
-            images = to_images(batch).to(self.device, non_blocking=True)
+        for i, (host, (d, views)) in enumerate(zip(hosts, draws)):
+            images = host.to(self.device, non_blocking=True)
             targets = self.teacher.encode_ids(images)  # M_g: for the diagnostic CE (+ masking)
-            b, num = targets.shape
-            masked = sample_mask(s.replacement, b, num, s.mask_schedule, self.generator,
-                                 self.device)
+            with accumulating(self.step_forward, last=i == n - 1):
+                out = self.step_forward(images, targets, d.masked, d.coin, views, gan_on)
+                loss = out["loss"]
+                self.scaler.scale(loss / n).backward()
             with torch.no_grad():
-                q = model.encode(images)  # frozen encoder + quantizer (Sinkhorn assignment)
-            z_q = q.z_q
-            with self.precision.autocast():
-                proxy = build_proxy_inputs(
-                    targets, masked, model.mask_id, s.replacement, s.replace_ratio,
-                    first_step_fn=step1_logits_fn(model, z_q, s.sfvr_pass_fp32),
-                    generator=self.generator)
-                logits = model.decoder_logits(proxy.ids, z_q)
-                recon = model.pixels_from_logits(logits)
-            recon = recon.float()
-            parts = {"l2": F.mse_loss(recon, images), "quant_loss": q.loss.float()}
-            loss = s.l2_weight * parts["l2"] + s.quantizer_weight * parts["quant_loss"]
-            if self.lpips is not None:
-                parts["lpips"] = lpips_loss(self.lpips, recon, images)
-                loss = loss + s.lpips_weight * parts["lpips"]
-            if gan_on:
-                with self.precision.autocast():
-                    parts["gan_g"] = self.adversary.generator_loss(recon)
-                loss = loss + s.gan_weight * parts["gan_g"]
-            self.scaler.scale(loss / n).backward()
-            with torch.no_grad():
-                parts["ce"] = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            for k, v in {"loss": loss, **parts}.items():
+                ce = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
+            for k, v in {"loss": loss, **out["parts"], "ce": ce}.items():
                 acc[k] = acc.get(k, 0.0) + v.detach().float() / n
             reals.append(images)
-            fakes.append(recon.detach())
+            fakes.append(out["recon"].detach())
+        # DDP averaged the gradients: the same norm on every rank, watched by run_loop.
         acc["grad_norm"] = clip_and_step_async(self.optimizer, self.scaler, self.params,
                                                s.optim.grad_clip)
         if self.ema is not None:
-            self.ema.update(model)
+            self.ema.update(self.model)
         if gan_on:
-            acc.update(self.adversary.update(reals, fakes, self.adversary.lr_at(step)))
+            acc.update(adversary.update(reals, fakes, adversary.lr_at(step), disc_views))
         acc["lr"] = lr
         return acc

@@ -10,6 +10,11 @@ Not in the paper (which never trains its teacher): dead-code restarts. Nearest-c
 small uniform-initialised codebook tends to use a handful of codes; every `RESET_EVERY` steps
 (during the first 80% of training) the codes unused in that window are re-initialised to random
 encoder outputs of the current batch (drawn from the task generator, so resume stays exact).
+
+Data parallelism: the VQGAN's forward runs through DDP; every step all-reduces the code counts,
+and a reset step gathers every rank's encoder outputs in the one-process order, so every rank
+resets the same codes to the same vectors. The effective batch is batch_size × grad_accum at
+any number of workers, as for the tokenizer stages.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 
 from sftok.checkpoint import CONFIG, save_model
 from sftok.config import ExperimentConfig, TeacherConfig, to_dict
+from sftok.distributed import SINGLE, Workers, accum_per_worker, accumulating, wrap_ddp
 from sftok.filelock import exclusive_lock
 from sftok.storage import (
     DamagedFileError,
@@ -45,7 +51,6 @@ from sftok.train.loop import (
     LoopSpec,
     LoopTask,
     Precision,
-    check_finite,
     clip_and_step,
     resolve_device,
     run_loop,
@@ -78,7 +83,8 @@ def teacher_cache_key(cfg: ExperimentConfig) -> str:
 
     Included: data config (minus num_workers), teacher architecture, teacher-training config
     (minus log/checkpoint cadence), and TEACHER_FORMAT. Excluded: the trial seed (trials with different seeds share one teacher;
-    it is trained with data.seed) and the pretrained-source fields.
+    it is trained with data.seed) and the pretrained-source fields. Not the number of workers
+    (a W-worker teacher equals the one-process one up to float reduction order).
     """
     data = to_dict(cfg.data)
     data.pop("num_workers", None)
@@ -88,6 +94,8 @@ def teacher_cache_key(cfg: ExperimentConfig) -> str:
     train = to_dict(cfg.train.teacher)
     for k in ("log_every", "ckpt_every"):  # cadence only: same weights either way
         train.pop(k, None)
+    if train.get("grad_accum") == 1:  # the default: keys from before the field stay valid
+        train.pop("grad_accum")
     payload = {"format": TEACHER_FORMAT, "data": data, "teacher": teacher, "train": train}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"teacher-{digest[:16]}"
@@ -244,7 +252,9 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
 class TeacherTask(LoopTask):
     """Stage-0 step: VQGAN forward, L2 (+LPIPS, +GAN from gan_start) + VQ losses."""
 
-    def __init__(self, cfg: ExperimentConfig, device: torch.device):
+    def __init__(self, cfg: ExperimentConfig, device: torch.device,
+                 workers: Workers = SINGLE):
+        self.set_workers(workers)
         tcfg = cfg.train.teacher
         self.name, self.cfg, self.tcfg, self.device = "stage0", cfg, tcfg, device
         torch.manual_seed(cfg.data.seed)  # initial weights: a function of the cache key only
@@ -256,8 +266,10 @@ class TeacherTask(LoopTask):
         self.scaler = self.precision.scaler()
         self.lpips = load_lpips(device) if tcfg.lpips_weight > 0 else None
         self.adversary = (Adversary("patchgan", cfg.data.image_size, tcfg.optim, device,
-                                    self.precision) if tcfg.gan_weight > 0 else None)
+                                    self.precision, workers=workers)
+                          if tcfg.gan_weight > 0 else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step_forward = wrap_ddp(self.model, workers, device)  # its forward is the step's
         # The adversary's metrics are device tensors, checked by run_loop (fp32: no scaler).
         self.finite_keys = (*Adversary.FINITE_KEYS, "disc_grad_norm")
 
@@ -269,37 +281,45 @@ class TeacherTask(LoopTask):
         lr = self.begin_step(step, t.steps, t.optim)
         gan_on = self.adversary is not None and step >= t.gan_start
         n = len(batches)
+        workers = self.workers
         sums: dict[str, float] = {}
         reals, fakes, latents = [], [], []
-        for batch in batches:
+        counts = torch.zeros_like(self.usage.counts)
+        for i, batch in enumerate(batches):
             images = to_images(batch).to(self.device, non_blocking=True)
-            out = self.model(images, commitment=t.commitment)
-            l2 = F.mse_loss(out.recon.float(), images)
-            loss = t.l2_weight * l2 + out.loss
-            parts = {"l2": l2, "commit": out.losses["commitment"],
-                     "codebook": out.losses["codebook"]}
-            if self.lpips is not None:
-                parts["lpips"] = lpips_loss(self.lpips, out.recon, images)
-                loss = loss + t.lpips_weight * parts["lpips"]
-            if gan_on:
-                parts["gan_g"] = self.adversary.generator_loss(out.recon)
-                loss = loss + t.gan_weight * parts["gan_g"]
-            check_finite("loss", loss)
-            self.scaler.scale(loss / n).backward()
-            self.usage.counts += torch.bincount(out.ids.flatten(),
-                                                minlength=self.usage.counts.numel())
+            with accumulating(self.step_forward, last=i == n - 1):
+                out = self.step_forward(images, commitment=t.commitment)
+                l2 = F.mse_loss(out.recon.float(), images)
+                loss = t.l2_weight * l2 + out.loss
+                parts = {"l2": l2, "commit": out.losses["commitment"],
+                         "codebook": out.losses["codebook"]}
+                if self.lpips is not None:
+                    parts["lpips"] = lpips_loss(self.lpips, out.recon, images)
+                    loss = loss + t.lpips_weight * parts["lpips"]
+                if gan_on:
+                    parts["gan_g"] = self.adversary.generator_loss(out.recon)
+                    loss = loss + t.gan_weight * parts["gan_g"]
+                self.finite("loss", loss)
+                self.scaler.scale(loss / n).backward()
+            counts += torch.bincount(out.ids.flatten(), minlength=counts.numel())
             for k, v in {"loss": loss, **parts, "psnr": psnr(out.recon.detach(), images)}.items():
                 sums[k] = sums.get(k, 0.0) + scalar(v) / n
             reals.append(images)
             fakes.append(out.recon.detach())
             latents.append(out.latent.detach())
+        self.usage.counts += workers.all_reduce_sum(counts)  # every rank's codes of this step
         sums["grad_norm"] = clip_and_step(self.optimizer, self.scaler, self.params,
-                                          t.optim.grad_clip)
+                                          t.optim.grad_clip, check=not workers.distributed)
+        if workers.distributed:
+            self.finite("grad_norm", sums["grad_norm"])
         if gan_on:
             sums.update(self.adversary.update(reals, fakes, lr))
         if (step + 1) % RESET_EVERY == 0:
             if step < 0.8 * t.steps:
-                sums["codes_reset"] = float(self._reset_dead_codes(torch.cat(latents)))
+                # The one-process batch: micro-batch j = a·W + r of rank r, in order of j.
+                local = torch.stack(latents)  # A×B×Z×h×w
+                every = torch.stack(workers.all_gather(local), 1).flatten(0, 1)
+                sums["codes_reset"] = float(self._reset_dead_codes(every.flatten(0, 1)))
             sums["code_usage"] = float((self.usage.counts > 0).float().mean())
             self.usage.counts.zero_()
         sums["lr"] = lr
@@ -319,46 +339,57 @@ class TeacherTask(LoopTask):
 
 
 def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
-                  resume: bool = True) -> dict[str, Any]:
+                  resume: bool = True, workers: Workers = SINGLE) -> dict[str, Any]:
     """Train stage 0 into cache entry `entry` (resumable under entry/train/); returns its record.
 
     Writes entry/model.safetensors (official key layout) + entry/config.json (resolved config)
     with `sftok.checkpoint.save_model`, and, last, entry/teacher.json (the marker of a finished
     teacher: time, metrics, val PSNR, the digests of the two files).
+    workers: train on these ranks (each calls this; rank 0 validates and publishes).
     """
     from sftok.data import TrainStream, build_datasets
 
     entry = Path(entry)
-    device = resolve_device(cfg.device)
+    tcfg = cfg.train.teacher
+    per_worker = accum_per_worker(tcfg.grad_accum, tcfg.batch_size, workers.world_size,
+                                  "train.teacher.grad_accum")
+    device = resolve_device(workers.device or cfg.device)
     t0 = time.perf_counter()
     train_ds, val_ds = build_datasets(cfg.data)
-    task = TeacherTask(cfg, device)
-    tcfg = cfg.train.teacher
+    task = TeacherTask(cfg, device, workers)
     stream = TrainStream(train_ds, tcfg.batch_size, seed=cfg.data.seed,
-                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    spec = LoopSpec(stage="stage0", steps=tcfg.steps, grad_accum=1,
-                    images_per_step=tcfg.batch_size, log_every=tcfg.log_every,
-                    ckpt_every=tcfg.ckpt_every, config=to_dict(cfg))
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                         rank=workers.rank, world_size=workers.world_size)
+    spec = LoopSpec(stage="stage0", steps=tcfg.steps, grad_accum=per_worker,
+                    images_per_step=tcfg.batch_size * tcfg.grad_accum,
+                    log_every=tcfg.log_every, ckpt_every=tcfg.ckpt_every, config=to_dict(cfg))
 
     def export(tmp: Path, task: TeacherTask) -> None:
         save_model(tmp, task.model, cfg)
 
     result = run_loop(task, stream, entry / "train", spec, export, callback=callback,
                       resume=resume)
-    teacher = FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size)
-    load_teacher_weights(teacher, result.final_dir / WEIGHTS_FILE)
-    teacher = teacher.to(device)
-    val = validation_psnr(teacher, val_ds, device)
-    record = {"key": entry.name, "steps": result.steps, "train_time_s": time.perf_counter() - t0,
-              "metrics": result.metrics, "history": result.history, "val_psnr": val["psnr"],
-              "val_code_usage": val["code_usage"], "val_images": val["images"]}
-    # Publish: weights + config (sftok.checkpoint layout, atomic), then the record with their
-    # digests (checked whenever the entry is opened) — the marker of a finished teacher, last.
-    save_model(entry, teacher.model, cfg)
-    record["files"] = record_digests(entry, PUBLISHED_FILES)
-    _write_json_atomic(entry / RECORD, record)
+
+    def publish() -> dict[str, Any]:
+        teacher = FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size)
+        load_teacher_weights(teacher, result.final_dir / WEIGHTS_FILE)
+        teacher = teacher.to(device)
+        val = validation_psnr(teacher, val_ds, device)
+        record = {"key": entry.name, "steps": result.steps,
+                  "train_time_s": time.perf_counter() - t0, "metrics": result.metrics,
+                  "history": result.history, "val_psnr": val["psnr"],
+                  "val_code_usage": val["code_usage"], "val_images": val["images"]}
+        # Publish: weights + config (sftok.checkpoint layout, atomic), then the record with
+        # their digests (checked whenever the entry is opened) — the marker of a finished
+        # teacher, last.
+        save_model(entry, teacher.model, cfg)
+        record["files"] = record_digests(entry, PUBLISHED_FILES)
+        _write_json_atomic(entry / RECORD, record)
+        return record
+
+    record = workers.on_main("publishing the teacher", publish)
     if callback is not None:
-        callback(result.steps, {"val_psnr": val["psnr"]})
+        callback(result.steps, {"val_psnr": record["val_psnr"]})
     return record
 
 
