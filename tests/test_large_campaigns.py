@@ -90,16 +90,21 @@ def test_values_equal_to_15_digits_keep_their_exact_labels(tmp_path):
 
 def test_campaign_hash_is_the_sha256_of_the_whole_plan_and_ignores_max_trials(tmp_path):
     """The hash is fed one trial at a time: it must be the hash of the one JSON document
-    (earlier stores hold campaigns under it), and a confirmation threshold is not part of it."""
+    (earlier stores hold campaigns under it); a confirmation threshold is not part of it, nor
+    the number of workers per trial (a campaign resumes on any W, issue 19)."""
     path = write_spec(tmp_path, "h", {"train.stage2.replace_ratio": [0.5, 1.0]})
     plan = plan_for(path, seeds=2)
-    blob = json.dumps({"spec": plan.spec.model_dump(mode="json", exclude={"max_trials"}),
+    blob = json.dumps({"spec": plan.spec.model_dump(mode="json",
+                                                      exclude={"max_trials", "workers_per_trial"}),
                        "preset": plan.preset, "trials": [t.to_payload() for t in plan.trials]},
                       sort_keys=True, default=str)
     assert plan.campaign_hash == hashlib.sha256(blob.encode()).hexdigest()[:16]
     bigger_limit = write_spec(tmp_path, "h", {"train.stage2.replace_ratio": [0.5, 1.0]},
                               max_trials=7)
     assert plan_for(bigger_limit, seeds=2).campaign_hash == plan.campaign_hash
+    two_workers = write_spec(tmp_path, "h", {"train.stage2.replace_ratio": [0.5, 1.0]},
+                             workers_per_trial=2)
+    assert plan_for(two_workers, seeds=2).campaign_hash == plan.campaign_hash
 
 
 def test_legacy_labels_are_those_of_repr(tmp_path):
