@@ -206,16 +206,22 @@ def _prepare_floors(todo: list, eval_cache: Path) -> None:
 
 def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: str, echo) -> None:
     """Stage 0 once per campaign (per distinct teacher), in the driver, before the trials."""
-    from sftok.train import get_teacher, teacher_cache_key, teacher_info
+    from sftok.released import read_manifest
+    from sftok.train import get_teacher, teacher_info
+    from sftok.train.teacher_stage import teacher_identity
 
     seen = set()
     for t in todo:
-        key = teacher_cache_key(t.config)
+        key = teacher_identity(t.config)
         if key in seen:
             continue
         seen.add(key)
         t0 = time.time()
-        echo(f"[{trk._now()}] teacher (stage 0) {key}: preparing under {cache}", flush=True)
+        tcfg = t.config.teacher
+        where = {"train": f"(stage 0) {key}: preparing under {cache}",
+                 "shipped": f"{tcfg.shipped!r} shipped with sftok ({key}): loading",
+                 "pretrained": f"{key}: loading {tcfg.weights or tcfg.hf_filename}"}
+        echo(f"[{trk._now()}] teacher {where[tcfg.source]}", flush=True)
 
         total = t.config.train.teacher.steps
         last_echo = [time.time()]
@@ -234,10 +240,14 @@ def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: st
         get_teacher(t.config, cache, callback=cb)
         echo(f"[{trk._now()}] teacher ready in {time.time() - t0:.1f}s", flush=True)
         trk.set_tags(client, parent_id, {f"teacher.{len(seen) - 1}": key})
-        if t.config.teacher.source == "train" and (cache / key / "teacher.json").exists():
+        record = None
+        if tcfg.source == "train" and (cache / key / "teacher.json").exists():
+            record = teacher_info(cache / key)
+        elif tcfg.source == "shipped":
+            record = read_manifest(tcfg.shipped)  # config, command, curve, sha256
+        if record is not None:
             try:
-                client.log_text(parent_id, json.dumps(teacher_info(cache / key), indent=1),
-                                f"teacher/{key}.json")
+                client.log_text(parent_id, json.dumps(record, indent=1), f"teacher/{key}.json")
             except Exception:  # noqa: BLE001 — informational
                 pass
 

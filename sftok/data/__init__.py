@@ -34,6 +34,7 @@ __all__ = [
     "TrainStream",
     "build_datasets",
     "build_train_dataset",
+    "build_train_view",
     "build_val_dataset",
     "val_batches",
 ]
@@ -84,6 +85,23 @@ def build_val_dataset(cfg: DataConfig):
     if cfg.val_path is None and (root / "val").is_dir():
         root = root / "val"
     return ImageFolder(root, cfg.image_size, train=False, field=field)
+
+
+def build_train_view(cfg: DataConfig):
+    """Training images as evaluation sees them (no augmentation), to measure the gap between
+    training and held-out reconstruction (the teacher's learning curve).
+
+    embedded: fixed crops of the training photos, `val_crops_per_image` each (photos only: no
+    procedural images, so the gap compares photos with photos). folder: the training folder's
+    centre crops. webdataset: the training shards' evaluation view. Cap it with `val_batches`.
+    """
+    if cfg.source == "embedded":
+        photos = TRAIN_PHOTOS + (EXTRA_TRAIN_PHOTOS if cfg.extra_photos else ())
+        return EmbeddedPhotos(photos, cfg.image_size, cfg.val_crops_per_image, cfg.seed)
+    train = build_train_dataset(cfg)
+    if cfg.source == "folder":
+        return ImageFolder(train.root, cfg.image_size, train=False, field="data.path")
+    return ShardDataset(cfg.path, cfg.image_size, train=False, field="data.path")
 
 
 def build_train_dataset(cfg: DataConfig):

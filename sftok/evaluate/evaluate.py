@@ -4,7 +4,8 @@ For each S in `cfg.decode_steps` (Figure 8: 1, 2, 4, 8, 16; Table 1 uses S = 8) 
 reconstructed with an S-step decode and scored: psnr_s{S}, ssim_s{S}, lpips_s{S}, rfid_s{S},
 is_s{S}. S-independent: token_top1 / token_ce (decoder step-1 prediction vs the teacher's ids),
 codebook_usage / codebook_entropy (tokenizer ids), num_images. Plus the Figure-4a trace of a
-`cfg.trace_steps`-step decode (trace.py) and one grid per S (originals over reconstructions).
+`cfg.trace_steps`-step decode (trace.py), with it the revealed-token information
+(revealed.py: reveal_<kind>_r<pct>), and one grid per S (originals over reconstructions).
 With `bounds` (bounds.py), the same metrics for the bit-matched naive-codec floors and the
 teacher's ceiling: floor_tokenizer_<metric>, floor_teacher_<metric>, teacher_<metric>.
 
@@ -18,6 +19,7 @@ are left out of `metrics` and listed in `unavailable` with one message each (DES
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from sftok.evaluate.fid import (
 from sftok.evaluate.grid import image_grid
 from sftok.evaluate.metrics import psnr, ssim, to_uint8
 from sftok.evaluate.perceptual import LPIPSMetric, find_lpips_backbone
+from sftok.evaluate.revealed import RevealAccumulator
 from sftok.evaluate.tokens import TokenAccumulator
 from sftok.evaluate.trace import TraceAccumulator
 from sftok.progress import progress_disabled
@@ -186,6 +189,8 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
     rec_logits: dict[int | str, list[Tensor]] = {k: [] for k in keys}
     tokens = TokenAccumulator(_codebook_size(tokenizer)) if "tokens" in wanted else None
     trace_acc = TraceAccumulator() if cfg.trace_steps > 0 else None
+    reveal_acc = (RevealAccumulator(cfg.reveal_fractions, cfg.seed)
+                  if trace_acc is not None and cfg.reveal_fractions else None)
     trace_cfg = dataclasses.replace(base, steps=cfg.trace_steps)
     gens = {s: _generator(device, cfg.seed) for s in steps}
     trace_gen = _generator(device, cfg.seed)
@@ -230,6 +235,9 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                         res = tokenizer.generate(enc.z_q, trace_cfg, generator=trace_gen,
                                                  trace=True)
                         trace_acc.update(res.trace, gt)
+                    if reveal_acc is not None:
+                        reveal_acc.update(functools.partial(tokenizer.decoder_logits,
+                                                            z_q=enc.z_q), gt, tokenizer.mask_id)
 
                 take = min(b, cfg.grid_images - n_grid)
                 if take > 0:
@@ -308,6 +316,8 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
 
     if trace_acc is not None:
         result.trace = trace_acc.rows()
+    if reveal_acc is not None:
+        m.update(reveal_acc.result())
     if grid_orig:
         orig = torch.cat(grid_orig)
         result.grids = {s: image_grid(orig, torch.cat(grid_rec[s])) for s in steps}
