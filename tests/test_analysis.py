@@ -132,6 +132,13 @@ def _log_trial(client, exp_id, parent_id, spec, arm, seed, p, with_fid, rng, dro
                     for m, v in vals.items() if with_fid or m not in ("rfid", "is")]
     metrics += [Metric("eval/token_ce", 3 + q, t0, 0), Metric("eval/token_top1", 0.3 - 0.1 * q, t0, 0),
                 Metric("eval/codebook_usage", 0.9, t0, 0)]
+    if spec == "per_step_trace":  # revealed-token information: true ids help, own ids do not
+        for pct in (25, 50, 75):
+            none = 4.0 + q
+            vals = {"ce_none": none, "ce_gt": none - 0.2 * pct / 100 - 0.01 * rng.random(),
+                    "ce_self": none + 0.002 * rng.standard_normal()}
+            vals.update(info_gt=none - vals["ce_gt"], info_self=none - vals["ce_self"])
+            metrics += [Metric(f"eval/reveal_{k}_r{pct}", v, t0, 0) for k, v in vals.items()]
     rows = []
     S = 8
     for i in range(1, S + 1):
@@ -528,7 +535,8 @@ def test_readings_undetermined_on_thin_data(tmp_path):
                     and key == "eval/lpips_s8")
                 or (spec == "ablation_replace_ratio" and arm == "replace_ratio=0.5" and seed > 0
                     and key == "eval/rfid_s8")
-                or (spec == "per_step_trace" and key == "trace/top1_gt_all"))
+                or (spec == "per_step_trace" and (key == "trace/top1_gt_all"
+                                                  or key.startswith("eval/reveal_"))))
 
     names = ["table3_sfvr_warmup", "table4_replace_ratio", "figure4_per_step",
              "figure8_step_sweep"]
@@ -549,6 +557,7 @@ def test_readings_undetermined_on_thin_data(tmp_path):
     # Figure 4: no top1_gt_all traced, so the paper's claim can be neither confirmed nor not.
     r4f = reading["figure4_per_step"]
     assert "is undetermined" in r4f and "not borne out" not in r4f and "nan" not in r4f, r4f
+    assert "revealed-token information was not logged" in r4f, r4f
     # Figure 8: rFID not evaluated at S = 1 and 8 -> undetermined; IS improves beyond noise.
     r8 = reading["figure8_step_sweep"]
     assert "rFID from 1 to 8 steps is undetermined (no stage-3 arm evaluated both" in r8, r8
@@ -597,6 +606,14 @@ def test_render_all_notebooks(store, tmp_path):
     f4a = pd.read_csv(tmp_path / "out/figure4_per_step/figure4a.csv")
     assert len(f4a) == 2 * 8 * len(TRACE_QUANTITIES) and set(f4a["quantity"]) == set(
         TRACE_QUANTITIES)
+    rev = pd.read_csv(tmp_path / "out/figure4_per_step/figure4a_revealed.csv")
+    assert len(rev) == 2 * 5 * 3 and set(rev["r"]) == {0.25, 0.5, 0.75}
+    gt50 = rev[(rev["kind"] == "info_gt") & (rev["r"] == 0.5)]
+    assert (gt50["mean"] > 0.1).all() and (gt50["ci_low"] > 0).all()
+    _check_png(tmp_path / "out/figure4_per_step/figure4a_revealed.png")
+    r4f = (tmp_path / "out/figure4_per_step/reading.md").read_text()
+    assert "Revealing 50% of the ground-truth ids lowers" in r4f, r4f
+    assert "true tokens would help, but the ids that decoding at τ = 0 reveals" in r4f, r4f
     f8 = pd.read_csv(tmp_path / "out/figure8_step_sweep/figure8.csv")
     assert set(f8["metric"]) == {"rfid", "is", "psnr", "ssim", "lpips"}
     assert sorted(set(f8["steps"])) == list(STEPS)

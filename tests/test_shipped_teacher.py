@@ -181,3 +181,42 @@ def test_the_shipped_files_are_package_data():
     text = (root.parent.parent / "pyproject.toml").read_text()
     assert '"sftok.released" = ["*.safetensors", "*.json"]' in text
     assert (root / "tiny.safetensors").is_file() and (root / "tiny.json").is_file()
+
+
+def test_a_built_wheel_ships_the_teacher_and_loads_it(tmp_path):
+    """A normal (non-editable) install finds the package data: build a wheel from a copy of the
+    sources, install it into a folder of its own, load the shipped teacher from there."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(released.__file__).parents[2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    shutil.copytree(repo / "sftok", src / "sftok",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, cwd=src)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True)
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import sftok, sftok.released as r; "
+             "from sftok.presets import get_preset; cfg = get_preset('tiny'); "
+             "s = r.load_shipped(cfg.teacher, cfg.tokenizer.image_size); "
+             "print(sftok.__file__); print(s.sha256)")
+    out = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True,
+                         text=True, check=True, cwd=tmp_path).stdout.split()
+    assert Path(out[0]).is_relative_to(site)  # the wheel's copy, not this checkout
+    assert out[1] == read_manifest("tiny")["sha256"]
+
+
+def test_a_finished_teacher_is_returned_not_retrained(release, monkeypatch):
+    monkeypatch.setattr(teacher_stage, "TeacherTask",
+                        lambda *a, **k: pytest.fail("a finished teacher must not be rebuilt"))
+    again = train_teacher(release["cfg"], release["entry"], curve_every=2)
+    assert again == json.loads((release["entry"] / "teacher.json").read_text())
+    assert again["train_time_s"] == release["record"]["train_time_s"]

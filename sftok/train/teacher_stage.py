@@ -290,16 +290,20 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
     """Train stage 0 into cache entry `entry` (resumable under entry/train/); returns its record.
 
     Writes entry/model.safetensors (official key layout) + entry/config.json (resolved config)
-    with `sftok.checkpoint.save_model`, and, last, entry/teacher.json (the marker of a finished teacher: time, metrics, val PSNR).
+    with `sftok.checkpoint.save_model`, and, last, entry/teacher.json (the marker of a finished
+    teacher: time, metrics, val PSNR); with resume, a finished entry is returned as it is.
     curve_every > 0: every that many steps (a multiple of log_every) and at the end, the
     learning curve gets a point (`curve_point`: held-out and training-image PSNR), rewritten to
     entry/curve.json as it goes (readable while training runs) and kept in the record's
-    "curve". Points are pure functions of the weights at their step, so a resumed run keeps
-    the points it had and adds the same ones an uninterrupted run would.
+    "curve" (with `process_s`, seconds since this process started, and `unix_time`). Points
+    are pure functions of the weights at their step, so a resumed run keeps the points it had
+    and adds the same ones an uninterrupted run would.
     """
     from sftok.data import TrainStream, build_datasets, build_train_view
 
     entry = Path(entry)
+    if resume and (entry / "teacher.json").exists():
+        return teacher_info(entry)  # finished: never retrained, its record never rewritten
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     train_ds, val_ds = build_datasets(cfg.data)
@@ -323,7 +327,7 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
                 and all(p["step"] != step for p in curve):
             frozen = FrozenTeacher(copy.deepcopy(task.model), cfg.tokenizer.image_size)
             curve.append({"step": step, **curve_point(frozen, val_ds, train_view, device),
-                          "elapsed_s": time.perf_counter() - t0})
+                          "process_s": time.perf_counter() - t0, "unix_time": time.time()})
             entry.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(curve_path, curve)
         if callback is not None:
