@@ -272,7 +272,9 @@ EXPECTED_TABLES = {
         "table4": (["replace_ratio", "arm", "n_seeds", "metric", "mean", "ci_low", "ci_high",
                     "paper_rfid"], 3),
         "table4_paired": (["a", "b", "metric", "n_common_seeds", "diff_mean", "ci_low",
-                           "ci_high", "p_value", "paper_rfid_diff"], 3)},
+                           "ci_high", "p_value", "paper_rfid_diff"], 3),
+        "table4_steps": (["replace_ratio", "metric", "minus", "n", "mean", "ci_low", "ci_high",
+                          "excludes_zero"], 3)},
     "figure4_per_step": {
         "figure4a": (["arm", "quantity", "step", "n", "mean", "ci_low", "ci_high"], None),
         "figure4b": (["arm", "warmup", "stage", "step", "n", "mean", "ci_low", "ci_high"], None),
@@ -588,6 +590,11 @@ def test_render_all_notebooks(store, tmp_path):
     assert "proxy" not in (tmp_path / "out/table4_replace_ratio/table4.md").read_text()
     reading = (tmp_path / "out/table4_replace_ratio/reading.md").read_text()
     assert "ordering is reproduced" in reading  # the synthetic store is built so that it is
+    # 8 steps minus 1 of the same trial: rFID 3 (1/sqrt(8) - 1) lower, beyond the noise
+    steps4 = pd.read_csv(tmp_path / "out/table4_replace_ratio/table4_steps.csv")
+    assert set(steps4["minus"]) == {"eval/rfid_s1"} and steps4["excludes_zero"].all()
+    assert ((steps4["mean"] + 1.94).abs() < 0.3).all(), steps4
+    assert "8 decode steps minus 1, per trial: ratio 0.5 -" in reading, reading
     # Floor and ceiling beside the arms, and where the arms stand between them (rFID: the
     # synthetic arms lie between the floor 12 and the ceiling 3, none below the floor).
     md4 = (tmp_path / "out/table4_replace_ratio/table4.md").read_text()
