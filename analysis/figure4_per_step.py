@@ -40,7 +40,6 @@ sys.path[:0] = [p for p in (os.path.abspath("."), os.path.abspath("analysis"))
                 if os.path.exists(os.path.join(p, "mlflow_data.py"))]
 
 import itertools
-import re
 
 import matplotlib.pyplot as plt
 import mlflow_data as md
@@ -48,6 +47,8 @@ import numpy as np
 import pandas as pd
 import stats
 from IPython.display import Image, Markdown, display
+
+from sftok import run_record as rr
 
 out = md.Outputs("figure4_per_step", out_dir)
 camps = md.load_campaigns({"per_step_trace": parent, "ablation_sfvr_warmup": parent_4b},
@@ -137,15 +138,13 @@ display(Markdown(out.table("figure4a", table_a, caption_a, md=md_a)))
 # masked token; `eval/reveal_<kind>_r<100·r>`).
 
 # %%
-REVEAL_KEY = re.compile(r"^eval/reveal_(ce_none|ce_gt|ce_self|info_gt|info_self)_r(\d+)$")
 reveal_long = []
-for key in trace_camp.metric_keys("eval/reveal_"):
-    m = REVEAL_KEY.match(key)
-    if m:
+for key in trace_camp.metric_keys(rr.eval_key("reveal_")):
+    parsed = rr.parse_reveal_metric(rr.eval_name(key))
+    if parsed:
         reveal_long.append(pd.DataFrame({"arm": trace_camp.runs["arm"],
-                                         "seed": trace_camp.runs["seed"], "kind": m.group(1),
-                                         "r": int(m.group(2)) / 100,
-                                         "value": trace_camp.column(key)}).dropna())
+                                         "seed": trace_camp.runs["seed"], "kind": parsed[0],
+                                         "r": parsed[1], "value": trace_camp.column(key)}).dropna())
 reveal = (stats.summarize(pd.concat(reveal_long, ignore_index=True), ["arm", "kind", "r"],
                           "value") if reveal_long else pd.DataFrame())
 # The fraction of positions fixed before each decode step of the trace (its own schedule):

@@ -42,6 +42,8 @@ import pandas as pd
 import stats
 from IPython.display import Image, Markdown, display
 
+from sftok import run_record as rr
+
 SPEC = "reconstruction"
 # (figure, logged name under train/stage3/, what it is): sftok/train/stage3.py logs these.
 CURVES = [("Figure 9", "gan_d", "discriminator loss (0.5·hinge)"),
@@ -88,7 +90,7 @@ def why_not_logged(name: str) -> str:
 
 curves, missing = {}, {}
 for fig_name, name, label in CURVES:
-    h = camp.history(f"train/stage3/{name}")
+    h = camp.history(rr.train_key("stage3", name))
     if not len(h):
         missing[name] = why_not_logged(name)
         continue

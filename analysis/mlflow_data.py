@@ -1,12 +1,11 @@
 """MLflow -> pandas for the analysis notebooks, plus the small helpers they share for outputs.
 
-MLflow layout (DESIGN §2, docs/architecture.md): one experiment per spec; one *parent* run per
-invocation of `experiments/run.py` (tags `spec`, `preset`, git commit, command line); one
-*child* run per trial (tag `mlflow.parentRunId`, tags `arm` and `seed`; params = the flattened
-resolved config, e.g. `train.stage2.replace_ratio`). Metrics: `train/<stage>/<name>` (step =
-global optimiser step), `eval/<metric>_s<S>` and S-independent `eval/<metric>`, `trace/<name>`
-(step = decode step i, 1..S). Artifacts: `config.json`, `grids/recon_s{S}.png`, `trace.csv`,
-`eval.json`.
+The store's layout is `sftok.run_record` (the runner writes it from there too): one experiment
+per spec; one *parent* run per invocation of `experiments/run.py`; one *child* run per trial
+(tags `arm` and `seed`; params = the flattened resolved config, e.g.
+`train.stage2.replace_ratio`). Metrics: `train/<stage>/<name>` (step = global optimiser step),
+`eval/<metric>_s<S>` and S-independent `eval/<metric>`, `trace/<name>` (step = decode step i,
+1..S). Artifacts: `config.json`, `grids/recon_s{S}.png`, `trace.csv`, `eval.json`.
 
     camp = load_campaign("ablation_replace_ratio", tracking_uri, parent="latest")
     camp.runs                      # one row per trial: run_id, arm, seed, params.*, metrics.*, tags.*
@@ -31,19 +30,16 @@ from typing import Any
 
 import pandas as pd
 
+from sftok import run_record as rr
+
 # Artifact downloads (eval.json, trace.csv) would print a progress bar per file into notebooks,
 # and tqdm.auto warns there that ipywidgets is missing; neither says anything about the data.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 warnings.filterwarnings("ignore", message="IProgress not found")
 logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite schema messages at INFO
 
-ROOT = Path(__file__).resolve().parent.parent
 ANALYSIS_DIR = Path(__file__).resolve().parent
 PAPER_RESULTS = ANALYSIS_DIR / "paper_results.yaml"
-
-PARENT_ROLE_TAG = "sftok.role"
-PARENT_ROLE = "parent"
-PARENT_ID_TAG = "mlflow.parentRunId"
 
 # Spec names (experiments/specs/<name>.yaml) and the results they feed.
 SPECS = {
@@ -70,6 +66,7 @@ METRICS: dict[str, tuple[bool, str]] = {
 }
 # When rFID is unavailable (no Inception weights offline) the tables fall back, in this order.
 PROXY_ORDER = ("rfid", "lpips", "psnr", "ssim", "token_ce")
+_STAGE = re.compile(r"stage\d")  # a tokenizer training stage (not generation)
 
 
 class RunsNotFound(RuntimeError):
@@ -94,25 +91,15 @@ class RunsNotFound(RuntimeError):
 def resolve_uri(tracking: str | os.PathLike | None = None) -> str:
     """A tracking URI as `experiments/run.py --tracking-uri` reads it: a URI is used as given,
     a plain directory is a store `DIR/mlflow.db` (+ `DIR/artifacts/`); None means
-    `$MLFLOW_TRACKING_URI`, else the project's store `mlruns/` (DESIGN §2)."""
-    if tracking is None or str(tracking) == "":
-        tracking = os.environ.get("MLFLOW_TRACKING_URI") or str(ROOT / "mlruns")
-    tracking = str(tracking)
-    if "://" in tracking or tracking.startswith(("sqlite:", "databricks")):
-        return tracking
-    return f"sqlite:///{Path(tracking).expanduser().resolve() / 'mlflow.db'}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    m = re.match(r"sqlite:///(.+)$", uri)
-    return Path(m.group(1)) if m else None
+    `$MLFLOW_TRACKING_URI`, else the project's store `mlruns/` (`run_record.store_location`)."""
+    return rr.store_location(tracking).uri
 
 
 def client_for(tracking_uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     uri = resolve_uri(tracking_uri)
-    db = _sqlite_path(uri)
+    db = rr.sqlite_file(uri)
     if db is not None and not db.exists():
         # Opening a missing SQLite store would silently create an empty one.
         raise RunsNotFound([], uri, f"the store {uri} does not exist (no {db}); run "
@@ -121,32 +108,18 @@ def client_for(tracking_uri: str | None = None):
     return MlflowClient(tracking_uri=uri), uri
 
 
-def _search_all(client, experiment_ids: list[str], filter_string: str = "",
-                order_by: list[str] | None = None) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def find_experiment(client, spec: str):
     """The experiment of `spec`: named after the spec, else any experiment tagged `spec=<spec>`."""
-    exp = client.get_experiment_by_name(spec)
+    exp = client.get_experiment_by_name(rr.experiment_name(spec))
     if exp is not None:
         return exp
-    for e in client.search_experiments(filter_string=f"tags.spec = '{spec}'"):
+    for e in client.search_experiments(filter_string=rr.spec_filter(spec)):
         return e
     return None
 
 
 def is_parent(run) -> bool:
-    tags = run.data.tags
-    return tags.get(PARENT_ROLE_TAG) == PARENT_ROLE or (
-        PARENT_ID_TAG not in tags and tags.get("sftok.role") != "trial")
+    return rr.is_parent(run.data.tags)
 
 
 def find_parent(client, uri: str, spec: str, parent: str = "latest"):
@@ -163,32 +136,13 @@ def find_parent(client, uri: str, spec: str, parent: str = "latest"):
         return exp or client.get_experiment(run.info.experiment_id), run
     if exp is None:
         raise RunsNotFound(spec, uri)
-    runs = _search_all(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
-    children = {r.data.tags.get(PARENT_ID_TAG) for r in runs} - {None}
+    runs = rr.search_all(client, [exp.experiment_id], order_by=rr.NEWEST_FIRST)
+    children = {rr.parent_of(r.data.tags) for r in runs} - {None}
     parents = [r for r in runs if is_parent(r) and r.info.run_id in children]
     if not parents:
         raise RunsNotFound(spec, uri, f"experiment {spec!r} exists but has no parent run with "
                            "trials")
     return exp, parents[0]
-
-
-def _coerce_param(v: str) -> Any:
-    """MLflow params are strings; turn numbers and booleans back into values."""
-    if v is None:
-        return None
-    low = v.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        pass
-    try:
-        return float(v)
-    except ValueError:
-        return v
 
 
 def runs_frame(runs: list) -> pd.DataFrame:
@@ -199,10 +153,10 @@ def runs_frame(runs: list) -> pd.DataFrame:
             "run_id": r.info.run_id,
             "run_name": r.info.run_name,
             "status": r.info.status,
-            "arm": r.data.tags.get("arm", r.data.tags.get("sftok.arm")),
-            "seed": _coerce_param(r.data.tags.get("seed", r.data.params.get("seed"))),
+            "arm": r.data.tags.get(rr.ARM_TAG),
+            "seed": rr.coerce_param(r.data.tags.get(rr.SEED_TAG, r.data.params.get("seed"))),
         }
-        row.update({f"params.{k}": _coerce_param(v) for k, v in r.data.params.items()})
+        row.update({f"params.{k}": rr.coerce_param(v) for k, v in r.data.params.items()})
         row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
         row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
         rows.append(row)
@@ -233,7 +187,7 @@ class Campaign:
 
     @property
     def preset(self) -> str | None:
-        return self.parent_run.data.tags.get("preset")
+        return self.parent_run.data.tags.get(rr.PRESET_TAG)
 
     @property
     def seeds(self) -> list:
@@ -242,7 +196,7 @@ class Campaign:
     def describe(self) -> str:
         """One line naming the store, the parent run and what it contains."""
         t = self.parent_run.data.tags
-        commit = t.get("git_commit") or t.get("git.commit") or t.get("mlflow.source.git.commit")
+        commit = t.get(rr.GIT_COMMIT_TAG)
         s = (f"spec `{self.spec}`, parent run `{self.parent_id}` (preset "
              f"`{self.preset or '?'}`{', commit ' + commit[:10] if commit else ''}), "
              f"{len(self.runs)} finished trials over {self.runs['arm'].nunique()} arms × "
@@ -265,14 +219,14 @@ class Campaign:
     def trained_stages(self) -> pd.Series:
         """Per trial, the training stages it ran, e.g. ('stage1', 'stage2'): the runner's
         `stages` tag (or param), else the stages of its logged `train/<stage>/*` metrics."""
-        pat = re.compile(r"^metrics\.train/(stage\d)/")
         out = []
         for _, row in self.runs.iterrows():
-            raw = row.get("tags.stages", row.get("params.stages"))
-            st = re.findall(r"stage\d", raw) if isinstance(raw, str) else []
+            raw = row.get(f"tags.{rr.STAGES_TAG}", row.get(f"params.{rr.STAGES_PARAM}"))
+            st = _STAGE.findall(raw) if isinstance(raw, str) else []
             if not st:
-                st = sorted({m.group(1) for c in row.index if (m := pat.match(c))
-                             and pd.notna(row[c])})
+                logged = [rr.parse_train_key(c.removeprefix("metrics.")) for c in row.index
+                          if c.startswith("metrics.") and pd.notna(row[c])]
+                st = sorted({p[0] for p in logged if p and _STAGE.fullmatch(p[0])})
             out.append(tuple(st))
         return pd.Series(out, index=self.runs.index, dtype=object)
 
@@ -300,17 +254,15 @@ class Campaign:
             return Path(local).read_text()
 
     def eval_json(self, run_id: str) -> dict:
-        text = self.artifact_text(run_id, "eval.json")
+        text = self.artifact_text(run_id, rr.EVAL_JSON)
         return json.loads(text) if text else {}
 
     def unavailable(self) -> dict[str, str]:
         """metric -> why it is unavailable, merged over the trials' eval.json artifacts."""
-        out: dict[str, str] = {}
-        tagged = [c for c in self.runs.columns if c.startswith("tags.eval_unavailable.")]
-        for c in tagged:  # the runner copies eval.json's `unavailable` into tags
-            vals = self.runs[c].dropna()
-            if len(vals):
-                out[c[len("tags.eval_unavailable."):]] = str(vals.iloc[0])
+        tags = {c[len("tags."):]: self.runs[c].dropna() for c in self.runs.columns
+                if c.startswith("tags.")}
+        tagged = rr.unavailable_from_tags(tags)  # the runner copies eval.json's into tags
+        out = {m: str(vals.iloc[0]) for m, vals in tagged.items() if len(vals)}
         if not tagged:
             for rid in self.runs["run_id"]:
                 out.update(self.eval_json(rid).get("unavailable", {}) or {})
@@ -328,16 +280,17 @@ class Campaign:
 
     def trace(self, run_id: str) -> pd.DataFrame:
         """The Figure-4a per-step trace of one trial: trace.csv, else the `trace/*` metrics."""
-        text = self.artifact_text(run_id, "trace.csv")
+        text = self.artifact_text(run_id, rr.TRACE_CSV)
         if text:
             from io import StringIO
 
             return pd.read_csv(StringIO(text))
-        keys = [k for k in self.client.get_run(run_id).data.metrics if k.startswith("trace/")]
+        columns = {k: c for k in self.client.get_run(run_id).data.metrics
+                   if (c := rr.trace_column(k)) is not None}
         cols = {}
-        for k in keys:
+        for k, c in columns.items():
             for m in self.client.get_metric_history(run_id, k):
-                cols.setdefault(m.step, {})[k[len("trace/"):]] = m.value
+                cols.setdefault(m.step, {})[c] = m.value
         df = pd.DataFrame.from_dict(cols, orient="index").sort_index()
         return df.rename_axis("step").reset_index()
 
@@ -357,8 +310,8 @@ def load_campaign(spec: str, tracking_uri: str | None = None, parent: str = "lat
     if not client.search_experiments() and parent in (None, "latest"):
         raise RunsNotFound(spec, uri, "the store holds no experiments at all")
     _, prun = find_parent(client, uri, spec, parent or "latest")
-    children = _search_all(client, [prun.info.experiment_id],
-                           filter_string=f"tags.`{PARENT_ID_TAG}` = '{prun.info.run_id}'")
+    children = rr.search_all(client, [prun.info.experiment_id],
+                             rr.children_filter(prun.info.run_id))
     df = runs_frame(children)
     if df.empty:
         raise RunsNotFound(spec, uri, f"parent run {prun.info.run_id} has no trials")
@@ -404,17 +357,17 @@ def load_campaigns(specs: dict[str, str], tracking_uri: str | None = None) -> di
 
 
 def eval_key(metric: str, steps: int | None = None) -> str:
-    return f"eval/{metric}_s{steps}" if steps is not None else f"eval/{metric}"
+    """`eval/<metric>_s<S>`, or `eval/<metric>` without S."""
+    return rr.eval_key(rr.step_metric(metric, steps) if steps is not None else metric)
 
 
 def eval_steps(camp: Campaign, metric: str | None = None) -> list[int]:
     """Decode-step counts S that appear in `eval/<metric>_s<S>` keys (any metric if None)."""
-    pat = re.compile(r"^eval/(.+)_s(\d+)$")
     found = set()
-    for k in camp.metric_keys("eval/"):
-        m = pat.match(k)
-        if m and (metric is None or m.group(1) == metric) and camp.column(k).notna().any():
-            found.add(int(m.group(2)))
+    for k in camp.metric_keys(rr.EVAL):
+        parsed = rr.parse_step_metric(rr.eval_name(k))
+        if parsed and (metric is None or parsed[0] == metric) and camp.column(k).notna().any():
+            found.add(parsed[1])
     return sorted(found)
 
 
@@ -466,9 +419,9 @@ def higher_is_better(metric: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 BOUNDS = {
-    "floor_tokenizer": "floor: naive codec with the tokenizer's bits (K px, Q colours)",
-    "floor_teacher": "floor: naive codec with the teacher's bits (N px, V colours)",
-    "teacher": "ceiling: the teacher from its own codes",
+    rr.FLOOR_TOKENIZER: "floor: naive codec with the tokenizer's bits (K px, Q colours)",
+    rr.FLOOR_TEACHER: "floor: naive codec with the teacher's bits (N px, V colours)",
+    rr.CEILING_PREFIX: "ceiling: the teacher from its own codes",
 }
 
 
@@ -476,7 +429,8 @@ def bound_values(camp: Campaign, metric: str) -> dict[str, float]:
     """prefix -> mean over trials of eval/<prefix>_<metric>, for the bounds that were logged."""
     out = {}
     for prefix in BOUNDS:
-        vals = pd.to_numeric(camp.column(f"eval/{prefix}_{metric}"), errors="coerce").dropna()
+        vals = pd.to_numeric(camp.column(rr.eval_key(rr.bound_metric(prefix, metric))),
+                             errors="coerce").dropna()
         if len(vals):
             out[prefix] = float(vals.mean())
     return out
@@ -500,9 +454,9 @@ def bounds_reading(camp: Campaign, metric: str, arm_means: dict[Any, float],
     """Where the arms stand between the tokenizer's floor (0%) and the teacher ceiling (100%)."""
     values = bound_values(camp, metric)
     label = metric_label(metric)
-    floor, ceiling = values.get("floor_tokenizer"), values.get("teacher")
+    floor, ceiling = values.get(rr.FLOOR_TOKENIZER), values.get(rr.CEILING_PREFIX)
     if floor is None or ceiling is None:
-        logged = any(k.startswith("eval/teacher_") for k in camp.metric_keys("eval/"))
+        logged = bool(camp.metric_keys(rr.eval_key(rr.bound_metric(rr.CEILING_PREFIX, ""))))
         return (f"No floor/ceiling of {label} was logged ("
                 + ("they exist for reconstruction metrics only" if logged else
                    "trials evaluated before floors and ceilings existed")
@@ -511,8 +465,8 @@ def bounds_reading(camp: Campaign, metric: str, arm_means: dict[Any, float],
     gap = (ceiling - floor) if hib else (floor - ceiling)
     text = (f"On {label}, a naive codec with the tokenizer's bits scores {floor:.3g} (the floor) "
             f"and the teacher reconstructing from its own codes {ceiling:.3g} (the ceiling)")
-    if "floor_teacher" in values:
-        text += f"; a naive codec with the teacher's bits scores {values['floor_teacher']:.3g}"
+    if rr.FLOOR_TEACHER in values:
+        text += f"; a naive codec with the teacher's bits scores {values[rr.FLOOR_TEACHER]:.3g}"
     means = {arm: v for arm, v in arm_means.items()
              if v is not None and not (isinstance(v, float) and math.isnan(v))}
     # What an arm below the floor can and cannot say: its paired differences to other arms are

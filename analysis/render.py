@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from sftok import run_record
+
 ANALYSIS = Path(__file__).resolve().parent
 NOTEBOOKS = ["table3_sfvr_warmup", "table4_replace_ratio", "figure4_per_step",
              "figure8_step_sweep", "table1_reconstruction", "figures9_14_stage3_losses",
@@ -115,7 +117,8 @@ def log_outputs(name: str, out: Path) -> list[str]:
     logged = []
     for spec, info in manifest.get("campaigns", {}).items():
         client = MlflowClient(tracking_uri=info["tracking_uri"])
-        client.log_artifacts(info["parent_run_id"], str(out), artifact_path=f"analysis/{name}")
+        client.log_artifacts(info["parent_run_id"], str(out),
+                             artifact_path=run_record.analysis_path(name))
         logged.append(f"{spec}:{info['parent_run_id']}")
     return logged
 

@@ -32,7 +32,6 @@ out_dir = None  # None: analysis/out/table2_generation
 # %%
 import json
 import os
-import re
 import sys
 
 sys.path[:0] = [p for p in (os.path.abspath("."), os.path.abspath("analysis"))
@@ -43,6 +42,8 @@ import mlflow_data as md
 import pandas as pd
 import stats
 from IPython.display import Image, Markdown, display
+
+from sftok import run_record as rr
 
 SPEC, SWEEP_SPEC = "generation", "generation_guidance_sweep"
 camp, out = md.open_notebook("table2_generation", SPEC, tracking_uri, parent, out_dir)
@@ -123,17 +124,13 @@ if sweep_parent is not None:
         scamp = md.load_campaign(SWEEP_SPEC, tracking_uri, sweep_parent)
         out.campaign(scamp)
         # eval/sweep/<schedule>/s<s>/tau<tau>/<metric> (each trial's sweep.csv holds the same)
-        pat = re.compile(r"^eval/sweep/(?P<schedule>[^/]+)/s(?P<scale>[^/]+)/tau(?P<tau>[^/]+)/"
-                         r"(?P<metric>[^/]+)$")
         long = []
         for _, r in scamp.runs.iterrows():
-            for k in scamp.metric_keys("eval/sweep/"):
-                m = pat.match(k)
+            for k in scamp.metric_keys(rr.EVAL):
+                point = rr.parse_sweep_metric(rr.eval_name(k))
                 v = r.get(f"metrics.{k}")
-                if m and pd.notna(v):
-                    long.append({"arm": r["arm"], "seed": r["seed"],
-                                 "schedule": m["schedule"], "scale": float(m["scale"]),
-                                 "temperature": float(m["tau"]), "metric": m["metric"],
+                if point and pd.notna(v):
+                    long.append({"arm": r["arm"], "seed": r["seed"], **point,
                                  "value": float(v)})
         if long:
             sweep = pd.DataFrame(long).pivot_table(
@@ -190,11 +187,11 @@ else:
 
 # %%
 rid = camp.runs["run_id"].iloc[0]
-info = json.loads(camp.artifact_text(rid, "generation.json") or "{}")
+info = json.loads(camp.artifact_text(rid, rr.GENERATION_JSON) or "{}")
 grid_png = None
 with __import__("tempfile").TemporaryDirectory() as d:
     try:
-        grid_png = plt.imread(camp.client.download_artifacts(rid, "grids/samples.png", d))
+        grid_png = plt.imread(camp.client.download_artifacts(rid, rr.samples_grid(), d))
     except Exception:  # noqa: BLE001 — absent artifact
         grid_png = None
 if grid_png is not None:
@@ -216,7 +213,7 @@ if grid_png is not None:
     display(Image(filename=str(out.figure("samples", fig))))
     plt.close(fig)
 else:
-    display(Markdown("No sample grid was logged (`grids/samples.png`)."))
+    display(Markdown(f"No sample grid was logged (`{rr.samples_grid()}`)."))
 
 # %% [markdown]
 # ## Reading

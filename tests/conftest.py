@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,40 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # Two cores on CI: intra-op parallelism beyond that only adds contention.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    """The processes tests start (scripts, experiments/run.py) import what the tests import:
+    the `pythonpath` of pyproject.toml (experiments/, analysis/, tests/)."""
+    paths = [str(p) for p in config.getini("pythonpath")]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+
+
+@dataclass
+class TrainedTeacher:
+    teacher: Any  # FrozenTeacher
+    cache: Path  # the teachers' cache holding it: get_teacher(smoke config, cache) finds it
+    reports: list  # (step, metrics) the stage-0 callback received while it trained
+
+
+@pytest.fixture(scope="session")
+def smoke_teacher_run(tmp_path_factory) -> TrainedTeacher:
+    """The `smoke` preset's teacher, trained once per session (stage 0)."""
+    from sftok.presets import get_preset
+    from sftok.train import get_teacher
+
+    cache = tmp_path_factory.mktemp("smoke-teachers")
+    reports: list = []
+    teacher = get_teacher(get_preset("smoke"), cache,
+                          callback=lambda step, m: reports.append((step, m)))
+    return TrainedTeacher(teacher, cache, reports)
+
+
+@pytest.fixture(scope="session")
+def smoke_teacher(smoke_teacher_run):
+    return smoke_teacher_run.teacher
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +70,10 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(store):
-    """An MlflowClient on `store` (the test module has put experiments/ on sys.path)."""
-    from sftok_experiments.tracking import client_for, resolve_store
+    """An MlflowClient on `store`."""
+    from sftok_experiments.tracking import open_store
 
-    return client_for(resolve_store(str(store))[0])
+    return open_store(str(store))[0]
 
 
 @pytest.fixture(scope="module")

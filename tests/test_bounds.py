@@ -8,6 +8,7 @@ import torch
 from test_eval_helpers import FakeTeacher, FakeTokenizer, batches, fake_images
 
 from sftok.config import EvalConfig, override
+from sftok.data.uint8 import to_uint8
 from sftok.evaluate import evaluate
 from sftok.evaluate.bounds import (
     Bounds,
@@ -16,7 +17,7 @@ from sftok.evaluate.bounds import (
     floor_codecs,
     thumbnail_shape,
 )
-from sftok.evaluate.metrics import psnr, ssim, to_uint8
+from sftok.evaluate.metrics import psnr, ssim
 from sftok.presets import get_preset
 
 

@@ -86,7 +86,8 @@ def test_determinism_batching_and_max_images(offline):
     # the single-step reconstruction is independent of the decode loop; check PSNR directly
     tok, teacher = FakeTokenizer(), FakeTeacher()
     from sftok.config import DecodeConfig
-    from sftok.evaluate.metrics import psnr, to_uint8
+    from sftok.data.uint8 import to_uint8
+    from sftok.evaluate.metrics import psnr
     rec = tok.reconstruct(x[:9], teacher, DecodeConfig(steps=1))
     assert r1.metrics["psnr_s1"] == pytest.approx(psnr(to_uint8(rec), to_uint8(x[:9])).mean().item())
 
@@ -184,6 +185,10 @@ def test_cli_on_saved_checkpoint(offline, capsys):
     import json
     saved = json.loads((out / "eval.json").read_text())
     assert saved["metrics"]["num_images"] == 3 and "rfid" in saved["unavailable"]
+    # the schema of a trial's eval.json (sftok.run_record), the config beside it
+    assert set(saved) == {"metrics", "unavailable"}
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["eval"]["decode_steps"] == [1, 2] and config["eval"]["max_images"] == 3
     assert (out / "trace.csv").is_file() and (out / "grids" / "recon_s2.png").is_file()
     # the floors and the ceiling come with every evaluation (issue 9); the palettes are cached
     assert {"floor_tokenizer_psnr", "floor_teacher_psnr", "teacher_psnr"} <= set(saved["metrics"])

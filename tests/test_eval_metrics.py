@@ -9,7 +9,8 @@ import torch
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from sftok.evaluate.metrics import psnr, ssim, to_uint8
+from sftok.data.uint8 import to_uint8
+from sftok.evaluate.metrics import psnr, ssim
 from sftok.evaluate.tokens import TokenAccumulator, codebook_entropy, codebook_usage
 
 

@@ -10,13 +10,8 @@ from test_eval_helpers import FakeTeacher, FakeTokenizer, batches, fake_images
 
 from sftok.config import EvalConfig
 from sftok.evaluate import evaluate
-from sftok.evaluate.revealed import (
-    REVEAL_KINDS,
-    RevealAccumulator,
-    reveal_count,
-    reveal_mask,
-    reveal_metric,
-)
+from sftok.evaluate.revealed import RevealAccumulator, reveal_count, reveal_mask
+from sftok.run_record import REVEAL_KINDS, parse_reveal_metric, reveal_metric
 
 V, N, MASK = 8, 16, 8
 A = 3.0  # the copying decoder's logit for the id it copies
@@ -121,6 +116,10 @@ def test_bad_fractions_and_names_fail_clearly():
         RevealAccumulator((0.5, 1.0))
     with pytest.raises(ValueError, match="unknown reveal kind"):
         reveal_metric("info", 0.5)
+    for kind in REVEAL_KINDS:
+        assert parse_reveal_metric(reveal_metric(kind, 0.25)) == (kind, 0.25)
+    assert parse_reveal_metric("reveal_info_r50") is None
+    assert parse_reveal_metric("psnr_s8") is None
 
 
 def test_evaluate_reports_it_with_the_trace_and_not_without():

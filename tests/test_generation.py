@@ -293,6 +293,18 @@ def test_evaluate_generation_scores_n_per_class_and_calibration_rows(smoke_parts
     off = evaluate_generation(gen, tok, teacher, no_grid, cfg.decode, ts, inception_weights=None)
     assert "gfid" not in off.metrics and "Inception" in off.unavailable["gfid"]
     assert off.metrics["sample_codebook_usage"] > 0
+    # the cached reference statistics (key "smoke") are reused for the same images only, as
+    # rFID's are: other images under that key are refused with the reason, not scored
+    again = evaluate_generation(gen, tok, teacher, no_grid, cfg.decode, ts,
+                                reference_images=images, fid_feature_extractor=name,
+                                cache_dir=tmp_path, reference_key="smoke")
+    assert again.metrics["gfid"] == pytest.approx(m["gfid"], rel=1e-9)
+    other = [images[0].flip(-1)]
+    refused = evaluate_generation(gen, tok, teacher, no_grid, cfg.decode, ts,
+                                  reference_images=other, fid_feature_extractor=name,
+                                  cache_dir=tmp_path, reference_key="smoke")
+    assert "gfid" not in refused.metrics and "is" in refused.metrics
+    assert "computed on other images (reference_key='gen-smoke')" in refused.unavailable["gfid"]
 
 
 def test_calibration_real_tokens_are_class_balanced():

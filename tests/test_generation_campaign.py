@@ -5,24 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import record_fixture
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
+from campaign_helpers import campaign_runs, write_spec
 from sftok_experiments.cli import main
 from sftok_experiments.expand import expand
 from sftok_experiments.spec import SpecError, load_spec
-
-
-def _children(client, name: str):
-    exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id])
-    return [r for r in runs if r.data.tags.get("sftok.role") != "parent"]
 
 
 def _text(client, run_id: str, path: str) -> str:
@@ -36,7 +27,15 @@ def test_generation_sweep_smoke_end_to_end_then_from_the_checkpoint(ray_session,
               "--cache-dir", str(cache)]
     rc = main(["generation_guidance_sweep", *common, "--work-dir", str(work)])
     assert rc == 0
-    (run,) = _children(client, "generation_guidance_sweep")
+    # The run record is the one the runner wrote before issue 18, and the notebooks read it.
+    assert record_fixture.differences(client, "generation_guidance_sweep") == []
+    import mlflow_data as md
+
+    camp = md.load_campaign("generation_guidance_sweep", str(store))
+    assert len(camp.runs) == 1 and set(camp.trained_stages()) == {("stage1", "stage2")}
+    assert md.has_metric(camp, "eval/sweep/constant/s4.5/tau1/sample_codebook_usage")
+    assert json.loads(camp.artifact_text(camp.runs["run_id"][0], "generation.json"))["classes"]
+    (run,) = campaign_runs(client, "generation_guidance_sweep")[1]
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     assert any(k.startswith("train/generation/") for k in m)
@@ -57,12 +56,10 @@ def test_generation_sweep_smoke_end_to_end_then_from_the_checkpoint(ray_session,
 
     # From the checkpoint path: same tokenizer and data, so the tokens come from the cache.
     tok_dir = next(work.glob("stages/stage2-*"))  # the shared stage store (issue 10)
-    spec = tmp_path / "gen_from_ckpt.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "gen_from_ckpt", "preset": "smoke", "stages": ["generation"],
-        "overrides": {"generation.tokenizer": str(tok_dir)}}))
+    spec = write_spec(tmp_path, "gen_from_ckpt", stages=["generation"], arms={},
+                      overrides={"generation.tokenizer": str(tok_dir)})
     assert main([str(spec), *common, "--work-dir", str(tmp_path / "runs2")]) == 0
-    (run2,) = _children(client, "gen_from_ckpt")
+    (run2,) = campaign_runs(client, "gen_from_ckpt")[1]
     gen2 = json.loads(_text(client, run2.info.run_id, "generation.json"))
     assert gen2["token_cache_hit"] and gen2["tokens"] == gen["tokens"]
     assert run2.data.metrics["eval/num_samples"] == 2 * n_classes  # smoke preset: 2 per class

@@ -22,15 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
 import ray
 import ray.cloudpickle
+from campaign_helpers import campaign_runs, plan_for, ratio_arms, write_spec
 from sftok_experiments.campaign import Options, init_ray, run_campaign
-from sftok_experiments.expand import expand
 from sftok_experiments.placement import (
     DeviceUnavailableError,
     Placement,
@@ -39,7 +34,6 @@ from sftok_experiments.placement import (
     placement_tags,
     select_device,
 )
-from sftok_experiments.spec import load_spec
 
 # The trial function below is shipped to Ray workers by value (workers cannot import tests/).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -153,17 +147,7 @@ def logical_gpus(request):
 
 
 def spec_file(tmp_path: Path, name: str, ratios: list[float], seeds: int) -> Path:
-    doc = {"name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
-           "arms": {"grid": {"train.stage2.replace_ratio": ratios}}, "seeds": seeds,
-           "max_failures": 0}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def plan_for(path: Path):
-    spec, p = load_spec(str(path))
-    return expand(spec, p)
+    return write_spec(tmp_path, name, arms=ratio_arms(ratios), seeds=seeds)
 
 
 def make_gpu_trial(barrier: Path, wait_for: int):
@@ -175,7 +159,12 @@ def make_gpu_trial(barrier: Path, wait_for: int):
     def gpu_trial(config):
         import tempfile
 
-        from sftok_experiments.trial import place_trial, report_final, resolved_config, trial_key
+        from sftok_experiments.protocol import (
+            place_trial,
+            report_final,
+            resolved_config,
+            trial_key,
+        )
 
         place_trial(config, resolved_config(config))
         Path(barrier, trial_key(config)).touch()
@@ -186,12 +175,6 @@ def make_gpu_trial(barrier: Path, wait_for: int):
         report_final({"placed": 1.0}, Path(tempfile.mkdtemp()))
 
     return gpu_trial
-
-
-def children(client, name: str, parent_id: str):
-    exp = client.get_experiment_by_name(name)
-    return client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -246,7 +229,7 @@ def test_half_gpu_trials_pack_two_per_gpu(logical_gpus, store, client, tmp_path)
         cpus_per_trial=SHARE, gpus_per_trial=SHARE, device="cpu",
         trial_fn=make_gpu_trial(barrier, wait_for=4)))
     assert res.exit_code == 0, [t.error for t in res.trials]
-    runs = children(client, name, res.parent_run_id)
+    _, runs = campaign_runs(client, name, res.parent_run_id)
     assert len(runs) == 2 * len(ratios) and all(r.info.status == "FINISHED" for r in runs)
     for r in runs:
         assert r.data.tags["placement.device"] == "cpu"  # asked for: the CPU fallback
@@ -270,7 +253,7 @@ def test_gpu_share_without_cuda_fails_naming_node(logical_gpus, store, client, t
         tracking=str(store), work_dir=str(tmp_path / "runs"), prepare_teacher=False,
         cpus_per_trial=SHARE, gpus_per_trial=SHARE))
     assert res.exit_code == 1
-    (run,) = children(client, name, res.parent_run_id)
+    (run,) = campaign_runs(client, name, res.parent_run_id)[1]
     t = run.data.tags
     assert run.info.status == "FAILED"
     assert "DeviceUnavailableError: trial on node" in t["error"], t["error"]
@@ -303,9 +286,7 @@ def test_smoke_campaign_on_half_gpus(logical_gpus, store, client, tmp_path):
                "--work-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
                "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5", "--device", "cpu"])
     assert rc == 0
-    exp = client.get_experiment_by_name(name)
-    runs = [r for r in client.search_runs([exp.experiment_id])
-            if "mlflow.parentRunId" in r.data.tags]
+    _, runs = campaign_runs(client, name)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags["placement.device"] == "cpu" for r in runs)
     assert all(any(k.startswith("eval/") for k in r.data.metrics) for r in runs)

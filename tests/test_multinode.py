@@ -15,12 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
 import ray
 import ray.cloudpickle
+from campaign_helpers import plan_for, ratio_arms, write_spec
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -42,7 +39,8 @@ def make_hidden_store_trial(store: str, evidence: str):
             visible = True
         except PermissionError:
             visible = False
-        from sftok_experiments.trial import run_trial, trial_key
+        from sftok_experiments.protocol import trial_key
+        from sftok_experiments.trial import run_trial
 
         run_trial(config)
         Path(evidence, trial_key(config) + ".json").write_text(json.dumps({
@@ -54,27 +52,20 @@ def make_hidden_store_trial(store: str, evidence: str):
 
 @pytest.mark.slow
 def test_two_node_campaign_only_the_driver_writes_mlflow(tmp_path):
-    import yaml
     from ray.cluster_utils import Cluster
     from sftok_experiments.campaign import Options, run_campaign
-    from sftok_experiments.expand import expand
-    from sftok_experiments.spec import load_spec
-    from sftok_experiments.tracking import client_for, resolve_store
+    from sftok_experiments.tracking import open_store
 
     store, evidence = tmp_path / "store", tmp_path / "evidence"
     evidence.mkdir()
-    spec_path = tmp_path / "two_nodes.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "two_nodes", "reproduces": "test", "preset": "smoke",
-        "stages": ["stage1", "stage2"], "arms": {"grid": {"train.stage2.replace_ratio": [1.0]}},
-        "seeds": 1, "max_failures": 0, "evaluation": {"decode_steps": [1, 2]}}))
+    spec_path = write_spec(tmp_path, "two_nodes", arms=ratio_arms([1.0]),
+                           evaluation={"decode_steps": [1, 2]})
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     worker = cluster.add_node(num_cpus=2)
     try:
-        spec, path = load_spec(str(spec_path))
-        res = run_campaign(expand(spec, path), Options(
+        res = run_campaign(plan_for(spec_path), Options(
             tracking=str(store), work_dir=str(tmp_path / "runs"),
             cache_dir=str(tmp_path / "cache"), ray_address=cluster.address,
             trial_fn=make_hidden_store_trial(str(store.resolve()), str(evidence))))
@@ -87,7 +78,7 @@ def test_two_node_campaign_only_the_driver_writes_mlflow(tmp_path):
     seen = json.loads((evidence / f"{trial.key}.json").read_text())
     assert seen["node"] == worker.node_id != head_id
     assert seen == {**seen, "store_visible": False, "mlflow_imported": False}
-    client = client_for(resolve_store(str(store))[0])
+    client = open_store(str(store))[0]
     run = client.get_run(trial.run_id)
     assert run.info.status == "FINISHED" and "eval/psnr_s2" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(trial.run_id)}

@@ -11,10 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
+from campaign_helpers import (
+    RATIOS,
+    ROOT,
+    campaign_runs,
+    echo_lines,
+    plan_for,
+    ratio_arms,
+    write_spec,
+)
 from sftok_experiments import cli
 from sftok_experiments.spec import SpecError
 
@@ -34,7 +39,7 @@ def test_errors_rebuild_with_their_fields(exc):
 
 
 def test_guarded_keeps_the_text_of_an_exception_ray_cannot_rebuild():
-    from sftok_experiments.trial import _survives_ray, one_line
+    from sftok_experiments.protocol import _survives_ray, one_line
 
     class Fussy(Exception):
         def __init__(self, a, b):
@@ -47,7 +52,7 @@ def test_guarded_keeps_the_text_of_an_exception_ray_cannot_rebuild():
 def test_trial_processes_exit_quietly_on_sigterm(capsys):
     """Ray's SIGTERM handler raises SystemExit; inside a finaliser Python would print it as
     'Exception ignored in ...'. Other unraisable errors still reach the default hook."""
-    from sftok_experiments.trial import _quiet_exit_hook
+    from sftok_experiments.protocol import _quiet_exit_hook
 
     class RaisesWhenCollected:
         def __init__(self, exc):
@@ -88,16 +93,16 @@ def test_two_campaigns_create_a_new_sqlite_store_at_once(tmp_path):
     """Both processes open the same fresh store at the same instant (before the fix, one died
     in MLflow's schema migration, 3 times out of 3) and get or create the same experiment."""
     script = tmp_path / "open_store.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(textwrap.dedent("""
         import sys, time
-        sys.path.insert(0, {str(ROOT / 'experiments')!r})
+        from sftok import run_record as rr
         from sftok_experiments import tracking as trk
         import mlflow  # imported before the start line, so both start together
-        uri, art = trk.resolve_store(sys.argv[1])
+        store = rr.store_location(sys.argv[1])
         time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
-        client = trk.client_for(uri)
-        exp = trk.get_experiment(client, "shared", art, {{}})
-        print("exp", exp, client.get_experiment(exp).tags[trk.EXPERIMENT_KIND_TAG])
+        client = trk.client_for(store.uri)
+        exp = trk.get_experiment(client, "shared", store.artifact_root)
+        print("exp", exp, client.get_experiment(exp).tags[rr.EXPERIMENT_KIND_TAG])
     """))
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     start = str(time.time() + 8)
@@ -183,7 +188,7 @@ def test_evaluate_cli_bad_input_is_one_line(checkpoints, args, expected, capsys,
 
 
 # --------------------------------------------------------------------------------------------
-# Campaigns on Ray with fake trial functions (the report protocol of sftok_experiments.trial)
+# Campaigns on Ray with fake trial functions (the report protocol, sftok_experiments.protocol)
 # --------------------------------------------------------------------------------------------
 
 
@@ -198,7 +203,7 @@ def make_raising(log_dir: Path, kind: str):
     log_dir = str(log_dir)
 
     def raising_trial(config):
-        from sftok_experiments.trial import report_train, trial_key
+        from sftok_experiments.protocol import report_train, trial_key
 
         key = trial_key(config)
         Path(log_dir, f"{key}.{time.time_ns()}").write_text("ran")
@@ -219,7 +224,7 @@ def make_reporting(log_dir: Path, skipped_train: int = 0, skipped_val: int = 0):
     def reporting_trial(config):
         import tempfile
 
-        from sftok_experiments.trial import (
+        from sftok_experiments.protocol import (
             report_final,
             report_stage_done,
             report_train,
@@ -243,59 +248,34 @@ def make_reporting(log_dir: Path, skipped_train: int = 0, skipped_val: int = 0):
 
 
 @pytest.fixture(scope="module")
-def ray_store(tmp_path_factory):
-    import ray
+def ray_store(ray_session, store, client):
+    """The module's Ray session and MLflow store; the fake trials travel to Ray by value."""
     import ray.cloudpickle
-    from sftok_experiments.campaign import init_ray
-    from sftok_experiments.tracking import client_for, resolve_store
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    started = init_ray(num_cpus=2)
-    store = tmp_path_factory.mktemp("mlruns")
-    yield store, client_for(resolve_store(str(store))[0])
-    if started:
-        ray.shutdown()
+    return store, client
 
 
 def _spec(tmp_path, name, n_arms=1) -> Path:
-    import yaml
-
-    spec_path = tmp_path / f"{name}.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
-        "arms": {"grid": {"train.stage2.replace_ratio": [0.5, 0.8, 1.0][:n_arms]}},
-        "seeds": 1, "max_failures": 0}))
-    return spec_path
+    return write_spec(tmp_path, name, arms=ratio_arms(RATIOS[:n_arms]))
 
 
 def _campaign(tmp_path, store, name, trial_fn, n_arms=1, echo=None, **opts):
     from sftok_experiments.campaign import Options, run_campaign
-    from sftok_experiments.expand import expand
-    from sftok_experiments.spec import load_spec
 
     spec_path = _spec(tmp_path, name, n_arms)
-    spec, path = load_spec(str(spec_path))
     options = Options(tracking=str(store), work_dir=str(tmp_path / "runs"),
                       prepare_teacher=False, trial_fn=trial_fn, **opts)
     if echo is not None:
         options.echo = echo
-    return run_campaign(expand(spec, path), options), spec_path
-
-
-def _lines():
-    lines: list[str] = []
-
-    def echo(*parts, file=None, flush=False):
-        lines.extend(" ".join(str(p) for p in parts).splitlines())
-
-    return lines, echo
+    return run_campaign(plan_for(spec_path), options), spec_path
 
 
 def test_deterministic_failure_keeps_its_message_and_is_not_retried(ray_store, tmp_path):
     store, client = ray_store
     logs = tmp_path / "logs"
     logs.mkdir()
-    lines, echo = _lines()
+    lines, echo = echo_lines()
     res, _ = _campaign(tmp_path, store, "rel_nonfinite", make_raising(logs, "nonfinite"),
                        echo=echo, max_failures=2)
     assert len(list(logs.iterdir())) == 1  # no retry although 2 were allowed
@@ -312,7 +292,7 @@ def test_error_ray_cannot_rebuild_keeps_its_text_and_is_retried(ray_store, tmp_p
     store, _ = ray_store
     logs = tmp_path / "logs"
     logs.mkdir()
-    lines, echo = _lines()
+    lines, echo = echo_lines()
     res, _ = _campaign(tmp_path, store, "rel_fussy", make_raising(logs, "fussy"), echo=echo,
                        max_failures=1)
     assert len(list(logs.iterdir())) == 2  # not deterministic: retried once
@@ -324,7 +304,7 @@ def test_progress_lines_and_skipped_counts(ray_store, tmp_path):
     store, client = ray_store
     logs = tmp_path / "logs"
     logs.mkdir()
-    lines, echo = _lines()
+    lines, echo = echo_lines()
     res, _ = _campaign(tmp_path, store, "rel_progress", make_reporting(logs, 2, 3), echo=echo,
                        progress_every=0)
     assert res.exit_code == 0
@@ -341,7 +321,7 @@ def test_progress_lines_and_skipped_counts(ray_store, tmp_path):
     parent = client.get_run(res.parent_run_id).data.tags
     assert (parent["data_skipped.train"], parent["data_skipped.val"]) == ("2", "3")
     # Throttled: the default interval prints the first report of a trial only.
-    lines2, echo2 = _lines()
+    lines2, echo2 = echo_lines()
     _campaign(tmp_path, store, "rel_progress2", make_reporting(logs), echo=echo2)
     assert sum(" img/s" in ln for ln in lines2) == 1
 
@@ -395,9 +375,7 @@ def test_ctrl_c_between_trials_is_killed_with_the_exact_resume_command(ray_store
     assert args[args.index("--work-dir") + 1] == str(tmp_path / "runs-x")
     assert args[args.index("--cache-dir") + 1] == str(tmp_path / "cache-x")
     assert args[-1] == "--resume" and "--max-concurrent" in args
-    exp = client.get_experiment_by_name("rel_ctrlc").experiment_id
-    (parent,) = [r for r in client.search_runs([exp]) if r.data.tags.get("sftok.role") ==
-                 "parent"]
+    (parent,) = campaign_runs(client, "rel_ctrlc")[0]
     assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true"
 
     for f in logs.iterdir():

@@ -2,12 +2,15 @@
 
 One Ray session and one MLflow store per module (Ray start-up and SQLite schema creation cost
 seconds). The orchestration tests inject fake trial functions that speak the runner's report
-protocol (`sftok_experiments.trial.report_*`); the smoke test runs the real pipeline
-(teacher -> stage 1 -> stage 2 -> evaluate) of `ablation_replace_ratio --preset smoke --seeds 1`.
+protocol (`sftok_experiments.protocol.report_*`); the smoke test runs the real pipeline
+(teacher -> stage 1 -> stage 2 -> evaluate) of `ablation_replace_ratio --preset smoke --seeds 1`
+and checks the run record it writes against the one recorded before issue 18
+(`tests/fixtures/run_record.json`).
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,41 +19,19 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import ray  # noqa: E402
-import ray.cloudpickle  # noqa: E402
-from sftok_experiments.campaign import Options, run_campaign  # noqa: E402
-from sftok_experiments.expand import expand  # noqa: E402
-from sftok_experiments.spec import load_spec  # noqa: E402
+import ray
+import ray.cloudpickle
+import record_fixture
+from campaign_helpers import ROOT, campaign_runs, plan_for, ratio_arms, write_spec
+from sftok_experiments.campaign import Options, run_campaign
 
 # Fake trial functions below are shipped to Ray workers by value (workers cannot import tests/).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 # --------------------------------------------------------------------------------------------
-# Fixtures
+# Fake trial functions
 # --------------------------------------------------------------------------------------------
-
-
-
-
-def fake_spec(tmp_path: Path, name: str, **extra) -> Path:
-    doc = {"name": name, "reproduces": "test", "preset": "smoke", "stages": ["stage1", "stage2"],
-           "arms": {"grid": {"train.stage2.replace_ratio": [0.5, 0.8, 1.0]}}, "seeds": 1,
-           "max_failures": 0}
-    doc.update(extra)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def plan_for(spec_path, **kw):
-    spec, path = load_spec(str(spec_path))
-    return expand(spec, path, **kw)
 
 
 def make_fake(log_dir: Path, fail_ratio: float | None = None, sleep_ratio: float | None = None,
@@ -63,16 +44,16 @@ def make_fake(log_dir: Path, fail_ratio: float | None = None, sleep_ratio: float
         import tempfile
 
         import numpy as np
-        from sftok_experiments.trial import (
+        from sftok_experiments.protocol import (
             report_final,
             report_stage_done,
             report_train,
             resolved_config,
             trial_key,
-            write_artifacts,
         )
 
         from sftok.config import to_dict
+        from sftok.run_record import write_trial_artifacts
 
         key = trial_key(config)
         cfg = resolved_config(config)
@@ -97,21 +78,13 @@ def make_fake(log_dir: Path, fail_ratio: float | None = None, sleep_ratio: float
             report_stage_done(stage, step)
         metrics = {"psnr_s1": 10 + ratio, "psnr_s4": 12 + ratio, "token_top1": ratio / 2}
         out = Path(tempfile.mkdtemp()) / "artifacts"
-        write_artifacts(out, to_dict(cfg), config["trial"], metrics, {"rfid": "no weights"},
+        write_trial_artifacts(out, to_dict(cfg), config["trial"], metrics, {"rfid": "no weights"},
                         [{"step": 1, "kl_gt_all": 1.0, "top1_gt_all": 0.2},
                          {"step": 2, "kl_gt_all": 0.5, "top1_gt_all": 0.4}],
                         {1: np.zeros((8, 8, 3), np.uint8)}, None)
         report_final(metrics, out)
 
     return fake_trial
-
-
-def runs_of(client, spec_name: str):
-    exp = client.get_experiment_by_name(spec_name)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("sftok.role") == "parent"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
 
 
 def ran(log_dir: Path) -> list[str]:
@@ -126,11 +99,11 @@ def ran(log_dir: Path) -> list[str]:
 def test_campaign_logs_parent_children_metrics_artifacts(ray_session, store, client, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    plan = plan_for(fake_spec(tmp_path, "fake_ok"))
+    plan = plan_for(write_spec(tmp_path, "fake_ok"))
     res = run_campaign(plan, Options(tracking=str(store), work_dir=str(tmp_path / "runs"),
                                      trial_fn=make_fake(logs), prepare_teacher=False))
     assert res.exit_code == 0, res
-    parents, children = runs_of(client, "fake_ok")
+    parents, children = campaign_runs(client, "fake_ok")
     assert len(parents) == 1 and len(children) == 3
     p = parents[0]
     assert p.info.status == "FINISHED"
@@ -163,13 +136,13 @@ def test_failed_trial_is_recorded_and_resume_reruns_only_it(ray_session, store, 
                                                              tmp_path, capsys):
     logs = tmp_path / "logs"
     logs.mkdir()
-    plan = plan_for(fake_spec(tmp_path, "fake_fail"))
+    plan = plan_for(write_spec(tmp_path, "fake_fail"))
     opts = dict(tracking=str(store), work_dir=str(tmp_path / "runs"), prepare_teacher=False)
     res = run_campaign(plan, Options(trial_fn=make_fake(logs, fail_ratio=0.8), **opts))
     assert res.exit_code != 0
     out = capsys.readouterr()
     assert "FAILED" in out.out and "injected failure" in out.err
-    parents, children = runs_of(client, "fake_fail")
+    parents, children = campaign_runs(client, "fake_fail")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     status = {c.data.tags["arm"]: c.info.status for c in children}
     assert status == {"replace_ratio=0.5": "FINISHED", "replace_ratio=0.8": "FAILED",
@@ -184,7 +157,7 @@ def test_failed_trial_is_recorded_and_resume_reruns_only_it(ray_session, store, 
     res = run_campaign(plan, Options(trial_fn=make_fake(logs), resume=True, **opts))
     assert res.exit_code == 0
     assert ran(logs) == ["replace_ratio=0.8_s0"]
-    parents, children = runs_of(client, "fake_fail")
+    parents, children = campaign_runs(client, "fake_fail")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 3
     assert all(c.info.status == "FINISHED" for c in children)
@@ -194,7 +167,7 @@ def test_failed_trial_is_recorded_and_resume_reruns_only_it(ray_session, store, 
     # Without --resume a new invocation is a new parent run.
     res = run_campaign(plan, Options(trial_fn=make_fake(logs), **opts))
     assert res.exit_code == 0
-    parents, children = runs_of(client, "fake_fail")
+    parents, children = campaign_runs(client, "fake_fail")
     assert len(parents) == 2 and len(children) == 6
 
 
@@ -207,15 +180,14 @@ def make_crashing(log_dir: Path, work_root: Path):
         import shutil
         import tempfile
 
-        from sftok_experiments.stage_store import StageOutcome, StageStore
-        from sftok_experiments.trial import (
-            _restore_from_ray_checkpoint,
-            _snapshot,
+        from sftok_experiments.protocol import (
+            last_checkpoint,
             report_final,
             report_stage_done,
             report_train,
             trial_key,
         )
+        from sftok_experiments.stage_store import StageOutcome, StageStore, snapshot
 
         key = trial_key(config)
         work = Path(work_root) / key
@@ -224,7 +196,9 @@ def make_crashing(log_dir: Path, work_root: Path):
         shutil.rmtree(work, ignore_errors=True)  # as if the retry ran on another node
         work.mkdir(parents=True)
         store = StageStore(work / "stages")
-        _restore_from_ray_checkpoint(store)
+        with last_checkpoint() as last:
+            if last is not None:
+                store.restore(last)
         step, done = 0, []
         for stage in config["trial"]["stages"]:
             skey = f"{stage}-fake"
@@ -241,7 +215,7 @@ def make_crashing(log_dir: Path, work_root: Path):
             (result / "model.safetensors").write_text("weights")
             (result / "stage.json").write_text('{"steps": 3, "metrics": {}, "history": []}')
             done.append(StageOutcome(stage, skey, result, 3, "trained"))
-            report_stage_done(stage, step, _snapshot(done, Path(tempfile.mkdtemp())),
+            report_stage_done(stage, step, snapshot(done, Path(tempfile.mkdtemp())),
                               source="trained", key=skey, steps=3)
             if attempt == 0:
                 raise RuntimeError("simulated crash after stage 1")
@@ -257,8 +231,7 @@ def test_crashed_trial_retries_from_its_checkpoint(ray_session, store, client, t
                                                    capsys):
     logs = tmp_path / "logs"
     logs.mkdir()
-    path = fake_spec(tmp_path, "fake_retry", max_failures=1,
-                     arms={"grid": {"train.stage2.replace_ratio": [1.0]}})
+    path = write_spec(tmp_path, "fake_retry", max_failures=1, arms=ratio_arms([1.0]))
     res = run_campaign(plan_for(path), Options(
         tracking=str(store), work_dir=str(tmp_path / "runs"), prepare_teacher=False,
         trial_fn=make_crashing(logs, tmp_path / "work")))
@@ -268,7 +241,7 @@ def test_crashed_trial_retries_from_its_checkpoint(ray_session, store, client, t
     key = "replace_ratio=1.0_s0"
     assert names == sorted([f"{key}.attempt0", f"{key}.attempt1", f"{key}.trained-stage1",
                             f"{key}.trained-stage2"])  # stage 1 trained once
-    _, children = runs_of(client, "fake_retry")
+    _, children = campaign_runs(client, "fake_retry")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     hist = client.get_metric_history(children[0].info.run_id, "train/stage1/loss")
     assert [m.step for m in hist] == [1, 2, 3]  # no duplicated points
@@ -277,7 +250,7 @@ def test_crashed_trial_retries_from_its_checkpoint(ray_session, store, client, t
 def test_optuna_search(ray_session, store, client, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    path = fake_spec(tmp_path, "fake_search", arms={}, search={
+    path = write_spec(tmp_path, "fake_search", arms={}, search={
         "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.0]},
                   "train.stage2.optim.lr": {"loguniform": [1e-4, 1e-2]}},
         "metric": "eval/psnr_s4", "mode": "max", "num_samples": 3})
@@ -285,7 +258,7 @@ def test_optuna_search(ray_session, store, client, tmp_path):
                                                trial_fn=make_fake(logs), max_concurrent=2,
                                                prepare_teacher=False))
     assert res.exit_code == 0
-    parents, children = runs_of(client, "fake_search")
+    parents, children = campaign_runs(client, "fake_search")
     assert len(parents) == 1 and len(children) == 3
     for c in children:
         assert c.info.status == "FINISHED"
@@ -300,7 +273,7 @@ def test_optuna_search_resume(ray_session, store, client, tmp_path):
     names (bare names crashed with "Inconsistent parameters") and runs only the rest."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    path = fake_spec(tmp_path, "fake_search_resume", arms={}, search={
+    path = write_spec(tmp_path, "fake_search_resume", arms={}, search={
         "space": {"train.stage2.replace_ratio": {"uniform": [0.5, 1.0]},
                   "train.stage2.optim.lr": {"loguniform": [1e-4, 1e-2]}},
         "metric": "eval/psnr_s4", "mode": "max", "num_samples": 3})
@@ -309,11 +282,11 @@ def test_optuna_search_resume(ray_session, store, client, tmp_path):
     res = run_campaign(plan_for(path), Options(trial_fn=make_fake(logs, fail_first=True),
                                                **opts))
     assert res.exit_code != 0
-    _, children = runs_of(client, "fake_search_resume")
+    _, children = campaign_runs(client, "fake_search_resume")
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED", "FINISHED"]
     res = run_campaign(plan_for(path), Options(trial_fn=make_fake(logs), resume=True, **opts))
     assert res.exit_code == 0, res
-    parents, children = runs_of(client, "fake_search_resume")
+    parents, children = campaign_runs(client, "fake_search_resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sum(c.info.status == "FINISHED" for c in children) == 3
 
@@ -322,10 +295,10 @@ def test_resume_without_a_campaign_exits_2(store, client, tmp_path, capsys):
     """--resume that matches no campaign (e.g. a different --set) stops, listing the spec's
     recent runs, instead of silently starting everything afresh."""
     from sftok_experiments.cli import main
-    from sftok_experiments.tracking import get_experiment, resolve_store
+    from sftok_experiments.tracking import get_experiment, open_store
 
-    path = fake_spec(tmp_path, "fake_noresume")
-    exp_id = get_experiment(client, "fake_noresume", resolve_store(str(store))[1], {})
+    path = write_spec(tmp_path, "fake_noresume")
+    exp_id = get_experiment(client, "fake_noresume", open_store(str(store))[1].artifact_root)
     old = client.create_run(exp_id, tags={"sftok.role": "parent", "sftok.campaign": "other",
                                           "command": "run.py fake_noresume --set x=1"})
     rc = main([str(path), "--resume", "--tracking-uri", str(store), "--no-teacher",
@@ -334,7 +307,7 @@ def test_resume_without_a_campaign_exits_2(store, client, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no earlier invocation of this campaign" in err
     assert old.info.run_id in err and "run.py fake_noresume --set x=1" in err
-    parents, children = runs_of(client, "fake_noresume")
+    parents, children = campaign_runs(client, "fake_noresume")
     assert [p.info.run_id for p in parents] == [old.info.run_id] and not children
 
 
@@ -370,7 +343,7 @@ def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, cli
     attaches to this module's Ray cluster with --ray-address."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    spec_path = fake_spec(tmp_path, "fake_interrupt")
+    spec_path = write_spec(tmp_path, "fake_interrupt")
     fn_file = tmp_path / "slow_trial.py"
     fn_file.write_text(textwrap.dedent(f"""
         import importlib.util, sys
@@ -391,10 +364,8 @@ def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, cli
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
-            exp = client.get_experiment_by_name("fake_interrupt")
-            if exp is not None:
-                kids = [r for r in client.search_runs([exp.experiment_id])
-                        if "mlflow.parentRunId" in r.data.tags]
+            if client.get_experiment_by_name("fake_interrupt") is not None:
+                _, kids = campaign_runs(client, "fake_interrupt")
                 if sum(r.info.status == "FINISHED" for r in kids) == 2 and len(kids) == 3:
                     break
             assert proc.poll() is None, proc.stdout.read()
@@ -404,7 +375,7 @@ def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, cli
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group
         proc.wait()
-    parents, children = runs_of(client, "fake_interrupt")
+    parents, children = campaign_runs(client, "fake_interrupt")
     assert len(parents) == 1 and parents[0].info.status == "RUNNING"
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED", "RUNNING"]
 
@@ -415,7 +386,7 @@ def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, cli
         resume=True, prepare_teacher=False))
     assert res.exit_code == 0
     assert ran(logs) == ["replace_ratio=1.0_s0"]
-    parents, children = runs_of(client, "fake_interrupt")
+    parents, children = campaign_runs(client, "fake_interrupt")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     keys = [c.data.tags["trial_key"] for c in children]
     assert sorted(keys) == ["replace_ratio=0.5_s0", "replace_ratio=0.8_s0",
@@ -428,14 +399,19 @@ def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, cli
 # --------------------------------------------------------------------------------------------
 
 
-def test_smoke_end_to_end(ray_session, store, client, tmp_path):
+def test_smoke_end_to_end(ray_session, store, client, tmp_path, capsys):
     from sftok_experiments.cli import main
 
     rc = main(["ablation_replace_ratio", "--preset", "smoke", "--seeds", "1",
                "--tracking-uri", str(store), "--work-dir", str(tmp_path / "runs"),
                "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
-    parents, children = runs_of(client, "ablation_replace_ratio")
+    console = capsys.readouterr().out
+    # The run record is the one the runner wrote before issue 18 (tags, metric keys and
+    # steps, params, artifacts), and the notebooks' reader makes of it what they expect.
+    assert record_fixture.differences(client, "ablation_replace_ratio") == []
+    check_notebook_reader(str(store))
+    parents, children = campaign_runs(client, "ablation_replace_ratio")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["spec"] == "ablation_replace_ratio"
     assert sorted(c.data.tags["arm"] for c in children) == [
@@ -460,6 +436,14 @@ def test_smoke_end_to_end(ray_session, store, client, tmp_path):
     assert len(s1) == 1 and sorted(c.data.tags["stage.stage1.source"] for c in children) == [
         "reused", "reused", "trained"]
     assert all(c.data.tags["stage.stage2.source"] == "trained" for c in children)
+    # A reused stage prints its reuse line only, never a progress line of its replayed curve;
+    # the trial that trained it shows its progress (issue 20, item 5).
+    for c in children:
+        key, source = c.data.tags["trial_key"], c.data.tags["stage.stage1.source"]
+        progress = re.findall(rf"trial {re.escape(key)} +stage1 \d+/3 ", console)
+        assert bool(progress) == (source == "trained"), (key, source, console)
+        assert re.search(rf"trial {re.escape(key)} +stage1 done \(global step 3, {source} ",
+                         console), console
     # Every child shows the stage-1 curve, the reused ones replayed from the shared result.
     curves = {c.info.run_id: [(p.step, p.value) for p in
                               client.get_metric_history(c.info.run_id, "train/stage1/loss")]
@@ -472,7 +456,7 @@ def test_smoke_end_to_end(ray_session, store, client, tmp_path):
                "--tracking-uri", str(store), "--work-dir", str(tmp_path / "unshared"),
                "--cache-dir", str(tmp_path / "cache"), "--no-share-stages"])
     assert rc == 0
-    parents, children2 = runs_of(client, "ablation_replace_ratio")
+    parents, children2 = campaign_runs(client, "ablation_replace_ratio")
     latest = max(parents, key=lambda p: p.info.start_time)
     assert (latest.data.metrics["campaign/stages_trained"],
             latest.data.metrics["campaign/stages_reused"]) == (6, 0)
@@ -482,6 +466,27 @@ def test_smoke_end_to_end(ray_session, store, client, tmp_path):
     second = evals([c for c in children2 if c.data.tags["mlflow.parentRunId"]
                     == latest.info.run_id])
     assert first == second and first
+
+
+def check_notebook_reader(store: str) -> None:
+    """analysis/mlflow_data on a smoke ablation_replace_ratio campaign (1 seed, S = 1 and 8)."""
+    import mlflow_data as md
+
+    camp = md.load_campaign("ablation_replace_ratio", store)
+    assert sorted(camp.runs["arm"]) == ["replace_ratio=0.5", "replace_ratio=0.8",
+                                        "replace_ratio=1.0"] and camp.seeds == [0]
+    assert sorted(camp.column("train.stage2.replace_ratio")) == [0.5, 0.8, 1.0]
+    assert camp.preset == "smoke" and set(camp.trained_stages()) == {("stage1", "stage2")}
+    assert md.eval_steps(camp) == [1, 8] and md.choose_steps(camp) == 8
+    assert md.choose_metric(camp, 8) == ("psnr", "eval/psnr_s8")  # smoke: no LPIPS / rFID
+    assert set(md.bound_values(camp, "psnr")) == set(md.BOUNDS)
+    assert "a naive codec with the tokenizer's bits scores" in md.bounds_reading(
+        camp, "psnr", dict(zip(camp.runs["arm"], camp.column("eval/psnr_s8"))))
+    hist = camp.history("train/stage2/loss")
+    assert sorted(set(hist["step"])) == [4, 5, 6] and hist["run_id"].nunique() == 3
+    traces = camp.traces()
+    assert sorted(set(traces["step"])) == [1, 2, 3, 4] and len(traces) == 3 * 4
+    assert camp.unavailable() == {} and camp.why_missing("rfid").startswith("not among")
 
 
 def test_a_shipped_teacher_campaign_trains_no_teacher(ray_session, store, client, tmp_path):

@@ -7,10 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
 from sftok_experiments import cli
 from sftok_experiments.expand import expand, parse_data, parse_set
 from sftok_experiments.spec import (

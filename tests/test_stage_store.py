@@ -4,7 +4,6 @@ curves, two concurrent trainers, and a trainer killed mid-stage (its lock dies w
 Smoke preset, no Ray; the campaign-level counts are checked in test_runner's smoke test."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,19 +11,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from campaign_helpers import RATIOS, ROOT
+from sftok_experiments.stage_store import REUSED, TRAINED, StageStore
+from test_train_stages import _assert_same, _weights
 
 from sftok.config import override
 from sftok.presets import get_preset
-from sftok.train import get_teacher, train_stage
+from sftok.train import train_stage
 from sftok.train.stages import stage_identity, stage_key
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
-from sftok_experiments.stage_store import REUSED, TRAINED, StageStore
-from test_train_stages import _assert_same, _weights  # tests/ is on sys.path (rootdir)
-
-RATIOS = (0.5, 0.8, 1.0)  # Table 4's arms: they share stage 1 exactly
 
 
 def _cfg(**sets):
@@ -40,17 +34,12 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("stage-store")
 
 
-@pytest.fixture(scope="module")
-def teacher(cache):
-    return get_teacher(_cfg(), cache / "teachers")
-
-
-def _run(store: StageStore, cfg, teacher, stages=("stage1", "stage2")):
+def _run(store: StageStore, cfg, smoke_teacher, stages=("stage1", "stage2")):
     """One trial's stage pipeline; returns (outcomes, callback calls per stage)."""
     outs, calls, prev, offset = [], {}, None, 0
     for stage in stages:
         log = calls.setdefault(stage, [])
-        prev = store.obtain(cfg, stage, teacher, init=prev, step_offset=offset,
+        prev = store.obtain(cfg, stage, smoke_teacher, init=prev, step_offset=offset,
                             callback=lambda step, m, _log=log: _log.append((step, m)))
         offset += prev.steps
         outs.append(prev)
@@ -77,9 +66,9 @@ def test_identity_covers_what_the_stage_depends_on():
         stage_identity(_cfg(), "stage9", None)
 
 
-def test_shared_stage_is_trained_once_and_equals_training_it_per_trial(cache, teacher):
+def test_shared_stage_is_trained_once_and_equals_training_it_per_trial(cache, smoke_teacher):
     shared = StageStore(cache / "shared")
-    runs = {r: _run(shared, _arm(r), teacher) for r in RATIOS}
+    runs = {r: _run(shared, _arm(r), smoke_teacher) for r in RATIOS}
     sources = [(o.stage, o.source) for outs, _ in runs.values() for o in outs]
     assert sources.count(("stage1", TRAINED)) == 1 and sources.count(("stage1", REUSED)) == 2
     assert sources.count(("stage2", TRAINED)) == 3
@@ -88,7 +77,7 @@ def test_shared_stage_is_trained_once_and_equals_training_it_per_trial(cache, te
     assert len(published) == 4 and not any((shared.root / ".building").iterdir())
 
     for r in RATIOS:  # each trial alone, training everything itself: bitwise the same results
-        alone, calls = _run(StageStore(cache / f"alone-{r}"), _arm(r), teacher)
+        alone, calls = _run(StageStore(cache / f"alone-{r}"), _arm(r), smoke_teacher)
         assert all(o.source == TRAINED for o in alone)
         outs, shared_calls = runs[r]
         for a, b in zip(alone, outs):
@@ -103,7 +92,21 @@ def test_shared_stage_is_trained_once_and_equals_training_it_per_trial(cache, te
         assert calls["stage2"][0][0] == outs[0].steps + 1
 
 
-def test_concurrent_trainers_train_a_result_once(cache, teacher):
+def test_windows_trained_before_go_to_the_replay_callback(cache, smoke_teacher):
+    """A trial that reuses a result sees its curve through `replay_callback` only (the runner
+    reports those windows as replayed: no progress line for them, issue 20 item 5)."""
+    store = StageStore(cache / "replay")
+    live, replayed = [], []
+    kw = {"callback": lambda s, m: live.append(s),
+          "replay_callback": lambda s, m: replayed.append(s)}
+    first = store.obtain(_cfg(), "stage1", smoke_teacher, **kw)
+    assert first.source == TRAINED and live == [1, 2, 3] and replayed == []
+    live.clear()
+    again = store.obtain(_cfg(), "stage1", smoke_teacher, step_offset=10, **kw)
+    assert again.source == REUSED and live == [] and replayed == [11, 12, 13]
+
+
+def test_concurrent_trainers_train_a_result_once(cache, smoke_teacher):
     store = StageStore(cache / "concurrent")
     started, release, trained = threading.Event(), threading.Event(), []
 
@@ -116,7 +119,7 @@ def test_concurrent_trainers_train_a_result_once(cache, teacher):
     results, waits = {}, []
 
     def trial(name):
-        results[name] = store.obtain(_cfg(), "stage1", teacher, train_fn=slow_train,
+        results[name] = store.obtain(_cfg(), "stage1", smoke_teacher, train_fn=slow_train,
                                      echo=waits.append)
 
     a = threading.Thread(target=trial, args=("a",))
@@ -137,8 +140,7 @@ def test_concurrent_trainers_train_a_result_once(cache, teacher):
 
 
 KILLER = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {experiments!r})
+    import os, signal
     from pathlib import Path
     from sftok.presets import get_preset
     from sftok.train import get_teacher
@@ -155,14 +157,12 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_trainer_killed_mid_stage_is_resumed_by_the_next(cache, teacher):
+def test_trainer_killed_mid_stage_is_resumed_by_the_next(cache, smoke_teacher_run,
+                                                         smoke_teacher):
     root = cache / "killed"
-    script = KILLER.format(experiments=str(ROOT / "experiments"), teachers=str(cache / "teachers"),
-                           root=str(root))
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, timeout=300,
-                          capture_output=True, text=True, check=False)
+    script = KILLER.format(teachers=str(smoke_teacher_run.cache), root=str(root))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                          timeout=300, capture_output=True, text=True, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     store = StageStore(root)
     key = stage_key(stage_identity(_cfg(), "stage1", None))
@@ -171,7 +171,7 @@ def test_trainer_killed_mid_stage_is_resumed_by_the_next(cache, teacher):
     assert "pid" in (root / ".locks" / f"{key}.lock").read_text()  # the dead holder's lock file
 
     calls = []
-    out = store.obtain(_cfg(), "stage1", teacher, callback=lambda s, m: calls.append(s))
+    out = store.obtain(_cfg(), "stage1", smoke_teacher, callback=lambda s, m: calls.append(s))
     assert out.source == TRAINED and [s for s in calls] == [1, 2, 3]  # 1-2 replayed, 3 live
-    ref = StageStore(cache / "alone-1.0").obtain(_cfg(), "stage1", teacher)  # uninterrupted
+    ref = StageStore(cache / "alone-1.0").obtain(_cfg(), "stage1", smoke_teacher)  # uninterrupted
     _assert_same(_weights(out.checkpoint), _weights(ref.checkpoint))

@@ -5,14 +5,12 @@ it."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from sftok.config import DataConfig, override
 from sftok.data import TrainStream, build_train_dataset
 from sftok.presets import get_preset
-from sftok.teacher import FrozenTeacher, MaskGitVQGAN
 from sftok.train import stages as stages_mod
 from sftok.train.teacher_ids import TeacherIdCache, pool_key
 
@@ -35,24 +33,17 @@ class Pool(torch.utils.data.Dataset):
         return self.key
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    cfg = get_preset("smoke")
-    torch.manual_seed(0)
-    return FrozenTeacher(MaskGitVQGAN(cfg.teacher), cfg.tokenizer.image_size)
-
-
-def test_cache_rows_are_the_teachers_ids_of_stream_images(teacher):
+def test_cache_rows_are_the_teachers_ids_of_stream_images(smoke_teacher):
     pool = Pool(n=70)  # more than one build chunk
-    cache = TeacherIdCache.load_or_build(teacher, pool, None, "t")
-    assert len(cache) == 140 and cache.ids.shape == (140, teacher.grid ** 2)
+    cache = TeacherIdCache.load_or_build(smoke_teacher, pool, None, "t")
+    assert len(cache) == 140 and cache.ids.shape == (140, smoke_teacher.grid ** 2)
     stream = TrainStream(pool, 8, seed=1)  # random order and flips
     agree = total = 0
     for _ in range(12):
         images, _ = next(stream)
         ids = cache.lookup(images)
         assert ids is not None and ids.dtype == torch.long
-        agree += int((ids == teacher.encode_ids(images)).sum())
+        agree += int((ids == smoke_teacher.encode_ids(images)).sum())
         total += ids.numel()
     # Same pixels, but encoded in other batches: an ulp can flip a near-tie argmin, so not
     # exact by contract; a wrong row would agree on ~1/V of the positions.
@@ -60,25 +51,25 @@ def test_cache_rows_are_the_teachers_ids_of_stream_images(teacher):
     assert (cache.hits, cache.misses) == (12, 0)
 
 
-def test_unknown_images_miss_and_non_pools_get_no_cache(teacher):
-    cache = TeacherIdCache.load_or_build(teacher, Pool(n=4), None, "t")
+def test_unknown_images_miss_and_non_pools_get_no_cache(smoke_teacher):
+    cache = TeacherIdCache.load_or_build(smoke_teacher, Pool(n=4), None, "t")
     foreign = torch.stack([Pool(n=4).images[0], Pool(n=1, seed=5).images[0]])
     assert cache.lookup(foreign) is None and cache.misses == 1
-    assert TeacherIdCache.load_or_build(teacher, Pool(n=4, key=None), None, "t") is None
+    assert TeacherIdCache.load_or_build(smoke_teacher, Pool(n=4, key=None), None, "t") is None
 
 
-def test_disk_cache_is_reused_and_a_stale_one_rebuilt(teacher, tmp_path, monkeypatch):
-    first = TeacherIdCache.load_or_build(teacher, Pool(n=6), tmp_path, "t")
+def test_disk_cache_is_reused_and_a_stale_one_rebuilt(smoke_teacher, tmp_path, monkeypatch):
+    first = TeacherIdCache.load_or_build(smoke_teacher, Pool(n=6), tmp_path, "t")
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].name.startswith("t-")
     built = []
     real = TeacherIdCache.build.__func__
     monkeypatch.setattr(TeacherIdCache, "build",
                         classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)))
-    again = TeacherIdCache.load_or_build(teacher, Pool(n=6), tmp_path, "t")
+    again = TeacherIdCache.load_or_build(smoke_teacher, Pool(n=6), tmp_path, "t")
     assert not built and torch.equal(again.ids, first.ids)
     # Same key, other pixels (the pool's code changed): the file is rebuilt, not trusted.
-    TeacherIdCache.load_or_build(teacher, Pool(n=6, seed=9), tmp_path, "t")
+    TeacherIdCache.load_or_build(smoke_teacher, Pool(n=6, seed=9), tmp_path, "t")
     assert built == [1]
 
 
@@ -97,15 +88,15 @@ def test_which_datasets_are_pools(tmp_path):
     assert pool_key(center) and center.sample(0, 123)[0].equal(center.sample(0, 7)[0])
 
 
-def test_token_stage_looks_ids_up(teacher, tmp_path, monkeypatch):
+def test_token_stage_looks_ids_up(smoke_teacher, tmp_path, monkeypatch):
     cfg = override(get_preset("smoke"), {"train.stage1.steps": 2})
     seen = []
     real = TeacherIdCache.lookup
     monkeypatch.setattr(TeacherIdCache, "lookup",
                         lambda self, x: seen.append(real(self, x) is not None) or real(self, x))
-    stages_mod.train_stage(cfg, "stage1", teacher, tmp_path / "cached", id_cache_dir=tmp_path)
+    stages_mod.train_stage(cfg, "stage1", smoke_teacher, tmp_path / "cached", id_cache_dir=tmp_path)
     assert seen == [True, True] and any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
     seen.clear()
     stages_mod.train_stage(override(cfg, {"train.stage1.teacher_ids": "encode"}), "stage1",
-                           teacher, tmp_path / "encoded")
+                           smoke_teacher, tmp_path / "encoded")
     assert seen == []

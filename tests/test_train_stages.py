@@ -42,16 +42,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher(workdir):
-    calls = []
-    t = get_teacher(_cfg(), workdir / "cache", callback=lambda s, m: calls.append((s, m)))
-    assert calls and {"loss", "l2", "commit", "psnr"} <= set(calls[0][1])
-    return t
-
-
-@pytest.fixture(scope="module")
-def stage1(workdir, teacher):
-    return train_stage(_cfg(), "stage1", teacher, workdir / "stage1")
+def stage1(workdir, smoke_teacher):
+    return train_stage(_cfg(), "stage1", smoke_teacher, workdir / "stage1")
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -67,15 +59,17 @@ def _assert_same(a: dict, b: dict) -> None:
 # ---- stage 0 ---------------------------------------------------------------------------------
 
 
-def test_teacher_is_cached_and_reused(workdir, teacher, monkeypatch):
+def test_teacher_is_cached_and_reused(smoke_teacher_run, monkeypatch):
     cfg = _cfg()
-    entry = workdir / "cache" / teacher_cache_key(cfg)
+    reports = smoke_teacher_run.reports  # the stage-0 callback while it trained
+    assert reports and {"loss", "l2", "commit", "psnr"} <= set(reports[0][1])
+    entry = smoke_teacher_run.cache / teacher_cache_key(cfg)
     info = teacher_info(entry)
     assert info["steps"] == cfg.train.teacher.steps and "val_psnr" in info
     monkeypatch.setattr(teacher_stage, "train_teacher",
                         lambda *a, **k: pytest.fail("a cached teacher must not be retrained"))
-    again = get_teacher(cfg, workdir / "cache")
-    _assert_same(again.model.state_dict(), teacher.model.state_dict())
+    again = get_teacher(cfg, smoke_teacher_run.cache)
+    _assert_same(again.model.state_dict(), smoke_teacher_run.teacher.model.state_dict())
     assert not any(p.requires_grad for p in again.parameters())
 
 
@@ -116,11 +110,11 @@ def test_teacher_training_resumes_exactly(tmp_path):
 # ---- stages 1-3 ------------------------------------------------------------------------------
 
 
-def test_each_stage_runs_and_reports_metrics(workdir, teacher, stage1):
+def test_each_stage_runs_and_reports_metrics(workdir, smoke_teacher, stage1):
     cfg = _cfg()
-    teacher_before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in smoke_teacher.model.state_dict().items()}
     seen = []
-    s2 = train_stage(cfg, "stage2", teacher, workdir / "stage2", init=stage1.checkpoint,
+    s2 = train_stage(cfg, "stage2", smoke_teacher, workdir / "stage2", init=stage1.checkpoint,
                      callback=lambda s, m: seen.append((s, m)), step_offset=stage1.steps)
     assert [s for s, _ in seen] == [4, 5, 6]  # global steps continue after stage 1
     assert TOKEN_METRICS <= set(seen[-1][1]) and "ce_visible" in seen[-1][1]
@@ -129,12 +123,12 @@ def test_each_stage_runs_and_reports_metrics(workdir, teacher, stage1):
     meta = json.loads((s2.checkpoint / "stage.json").read_text())
     assert meta["weights"] == "EMA weights" and s2.steps == 3
     s3_seen = []
-    s3 = train_stage(cfg, "stage3", teacher, workdir / "stage3", init=s2.checkpoint,
+    s3 = train_stage(cfg, "stage3", smoke_teacher, workdir / "stage3", init=s2.checkpoint,
                      callback=lambda s, m: s3_seen.append(m))
     assert {"loss", "l2", "gan_g", "gan_d", "lecam", "lr", "grad_norm",
             "images_per_s"} <= set(s3_seen[-1])  # smoke: gan_start = 1
     # the frozen teacher is untouched by all of it
-    _assert_same(teacher_before, teacher.model.state_dict())
+    _assert_same(teacher_before, smoke_teacher.model.state_dict())
     from sftok.checkpoint import load_model
 
     model, saved_cfg = load_model(s3.checkpoint)
@@ -142,14 +136,14 @@ def test_each_stage_runs_and_reports_metrics(workdir, teacher, stage1):
 
 
 @pytest.mark.parametrize("train_codebook", [True, False])
-def test_stage3_freezes_encoder_and_quantizer(workdir, teacher, stage1, train_codebook):
+def test_stage3_freezes_encoder_and_quantizer(workdir, smoke_teacher, stage1, train_codebook):
     from sftok.train.stage3 import PixelTask
 
     cfg = stages_mod.stage_config(_cfg(**{"train.stage3.train_pixel_codebook": train_codebook}),
                                   "stage3")
-    task = PixelTask(cfg, teacher, torch.device("cpu"), init=stage1.checkpoint)
+    task = PixelTask(cfg, smoke_teacher, torch.device("cpu"), init=stage1.checkpoint)
     # pixel path starts as the teacher's codebook and decoder
-    assert torch.equal(task.model.pixel_quantize.embedding.weight, teacher.codebook())
+    assert torch.equal(task.model.pixel_quantize.embedding.weight, smoke_teacher.codebook())
     # the pixel codebook is trained iff configured (the released code trains it)
     assert task.model.pixel_quantize.embedding.weight.requires_grad == train_codebook
     # frozen quantizer keeps its training (Sinkhorn) assignment; frozen encoder in eval mode
@@ -174,40 +168,40 @@ def test_stage3_freezes_encoder_and_quantizer(workdir, teacher, stage1, train_co
             assert torch.equal(before[k], v), k
 
 
-def test_stage3_pixel_path_starts_from_the_teacher_unless_trained(tmp_path, teacher):
+def test_stage3_pixel_path_starts_from_the_teacher_unless_trained(tmp_path, smoke_teacher):
     """With finetune_decoder on from stage 1, the stage-2 checkpoint carries an untrained, random
     pixel path: stage 3 must still start it from the teacher; a stage-3 result keeps its own."""
     from sftok.train.stage3 import PixelTask
 
     cfg = _cfg(**{"tokenizer.finetune_decoder": True})
-    s1 = train_stage(cfg, "stage1", teacher, tmp_path / "stage1")
+    s1 = train_stage(cfg, "stage1", smoke_teacher, tmp_path / "stage1")
     assert any(k.startswith("pixel_decoder.") for k in _weights(s1.checkpoint))
     s3cfg = stages_mod.stage_config(cfg, "stage3")
-    task = PixelTask(s3cfg, teacher, torch.device("cpu"), init=s1.checkpoint)
-    assert torch.equal(task.model.pixel_quantize.embedding.weight, teacher.codebook())
+    task = PixelTask(s3cfg, smoke_teacher, torch.device("cpu"), init=s1.checkpoint)
+    assert torch.equal(task.model.pixel_quantize.embedding.weight, smoke_teacher.codebook())
     _assert_same({k: v for k, v in task.model.pixel_decoder.state_dict().items()},
-                 teacher.model.decoder.state_dict())
+                 smoke_teacher.model.decoder.state_dict())
     # the same through a model file instead of the stage's directory
-    task = PixelTask(s3cfg, teacher, torch.device("cpu"),
+    task = PixelTask(s3cfg, smoke_teacher, torch.device("cpu"),
                      init=s1.checkpoint / "model.safetensors")
-    assert torch.equal(task.model.pixel_quantize.embedding.weight, teacher.codebook())
-    s3 = train_stage(cfg, "stage3", teacher, tmp_path / "stage3", init=s1.checkpoint)
+    assert torch.equal(task.model.pixel_quantize.embedding.weight, smoke_teacher.codebook())
+    s3 = train_stage(cfg, "stage3", smoke_teacher, tmp_path / "stage3", init=s1.checkpoint)
     trained = {k[len("pixel_decoder."):]: v for k, v in _weights(s3.checkpoint).items()
                if k.startswith("pixel_decoder.")}
-    again = PixelTask(s3cfg, teacher, torch.device("cpu"), init=s3.checkpoint)
+    again = PixelTask(s3cfg, smoke_teacher, torch.device("cpu"), init=s3.checkpoint)
     _assert_same(again.model.pixel_decoder.state_dict(), trained)
-    assert any(not torch.equal(v, teacher.model.decoder.state_dict()[k])
+    assert any(not torch.equal(v, smoke_teacher.model.decoder.state_dict()[k])
                for k, v in trained.items())
 
 
-def test_stage3_input_is_guided_by_the_step1_prediction(teacher, stage1, monkeypatch):
+def test_stage3_input_is_guided_by_the_step1_prediction(smoke_teacher, stage1, monkeypatch):
     """Table 6 stage 3 ("Guided Mask True"): visible positions carry the step-1 argmax."""
     from sftok.train import stage3
     from sftok.train.masking import build_proxy_inputs
 
     cfg = stages_mod.stage_config(_cfg(), "stage3")
     assert cfg.train.stage3.replacement == "sfvr" and cfg.train.stage3.replace_ratio == 1.0
-    task = stage3.PixelTask(cfg, teacher, torch.device("cpu"), init=stage1.checkpoint)
+    task = stage3.PixelTask(cfg, smoke_teacher, torch.device("cpu"), init=stage1.checkpoint)
     seen = []
 
     def spy(targets, masked, mask_id, strategy, ratio, first_step_fn, generator):
@@ -229,23 +223,23 @@ def test_stage3_input_is_guided_by_the_step1_prediction(teacher, stage1, monkeyp
 
 
 @pytest.mark.parametrize("stage", ["stage2", "stage3"])
-def test_resume_is_bitwise_identical(tmp_path, teacher, stage1, stage):
+def test_resume_is_bitwise_identical(tmp_path, smoke_teacher, stage1, stage):
     sets = {f"train.{stage}.steps": 4, f"train.{stage}.ckpt_every": 2,
             f"train.{stage}.log_every": 1}
     if stage == "stage3":
         sets.update({"train.stage3.grad_accum": 2})  # exercise accumulation + GAN + LeCam
     cfg = _cfg(**sets)
-    full = train_stage(cfg, stage, teacher, tmp_path / "full", init=stage1.checkpoint)
+    full = train_stage(cfg, stage, smoke_teacher, tmp_path / "full", init=stage1.checkpoint)
 
     def crash(step, metrics):
         if step == 2:
             raise Crash
 
     with pytest.raises(Crash):
-        train_stage(cfg, stage, teacher, tmp_path / "resumed", init=stage1.checkpoint,
+        train_stage(cfg, stage, smoke_teacher, tmp_path / "resumed", init=stage1.checkpoint,
                     callback=crash)
     assert (tmp_path / "resumed" / "step_00000002" / "state.json").exists()
-    resumed = train_stage(cfg, stage, teacher, tmp_path / "resumed", init=stage1.checkpoint)
+    resumed = train_stage(cfg, stage, smoke_teacher, tmp_path / "resumed", init=stage1.checkpoint)
     _assert_same(_weights(full.checkpoint), _weights(resumed.checkpoint))  # EMA weights
     last = "step_00000004"
     _assert_same(load_file(str(tmp_path / "full" / last / "model.safetensors")),
@@ -253,14 +247,14 @@ def test_resume_is_bitwise_identical(tmp_path, teacher, stage1, stage):
     assert full.history[-1]["loss"] == resumed.history[-1]["loss"]
 
 
-def test_finished_stage_is_not_retrained(workdir, teacher, stage1, monkeypatch):
+def test_finished_stage_is_not_retrained(workdir, smoke_teacher, stage1, monkeypatch):
     monkeypatch.setattr(stages_mod, "build_stage_task",
                         lambda *a, **k: pytest.fail("a finished stage must not be rebuilt"))
-    again = train_stage(_cfg(), "stage1", teacher, workdir / "stage1")
+    again = train_stage(_cfg(), "stage1", smoke_teacher, workdir / "stage1")
     assert again.checkpoint == stage1.checkpoint and again.steps == stage1.steps
 
 
-def test_nan_loss_stops_with_stage_step_and_checkpoint(tmp_path, teacher, monkeypatch):
+def test_nan_loss_stops_with_stage_step_and_checkpoint(tmp_path, smoke_teacher, monkeypatch):
     cfg = _cfg(**{"train.stage1.ckpt_every": 2, "train.stage1.steps": 4})
     real = stages_mod.weighted_ce
     calls = {"n": 0}
@@ -274,7 +268,7 @@ def test_nan_loss_stops_with_stage_step_and_checkpoint(tmp_path, teacher, monkey
 
     monkeypatch.setattr(stages_mod, "weighted_ce", poisoned)
     with pytest.raises(NonFiniteLossError) as err:
-        train_stage(cfg, "stage1", teacher, tmp_path / "nan")
+        train_stage(cfg, "stage1", smoke_teacher, tmp_path / "nan")
     e = err.value
     assert (e.stage, e.step) == ("stage1", 3)
     msg = str(e)

@@ -14,19 +14,21 @@ and of pickled callbacks.)
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftok_experiments import EXPERIMENTS_DIR, ROOT
+from sftok import run_record as rr
+from sftok_experiments import EXPERIMENTS_DIR, ROOT, protocol
 from sftok_experiments import tracking as trk
 from sftok_experiments.expand import Plan
+from sftok_experiments.summary import CampaignResult, TrialSummary, clock, summary_table
 
 
 @dataclass
@@ -47,51 +49,6 @@ class Options:
     progress_every: float = 30.0  # seconds between progress lines of a trial (< 0: none)
     resume_hint: str | None = None  # the command that continues this invocation (cli.py)
     echo: Callable[..., None] = print
-
-
-@dataclass
-class TrialSummary:
-    key: str
-    arm: str
-    seed: int
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    seconds: float = 0.0
-    run_id: str | None = None
-    note: str = ""
-    stage_sources: dict[str, tuple[str, str, int]] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)  # undecodable files: train / val
-
-
-@dataclass
-class CampaignResult:
-    parent_run_id: str
-    experiment_id: str
-    tracking_uri: str
-    campaign_dir: Path
-    trials: list[TrialSummary]
-    wall_s: float
-    interrupted: bool = False
-    setup_error: str | None = None  # e.g. the teacher could not be trained / loaded
-    usage_error: str | None = None  # nothing ran: e.g. --resume found no campaign to continue
-
-    def stage_count(self, source: str, steps: bool = False) -> int:
-        """Stage results this invocation's trials trained / reused (or their steps)."""
-        return sum(n if steps else 1 for t in self.trials
-                   for src, _key, n in t.stage_sources.values() if src == source)
-
-    @property
-    def ok(self) -> bool:
-        return (not self.interrupted and self.setup_error is None and self.usage_error is None
-                and all(t.status == "FINISHED" for t in self.trials))
-
-    @property
-    def exit_code(self) -> int:
-        """0 all finished, 1 a failure, 2 a usage error, 130 interrupted (the shell's Ctrl-C)."""
-        if self.usage_error:
-            return 2
-        return 0 if self.ok else 130 if self.interrupted and not self.setup_error else 1
 
 
 def work_root(opts: Options) -> Path:
@@ -204,7 +161,7 @@ def _prepare_floors(todo: list, eval_cache: Path) -> None:
             floor_codecs(t.config, eval_cache)
 
 
-def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: str, echo) -> None:
+def _prepare_teachers(todo: list, cache: Path, parent: trk.ParentRun, echo) -> None:
     """Stage 0 once per campaign (per distinct teacher), in the driver, before the trials."""
     from sftok.released import read_manifest
     from sftok.train import get_teacher, teacher_info
@@ -221,35 +178,30 @@ def _prepare_teachers(plan: Plan, todo: list, cache: Path, client, parent_id: st
         where = {"train": f"(stage 0) {key}: preparing under {cache}",
                  "shipped": f"{tcfg.shipped!r} shipped with sftok ({key}): loading",
                  "pretrained": f"{key}: loading {tcfg.weights or tcfg.hf_filename}"}
-        echo(f"[{trk._now()}] teacher {where[tcfg.source]}", flush=True)
+        echo(f"[{clock()}] teacher {where[tcfg.source]}", flush=True)
 
         total = t.config.train.teacher.steps
         last_echo = [time.time()]
 
         def cb(step: int, metrics: dict[str, float], total: int = total,
                last_echo: list = last_echo) -> None:
-            trk.log_metrics(client, parent_id, {f"train/stage0/{k}": v for k, v in metrics.items()
-                                                if isinstance(v, (int, float))}, step)
+            parent.log_teacher_metrics(step, metrics)
             # A console line every ~30 s (and at the end) while the driver trains stage 0.
             if "loss" in metrics and (time.time() - last_echo[0] > 30 or step >= total):
                 last_echo[0] = time.time()
                 shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "psnr")
                                   if k in metrics)
-                echo(f"[{trk._now()}] teacher step {step}/{total}  {shown}", flush=True)
+                echo(f"[{clock()}] teacher step {step}/{total}  {shown}", flush=True)
 
         get_teacher(t.config, cache, callback=cb)
-        echo(f"[{trk._now()}] teacher ready in {time.time() - t0:.1f}s", flush=True)
-        trk.set_tags(client, parent_id, {f"teacher.{len(seen) - 1}": key})
-        record = None
-        if tcfg.source == "train" and (cache / key / "teacher.json").exists():
-            record = teacher_info(cache / key)
-        elif tcfg.source == "shipped":
-            record = read_manifest(tcfg.shipped)  # config, command, curve, sha256
-        if record is not None:
-            try:
-                client.log_text(parent_id, json.dumps(record, indent=1), f"teacher/{key}.json")
-            except Exception:  # noqa: BLE001 — informational
-                pass
+        echo(f"[{clock()}] teacher ready in {time.time() - t0:.1f}s", flush=True)
+        info = None
+        with contextlib.suppress(Exception):  # informational
+            if tcfg.source == "train" and (cache / key / "teacher.json").exists():
+                info = teacher_info(cache / key)
+            elif tcfg.source == "shipped":
+                info = read_manifest(tcfg.shipped)  # config, command, curve, sha256
+        parent.tag_teacher(len(seen) - 1, key, info)
 
 
 def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
@@ -257,56 +209,34 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     echo = opts.echo
     t_start = time.time()
     spec = plan.spec
-    uri, artifact_root = trk.resolve_store(opts.tracking)
-    client = trk.client_for(uri)
-    exp_id = trk.get_experiment(client, spec.name, artifact_root,
-                                {"spec": spec.name, "reproduces": spec.reproduces})
+    client, store = trk.open_store(opts.tracking)
+    uri = store.uri
+    exp_id = trk.get_experiment(client, spec.name, store.artifact_root, spec.reproduces)
     campaign = plan.campaign_hash
 
-    parent = trk.find_resumable_parent(client, exp_id, campaign) if opts.resume else None
+    resumed = trk.ParentRun.resume(client, exp_id, campaign) if opts.resume else None
     existing: dict[str, Any] = {}
-    if opts.resume and parent is None:
+    if opts.resume and resumed is None:
         # A silent fresh start would redo hours of finished trials when e.g. one --set differs:
         # stop, and show what the earlier invocations were run with.
         msg = (f"--resume: no earlier invocation of this campaign ({campaign}: same spec "
                f"content, preset, seeds and --set/--data) in {uri}")
         recent = trk.recent_parents(client, exp_id)
-        lines = [f"  {r.info.run_id}  {_start(r)}  {r.data.tags.get('command', '?')}"
+        lines = [f"  {r.info.run_id}  {_start(r)}  {r.data.tags.get(rr.COMMAND_TAG, '?')}"
                  for r in recent]
         echo(msg + (";\nrecent runs of spec " + spec.name + ":\n" + "\n".join(lines) if lines
                     else f"; spec {spec.name} has no earlier runs there"),
              file=sys.stderr, flush=True)
         return CampaignResult("", exp_id, uri, Path(), [], time.time() - t_start,
                               usage_error=msg)
-    if parent is not None:
-        parent_id = parent.info.run_id
-        campaign_dir = Path(parent.data.tags.get("sftok.campaign_dir", ""))
-        existing = trk.children_of(client, exp_id, parent_id)
-        client.update_run(parent_id, status="RUNNING")
-        n = int(parent.data.tags.get("resumed", "0")) + 1
-        trk.set_tags(client, parent_id, {"resumed": n, f"command.resume{n}": trk.command_line()})
-        echo(f"resuming parent run {parent_id} ({sum(r.info.status == 'FINISHED' for r in existing.values())}"
-             f" of {len(existing)} recorded trials finished)", flush=True)
+    if resumed is not None:
+        parent, existing = resumed
+        n_done = sum(r.info.status == "FINISHED" for r in existing.values())
+        echo(f"resuming parent run {parent.run_id} ({n_done} of {len(existing)} recorded "
+             "trials finished)", flush=True)
     else:
-        commit, dirty = trk.git_commit()
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        tags = {"sftok.role": trk.PARENT_ROLE, "spec": spec.name, "preset": plan.preset,
-                "git_commit": commit, "git_dirty": str(dirty).lower(),
-                "command": trk.command_line(), trk.CAMPAIGN_TAG: campaign,
-                "reproduces": spec.reproduces, "report": spec.report or "",
-                "spec_file": str(plan.spec_path), "n_trials": str(len(plan.trials))}
-        if plan.cli_overrides:
-            tags["overrides"] = " ".join(f"{k}={v}" for k, v in plan.cli_overrides.items())
-        run = client.create_run(exp_id, run_name=f"{spec.name}-{plan.preset}-{stamp}", tags=tags)
-        parent_id = run.info.run_id
-        campaign_dir = work_root(opts) / spec.name / parent_id
-        trk.set_tags(client, parent_id, {"sftok.campaign_dir": str(campaign_dir)})
-        try:
-            client.log_artifact(parent_id, str(plan.spec_path))
-            client.log_text(parent_id, json.dumps([t.to_payload() for t in plan.trials],
-                                                  indent=1), "plan.json")
-        except Exception as e:  # noqa: BLE001
-            echo(f"warning: could not log the spec artifacts: {e}", flush=True)
+        parent = trk.ParentRun.open(client, exp_id, plan, work_root(opts), echo)
+    parent_id, campaign_dir = parent.run_id, parent.campaign_dir
     campaign_dir.mkdir(parents=True, exist_ok=True)
     echo(f"MLflow: {uri} — experiment '{spec.name}', parent run {parent_id}", flush=True)
 
@@ -339,7 +269,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
 
             torch.set_num_threads(max(1, os.cpu_count() or 1))
             try:
-                _prepare_teachers(plan, todo, cache / "teachers", client, parent_id, echo)
+                _prepare_teachers(todo, cache / "teachers", parent, echo)
                 _prepare_floors(todo, cache / "eval")
             except KeyboardInterrupt:
                 raise
@@ -347,13 +277,13 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                 setup_error = f"{type(e).__name__}: {e}"
                 echo(f"error: stage 0 (teacher) failed, no trial started: {setup_error}",
                      file=sys.stderr, flush=True)
-                trk.set_tags(client, parent_id, {"error": setup_error})
+                parent.record_error(setup_error)
         if remaining and setup_error is None:
             started_ray = init_ray(opts.ray_address)
             setup_error = None if opts.ray_address else _local_gpu_shortfall(opts)
             if setup_error:  # Ray would keep the trials pending forever
                 echo(f"error: {setup_error}", file=sys.stderr, flush=True)
-                trk.set_tags(client, parent_id, {"error": setup_error})
+                parent.record_error(setup_error)
             else:
                 # Made here so that what it recorded survives a Ctrl-C inside fit().
                 tracker = trk.MlflowTracker(client, exp_id, parent_id, spec.name, plan.preset,
@@ -364,14 +294,14 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                            echo)
     except KeyboardInterrupt:
         interrupted = True
-        echo(f"[{trk._now()}] interrupted: closing the runs (the command that continues is "
+        echo(f"[{clock()}] interrupted: closing the runs (the command that continues is "
              "printed at the end)", flush=True)
     except Exception as e:  # noqa: BLE001 — the driver itself failed: record it, exit non-zero
         import traceback
 
         setup_error = f"{type(e).__name__}: {e}"
         echo(traceback.format_exc(), file=sys.stderr, flush=True)
-        trk.set_tags(client, parent_id, {"error": setup_error[:5000]})
+        parent.record_error(setup_error)
     finally:
         if started_ray:
             import ray
@@ -379,6 +309,7 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
             ray.shutdown()
 
     if tracker is not None:
+        tracker.close_unfinished()  # children still running: the driver was interrupted
         for rec in tracker.records.values():
             summaries[rec.key] = TrialSummary(rec.key, rec.arm, rec.seed, rec.status,
                                               dict(rec.metrics), rec.error, rec.seconds,
@@ -386,39 +317,14 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                                               stage_sources=dict(rec.stage_sources))
     for t in plan.trials if not search else []:
         summaries.setdefault(t.key, TrialSummary(t.key, t.arm, t.seed, "NOT RUN"))
-    # Children still RUNNING (driver interrupted mid-trial) are closed as KILLED.
-    for s in summaries.values():
-        if s.status in ("RUNNING", "PENDING") and s.run_id:
-            client.set_terminated(s.run_id, status="KILLED")
-            s.status = "KILLED"
     interrupted = interrupted or any(s.status == "KILLED" for s in summaries.values())
     order = {t.key: i for i, t in enumerate(plan.trials)}
     trials = sorted(summaries.values(), key=lambda s: (order.get(s.key, len(order)), s.key))
     result = CampaignResult(parent_id, exp_id, uri, campaign_dir, trials, time.time() - t_start,
                             interrupted, setup_error)
     table = summary_table(result)
-    skipped = skipped_line(trials)
-    if skipped:
-        table += "\n" + skipped
     echo(table, flush=True)
-    n_fin = sum(t.status == "FINISHED" for t in trials)
-    n_fail = sum(t.status == "FAILED" for t in trials)
-    trk.set_tags(client, parent_id, {"n_finished": n_fin, "n_failed": n_fail,
-                                     "wall_s": f"{result.wall_s:.1f}",
-                                     **{f"data_skipped.{k}": v
-                                        for k, v in max_skipped(trials).items()}})
-    _log_stage_counts(client, parent_id, result)
-    try:
-        client.log_text(parent_id, table + "\n", "summary.txt")
-    except Exception:  # noqa: BLE001
-        pass
-    # Interrupted (Ctrl-C, between or during trials): KILLED, not FAILED — nothing went wrong
-    # that --resume would not continue; the failures of single trials stay on their runs.
-    status = "FINISHED" if result.ok else (
-        "KILLED" if interrupted and not setup_error else "FAILED")
-    if interrupted:
-        trk.set_tags(client, parent_id, {"interrupted": "true"})
-    client.set_terminated(parent_id, status=status)
+    parent.close(result, table)
     if not result.ok:
         bad = [t for t in trials if t.status != "FINISHED"]
         echo(f"{len(bad)} of {len(trials)} trial(s) did not finish:\n"
@@ -446,35 +352,37 @@ def _local_gpu_shortfall(opts: Options) -> str | None:
 def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache, echo):
     from ray import tune
 
-    from sftok_experiments.trial import guarded, run_trial
+    from sftok_experiments.trial import run_trial
 
     spec = plan.spec
     cpus = float(opts.cpus_per_trial)
     # The stage store sits beside the campaign dirs (<work dir>/stages, campaign_dir is
     # <work dir>/<spec>/<parent run>), so campaigns sharing a work dir share stage results.
-    runtime = {"work_root": str(campaign_dir / "trials"),
-               "stage_store": str(campaign_dir.parent.parent / "stages"),
-               "share_stages": bool(opts.share_stages),
-               "teacher_cache": str(cache / "teachers"),
-               "eval_cache": str(cache / "eval"), "cpus": max(1, math.ceil(cpus)),
-               "gpus": float(opts.gpus_per_trial), "device": opts.device}  # placement.py
-    trainable = tune.with_resources(guarded(opts.trial_fn or run_trial),
+    runtime = protocol.Runtime(
+        work_root=str(campaign_dir / "trials"), stage_store=str(campaign_dir.parent.parent /
+                                                                "stages"),
+        share_stages=bool(opts.share_stages), teacher_cache=str(cache / "teachers"),
+        eval_cache=str(cache / "eval"), cpus=max(1, math.ceil(cpus)),
+        gpus=float(opts.gpus_per_trial), device=opts.device)  # placement.py
+    trainable = tune.with_resources(protocol.guarded(opts.trial_fn or run_trial),
                                     {"cpu": cpus, "gpu": float(opts.gpus_per_trial)})
     if plan.search:
         search = plan.search
         points, rewards = warm_start(search, finished)
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # train reports lack the metric
-        param_space = {"trial": todo[0].to_payload(), "runtime": runtime,
-                       "search": _search_space(search)}
+        param_space = protocol.trial_config(todo[0].to_payload(), runtime,
+                                            _search_space(search))
         tune_config = tune.TuneConfig(search_alg=_optuna_searcher(search, points, rewards),
                                       num_samples=remaining,
                                       max_concurrent_trials=opts.max_concurrent,
-                                      trial_dirname_creator=lambda t: f"search-{t.trial_id}")
+                                      trial_dirname_creator=lambda t: protocol.trial_key(
+                                          t.config, t.trial_id))
     else:
-        param_space = {"trial": tune.grid_search([t.to_payload() for t in todo]),
-                       "runtime": runtime}
+        param_space = protocol.trial_config(tune.grid_search([t.to_payload() for t in todo]),
+                                            runtime)
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=opts.max_concurrent,
-                                      trial_dirname_creator=lambda t: t.config["trial"]["key"])
+                                      trial_dirname_creator=lambda t: protocol.trial_key(
+                                          t.config, t.trial_id))
     max_failures = spec.max_failures if opts.max_failures is None else opts.max_failures
     # Ctrl-C raises KeyboardInterrupt here (run_campaign closes the runs as KILLED and prints
     # the --resume command) instead of Ray's handler, which ended fit() normally, hiding the
@@ -489,7 +397,7 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[tracker], verbose=0)
-    echo(f"[{trk._now()}] {remaining} trial(s) on Ray: {cpus:g} CPU / "
+    echo(f"[{clock()}] {remaining} trial(s) on Ray: {cpus:g} CPU / "
          f"{opts.gpus_per_trial:g} GPU each, max concurrent "
          f"{opts.max_concurrent or 'unlimited'}, retries {max_failures}", flush=True)
     import logging
@@ -513,8 +421,8 @@ def warm_start(search: dict, finished: dict[str, Any]) -> tuple[list[dict], list
     points, rewards = [], []
     for r in finished.values():
         # The `search.<field>` tag is the sampled value verbatim; params may be the same value.
-        vals = {f"search/{k}": _param_value(r.data.tags.get(f"search.{k}",
-                                                            r.data.params.get(k)))
+        vals = {f"search/{k}": rr.coerce_param(r.data.tags.get(rr.search_tag(k),
+                                                               r.data.params.get(k)))
                 for k in search["space"]}
         if search["metric"] in r.data.metrics and None not in vals.values():
             points.append(vals)
@@ -526,75 +434,13 @@ def _start(run) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
 
 
-def _param_value(v: str | None):
-    if v is None:
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        try:
-            return float(v)
-        except ValueError:
-            return v
-
-
 def _summary_from_run(key: str, run, note: str) -> TrialSummary:
+    """A trial finished by an earlier invocation, as its child run records it."""
     t = run.data.tags
-    return TrialSummary(key, t.get("arm", "?"), int(t.get("seed", -1)), run.info.status,
-                        {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")},
-                        t.get("error"), 0.0, run.info.run_id, note)
-
-
-def _log_stage_counts(client, parent_id: str, result: CampaignResult) -> None:
-    """Parent metrics campaign/stages_trained, campaign/stages_reused (+ their steps); step =
-    the invocation's resume count, so a resumed campaign adds points instead of overwriting."""
-    run = client.get_run(parent_id)
-    step = int(run.data.tags.get("resumed", "0"))
-    trk.log_metrics(client, parent_id, {
-        "campaign/stages_trained": result.stage_count("trained"),
-        "campaign/stages_reused": result.stage_count("reused"),
-        "campaign/stage_steps_trained": result.stage_count("trained", steps=True),
-        "campaign/stage_steps_reused": result.stage_count("reused", steps=True)}, step)
-
-
-def max_skipped(trials: list[TrialSummary]) -> dict[str, int]:
-    """'train' / 'val' -> the most undecodable files one trial met (0 without trials)."""
-    return {k: max((t.skipped.get(k, 0) for t in trials), default=0) for k in ("train", "val")}
-
-
-def skipped_line(trials: list[TrialSummary]) -> str | None:
-    """One line on undecodable image files met by the trials (None when there were none)."""
-    train, val = max_skipped(trials).values()
-    if not train and not val:
-        return None
-    return (f"data: undecodable image files skipped — training: up to {train} per trial "
-            f"(replaced by the next decodable file), validation: {val} per trial (left out, "
-            f"not scored); metrics train/<stage>/data_skipped, eval/skipped_images")
-
-
-def summary_table(result: CampaignResult) -> str:
-    """The final table: arm, seed, status, key eval metrics (largest S), time."""
-    keys = trk.summary_metric_keys([t.metrics for t in result.trials])
-    head = ["arm", "seed", "status"] + [k.removeprefix("eval/") for k in keys] + ["time"]
-    rows = []
-    for t in result.trials:
-        status = t.status + (f" ({t.note})" if t.note else "")
-        rows.append([t.arm, str(t.seed), status]
-                    + [f"{t.metrics[k]:.4f}" if k in t.metrics else "-" for k in keys]
-                    + [f"{t.seconds:.0f}s" if t.seconds else "-"])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    title = (f"summary: {len(result.trials)} trial(s), wall {result.wall_s:.0f}s, parent run "
-             f"{result.parent_run_id}")
-    stages = (f"stage results: {result.stage_count('trained')} trained "
-              f"({result.stage_count('trained', steps=True)} steps), "
-              f"{result.stage_count('reused')} reused "
-              f"({result.stage_count('reused', steps=True)} steps)")
-    out = [title, stages, line(head), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    out += trk.bounds_lines([t.metrics for t in result.trials])
-    return "\n".join(out)
+    return TrialSummary(key, t.get(rr.ARM_TAG, "?"), int(t.get(rr.SEED_TAG, -1)),
+                        run.info.status, {k: v for k, v in run.data.metrics.items()
+                                          if rr.eval_name(k) is not None},
+                        t.get(rr.ERROR_TAG), 0.0, run.info.run_id, note)
 
 
 __all__ = [

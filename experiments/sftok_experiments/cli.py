@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sftok.run_record import store_location
 from sftok_experiments.spec import SpecError, list_specs, load_spec
 
 USAGE = """\
@@ -130,13 +131,11 @@ def cmd_ui(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--print", action="store_true", help="print the command only")
     a = p.parse_args(argv)
-    from sftok_experiments.tracking import resolve_store
-
-    uri, artifacts = resolve_store(a.tracking_uri)
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri,
+    store = store_location(a.tracking_uri)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store.uri,
            "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1"]
-    if artifacts:
-        cmd += ["--default-artifact-root", artifacts]
+    if store.artifact_root:
+        cmd += ["--default-artifact-root", store.artifact_root]
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
     if a.print:
         return 0
@@ -198,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from sftok_experiments.campaign import Options, cache_root, run_campaign, work_root
-    from sftok_experiments.tracking import resolve_store
 
     print(describe(plan), flush=True)
     opts = Options(tracking=args.tracking_uri, ray_address=args.ray_address,
@@ -209,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                    max_failures=args.max_failures, prepare_teacher=not args.no_teacher,
                    share_stages=not args.no_share_stages,
                    progress_every=args.progress_every)
-    opts.resume_hint = resume_command(argv, resolve_store(args.tracking_uri)[0],
+    opts.resume_hint = resume_command(argv, store_location(args.tracking_uri).uri,
                                       work_root(opts), cache_root(opts))
     if args.trial_fn:
         opts.trial_fn = _load_trial_fn(args.trial_fn)

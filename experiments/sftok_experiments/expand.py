@@ -23,6 +23,7 @@ from typing import Any
 
 from sftok.config import ConfigError, ExperimentConfig, override, to_dict
 from sftok.presets import PRESETS, get_preset
+from sftok.run_record import BOUND_PREFIXES, bound_metric, eval_key, step_metric
 from sftok_experiments.spec import STAGES, NamedArm, Spec, SpecError
 
 
@@ -177,16 +178,15 @@ _S_FREE = {"tokens": ("token_top1", "token_ce", "codebook_usage", "codebook_entr
 
 def reported_metrics(cfg: ExperimentConfig) -> list[str]:
     """The eval/* metric names a trial with this config reports."""
-    out = [f"eval/{n}_s{s}" for n in _PER_S if n in cfg.eval.metrics
+    out = [eval_key(step_metric(n, s)) for n in _PER_S if n in cfg.eval.metrics
            for s in cfg.eval.decode_steps]
     # Floors and ceiling (sftok.evaluate.bounds): the same metrics, S-independent.
-    from sftok.evaluate.bounds import BOUND_PREFIXES
-
-    out += [f"eval/{b}_{n}" for b in BOUND_PREFIXES for n in _PER_S if n in cfg.eval.metrics]
-    out.append("eval/num_images")
+    out += [eval_key(bound_metric(b, n)) for b in BOUND_PREFIXES for n in _PER_S
+            if n in cfg.eval.metrics]
+    out.append(eval_key("num_images"))
     for n, names in _S_FREE.items():
         if n in cfg.eval.metrics:
-            out += [f"eval/{m}" for m in names]
+            out += [eval_key(m) for m in names]
     return out
 
 

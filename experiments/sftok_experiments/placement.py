@@ -6,7 +6,8 @@ With `RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1` Ray leaves the node's
 `CUDA_VISIBLE_DEVICES` (unset: all GPUs) to every worker, and the trial's GPU is
 `cuda:<index of its id in that list>` — putting every trial on `cuda:0` there would stack them
 all on one card. `select_device` is a pure function of those inputs (tested without a GPU,
-tests/test_gpu_scheduling.py); `trial_placement` reads them inside a running trial.
+tests/test_gpu_scheduling.py); `trial_placement` reads them inside a running trial (which
+reports them through `protocol.place_trial`).
 
 Policy when a trial holds a GPU share but its node has no CUDA: the trial fails with one line
 naming the node and the fixes (DeviceUnavailableError); it runs on CPU only when the user asked
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 TAG_PREFIX = "placement."
@@ -140,25 +141,24 @@ def placement_tags(p: Placement, device: str | None) -> dict[str, str]:
     return {TAG_PREFIX + k: v for k, v in tags.items()}
 
 
-def trial_placement(requested: str, gpu_share: float | None = None) -> str:
-    """Inside a trial: choose its device, report where it runs (tags), return the device.
+def trial_placement(requested: str, gpu_share: float | None,
+                    report: Callable[[dict[str, str]], None]) -> str:
+    """Inside a trial: choose its device, `report` where it runs (the tags), return the device.
 
     The tags are reported before a DeviceUnavailableError is raised, so a failed run still
     shows the node and GPU ids it got.
     """
-    from ray import tune
-
     p = observe(gpu_share)
     try:
         device = select_device(requested, p.gpu_ids, p.visible, p.cuda_available, p.node)
     except DeviceUnavailableError:
-        tune.report({"event": "placement", **placement_tags(p, None)})
+        report(placement_tags(p, None))
         raise
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.set_device(device)  # bare "cuda" tensors elsewhere land on the same GPU
-    tune.report({"event": "placement", **placement_tags(p, device)})
+    report(placement_tags(p, device))
     return device
 
 

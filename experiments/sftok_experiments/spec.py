@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sftok import config
+from sftok import config, run_record
 from sftok_experiments import SPECS_DIR
 
 TokenizerStage = Literal["stage1", "stage2", "stage3"]
@@ -170,7 +170,7 @@ class Search(_Strict):
     @classmethod
     def _metric(cls, v: str) -> str:
         # Only the final report (eval/*) reaches the searcher (campaign.FinalMetricOptuna).
-        if not v.startswith("eval/"):
+        if run_record.eval_name(v) is None:
             raise ValueError("must be a reported eval metric name, e.g. eval/psnr_s8")
         return v
 

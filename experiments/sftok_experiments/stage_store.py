@@ -30,8 +30,11 @@ have different seeds and so different stage-1 results.
 
 Each child run still shows its stage curves: a reused result's logged windows (stage.json
 `history`, the same dicts the training callback received) are replayed through the trial's
-callback at the same global steps; a trainer that resumes someone else's partial result first
-replays the windows logged before its checkpoint.
+callback (or its `replay_callback`) at the same global steps; a trainer that resumes someone
+else's partial result first replays the windows logged before its checkpoint.
+
+A trial's finished stages also travel in its Ray checkpoints (`snapshot`: `<stage>/final` +
+`key.txt`), so a retry on a node without this store publishes them again (`restore`).
 """
 from __future__ import annotations
 
@@ -47,8 +50,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftok.train.checkpointing import FINAL  # a stage's finished result: <out dir>/final
+
 TRAINED, REUSED = "trained", "reused"
 STAGE_JSON = "stage.json"  # written by sftok.train.loop.run_loop into final/
+KEY_FILE = "key.txt"  # a snapshot's <stage>/key.txt beside <stage>/final
 
 
 @dataclass
@@ -92,15 +98,20 @@ class StageStore:
                callback: Callable[[int, dict[str, float]], None] | None = None,
                step_offset: int = 0, echo: Callable[[str], None] | None = None,
                train_fn: Callable[..., Any] | None = None,
-               id_cache_dir: Path | None = None) -> StageOutcome:
+               id_cache_dir: Path | None = None,
+               replay_callback: Callable[[int, dict[str, float]], None] | None = None
+               ) -> StageOutcome:
         """The result of `stage` for `cfg` starting from `init`: reused if published, else
         trained here (under the key's lock, resuming a partial one) and published.
 
-        callback(global step, metrics) sees the stage's curve either way (live or replayed).
+        callback(global step, metrics) sees the stage's curve either way: the windows trained
+        here live, those trained before replayed (through `replay_callback` when given).
         train_fn: `sftok.train.train_stage` (replaceable in tests); id_cache_dir: its
         teacher-id cache directory.
         """
         from sftok.train.stages import stage_identity, stage_key
+
+        replay_callback = replay_callback or callback
 
         identity = stage_identity(cfg, stage, init.key if init is not None else None)
         key = stage_key(identity)
@@ -111,14 +122,14 @@ class StageStore:
                 meta = self.published(key)  # someone else finished it while we waited
                 if meta is None:
                     meta = self._train(cfg, stage, teacher, key, identity, init, callback,
-                                       step_offset, train_fn, id_cache_dir)
+                                       replay_callback, step_offset, train_fn, id_cache_dir)
                     source = TRAINED
         if source == REUSED:
-            replay(meta.get("history", []), callback, step_offset)
+            replay(meta.get("history", []), replay_callback, step_offset)
         return StageOutcome(stage, key, self.path(key), int(meta["steps"]), source)
 
-    def _train(self, cfg, stage, teacher, key, identity, init, callback, step_offset,
-               train_fn, id_cache_dir) -> dict[str, Any]:
+    def _train(self, cfg, stage, teacher, key, identity, init, callback, replay_callback,
+               step_offset, train_fn, id_cache_dir) -> dict[str, Any]:
         from sftok.train import checkpointing as ckpt
         from sftok.train.loop import read_final
 
@@ -130,18 +141,32 @@ class StageStore:
         done = read_final(building)
         latest = ckpt.latest_checkpoint(building)
         if done is not None:
-            replay(done.history, callback, step_offset)
+            replay(done.history, replay_callback, step_offset)
         elif latest is not None:
             history = json.loads((latest / "state.json").read_text()).get("history", [])
-            replay(history, callback, step_offset)
+            replay(history, replay_callback, step_offset)
         train_fn(cfg, stage, teacher, building, init=init.checkpoint if init else None,
                  callback=callback, resume=True, step_offset=step_offset,
                  id_cache_dir=id_cache_dir)
-        final = building / ckpt.FINAL
+        final = building / FINAL
         (final / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
         os.rename(final, self.path(key))  # atomic publish: the result appears complete
         shutil.rmtree(building, ignore_errors=True)
         return self.published(key)
+
+    def restore(self, snapshot_dir: Path, work: Path | None = None) -> None:
+        """Publish the finished stages of a `snapshot` (a retry's Ray checkpoint): a
+        content-addressed one into this store, one without a key (e.g. the generator) back
+        into `work/<stage>/final`."""
+        for stage_dir in Path(snapshot_dir).iterdir():
+            key_file = stage_dir / KEY_FILE
+            if not (stage_dir / FINAL).is_dir():
+                continue
+            if key_file.exists():
+                self.adopt(key_file.read_text().strip(), stage_dir / FINAL)
+            elif work is not None and not (work / stage_dir.name / FINAL).exists():
+                (work / stage_dir.name).mkdir(parents=True, exist_ok=True)
+                shutil.copytree(stage_dir / FINAL, work / stage_dir.name / FINAL)
 
     def adopt(self, key: str, source_dir: Path) -> None:
         """Publish a copy of a finished result (e.g. from a Ray checkpoint on another node)."""
@@ -182,4 +207,15 @@ class StageStore:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-__all__ = ["REUSED", "TRAINED", "StageOutcome", "StageStore", "replay"]
+def snapshot(outcomes: list[StageOutcome], tmp: Path) -> Path:
+    """A directory of the finished stages for a Ray checkpoint, under `tmp`:
+    `<stage>/final` (+ `<stage>/key.txt` when the result is content-addressed)."""
+    snap = tmp / f"snapshot-{len(outcomes)}"
+    for o in outcomes:
+        shutil.copytree(o.checkpoint, snap / o.stage / FINAL)
+        if o.key:
+            (snap / o.stage / KEY_FILE).write_text(o.key)
+    return snap
+
+
+__all__ = ["REUSED", "TRAINED", "StageOutcome", "StageStore", "replay", "snapshot"]

@@ -1,26 +1,21 @@
 """The single MLflow writer (DESIGN §2): everything a campaign logs goes through the driver.
 
-Layout: one experiment per spec; one parent run per invocation (tags `spec`, `preset`,
-`git_commit`, `command`, `sftok.role=parent`, `sftok.campaign=<hash>`); one child run per
-trial (`mlflow.parentRunId`, `sftok.role=trial`, `arm`, `seed`, `trial_key`, `ray_trial_id`;
-params = the flattened resolved config). Metrics `train/<stage>/<name>` (step = global
-optimiser step), `eval/<name>` (step 0), `trace/<name>` (step = decode step i); child tags
-`stage.<stage>.source` (trained / reused) and `stage.<stage>.key` (the stage result's content
-address, `stage_store.py`); parent metrics `campaign/stages_trained`, `campaign/stages_reused`
-(and their `stage_steps_*`, step = resume count). Artifacts
-`config.json`, `eval.json`, `trace.csv`, `grids/recon_s<S>.png`, `checkpoint/`.
+The record it writes (experiment, parent run, child runs: tags, params, metrics, artifacts) is
+laid out in `sftok.run_record`. `ParentRun` opens (or resumes), tags and closes the parent run of
+an invocation and logs stage 0 on it; `MlflowTracker` is a `tune.Callback` that makes and fills
+the child run of every trial.
 
-`MlflowTracker` is a `tune.Callback`: Ray calls it in the driver for every trial event, so
-trials on any node only need `tune.report` (metrics) and their checkpoint (artifacts), and
-concurrent trials never race on the SQLite store. Resume: existing children are found by the
-tag `trial_key` under the parent and reused, never duplicated; metric points at steps already
-logged are skipped (a retried trial re-reports the steps after its last checkpoint).
+Ray calls the tracker in the driver for every trial event, so trials on any node only need
+their reports (`protocol`: metrics) and their checkpoint (artifacts), and concurrent trials
+never race on the SQLite store. Resume: existing children are found by the tag `trial_key`
+under the parent and reused, never duplicated; metric points at steps already logged are
+skipped (a retried trial re-reports the steps after its last checkpoint).
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -30,47 +25,26 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from sftok_experiments import ROOT
-
-PARENT_ROLE = "parent"
-TRIAL_ROLE = "trial"
-CAMPAIGN_TAG = "sftok.campaign"
-KEY_TAG = "trial_key"
-PARENT_ID_TAG = "mlflow.parentRunId"
-
+from sftok import run_record as rr
+from sftok.config import flatten, to_dict
+from sftok.filelock import exclusive_lock
+from sftok_experiments import ROOT, protocol
+from sftok_experiments.expand import stage_steps
+from sftok_experiments.progress import StageProgress
+from sftok_experiments.summary import CampaignResult, clock, max_skipped, short_metrics
 
 # --------------------------------------------------------------------------------------------
 # Store
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_store(tracking: str | None) -> tuple[str, str | None]:
-    """(tracking URI, artifact root or None). Default: ./mlruns (mlflow.db + artifacts/).
-
-    A plain directory is a store of the same layout; a URI (sqlite:, http:, file:, ...) is used
-    as given with the server's / MLflow's default artifact location.
-    """
-    if tracking is None:
-        tracking = os.environ.get("MLFLOW_TRACKING_URI") or str(ROOT / "mlruns")
-    if "://" in tracking or tracking.startswith(("sqlite:", "databricks")):
-        m = tracking.removeprefix("sqlite:///")
-        if tracking.startswith("sqlite:///"):
-            store = Path(m).parent
-            store.mkdir(parents=True, exist_ok=True)
-            return tracking, (store / "artifacts").resolve().as_uri()
-        return tracking, None
-    store = Path(tracking).expanduser().resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    (store / "artifacts").mkdir(exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI (None for other stores or in-memory SQLite)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
+def open_store(tracking: str | None) -> tuple[Any, rr.Store]:
+    """(MlflowClient, the store's location) for `--tracking-uri` (default ./mlruns), with the
+    directories of a local store made and its schema created or migrated."""
+    store = rr.store_location(tracking)
+    if store.directory is not None:
+        (store.directory / rr.ARTIFACTS).mkdir(parents=True, exist_ok=True)
+    return client_for(store.uri), store
 
 
 @contextlib.contextmanager
@@ -81,9 +55,7 @@ def _store_lock(uri: str):
     once both ran the migration and one died (`table ... already exists`). Other stores (a
     server, a database that is not a file) serialise this themselves.
     """
-    from sftok.filelock import exclusive_lock
-
-    db = _sqlite_file(uri)
+    db = rr.sqlite_file(uri)
     if db is None:
         yield
         return
@@ -93,8 +65,6 @@ def _store_lock(uri: str):
 
 def client_for(uri: str):
     """An MlflowClient whose store exists and is migrated (safe with concurrent campaigns)."""
-    import logging
-
     from mlflow.tracking import MlflowClient
 
     # SQLite schema migrations log at INFO on first use; keep the console for trial events.
@@ -106,30 +76,26 @@ def client_for(uri: str):
     return client
 
 
-# MLflow 3's UI opens an experiment in the view its kind names; without the tag it shows the
-# GenAI (traces) overview, where training runs, their metrics and charts are not listed.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-
-
-def get_experiment(client, name: str, artifact_root: str | None, tags: dict[str, str]) -> str:
-    """The id of experiment `name`, created (with `tags`) if missing, restored if deleted."""
+def get_experiment(client, spec: str, artifact_root: str | None, reproduces: str = "") -> str:
+    """The id of the spec's experiment, created (with its tags) if missing, restored if
+    deleted."""
     from mlflow.exceptions import MlflowException
 
+    name = rr.experiment_name(spec)
     exp = client.get_experiment_by_name(name)
     if exp is None:
         loc = f"{artifact_root}/{name}" if artifact_root else None
         try:
-            return client.create_experiment(
-                name, artifact_location=loc, tags={**tags, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(name, artifact_location=loc,
+                                            tags=rr.experiment_tags(spec, reproduces))
         except MlflowException:
             exp = client.get_experiment_by_name(name)  # another campaign created it just now
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
-    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version of this runner
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if rr.EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version of this runner
+        client.set_experiment_tag(exp.experiment_id, rr.EXPERIMENT_KIND_TAG, rr.EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -144,49 +110,16 @@ def git_commit() -> tuple[str, bool]:
         return "unknown", False
 
 
-def _search_all(client, exp_id: str, filter_string: str, order_by=None) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp_id], filter_string=filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
 
 
-def find_resumable_parent(client, exp_id: str, campaign: str):
-    """The latest parent run of this campaign (same spec content, preset and trials)."""
-    runs = _search_all(client, exp_id, f"tags.`{CAMPAIGN_TAG}` = '{campaign}' and "
-                                       f"tags.`sftok.role` = '{PARENT_ROLE}'",
-                       order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
-
-
-def recent_parents(client, exp_id: str, n: int = 5) -> list:
-    """The spec's latest parent runs (any campaign), newest first."""
-    return client.search_runs([exp_id], filter_string=f"tags.`sftok.role` = '{PARENT_ROLE}'",
-                              max_results=n, order_by=["attributes.start_time DESC"])
-
-
-def children_of(client, exp_id: str, parent_id: str) -> dict[str, Any]:
-    """trial_key -> latest child run under the parent."""
-    runs = _search_all(client, exp_id, f"tags.`{PARENT_ID_TAG}` = '{parent_id}'",
-                       order_by=["attributes.start_time ASC"])
-    return {r.data.tags[KEY_TAG]: r for r in runs if KEY_TAG in r.data.tags}
-
-
-def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, _param_str(v)) for k, v in params.items()]
+    items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
-
-
-def _param_str(v: Any) -> str:
-    s = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
-    return s[:6000]
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -206,29 +139,117 @@ def set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
         client.log_batch(run_id, tags=items[i:i + 100], synchronous=True)
 
 
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
-
-
 # --------------------------------------------------------------------------------------------
-# The tune.Callback
+# The parent run
 # --------------------------------------------------------------------------------------------
 
 
-def _now() -> str:
-    return time.strftime("%H:%M:%S")
+def recent_parents(client, exp_id: str, n: int = 5) -> list:
+    """The spec's latest parent runs (any campaign), newest first."""
+    return client.search_runs([exp_id], filter_string=rr.parents_filter(), max_results=n,
+                              order_by=rr.NEWEST_FIRST)
 
 
-def _trace_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+class ParentRun:
+    """The parent run of one invocation: opened (or resumed), stage 0 logged on it, closed."""
+
+    def __init__(self, client, run_id: str, campaign_dir: Path, resumed: int = 0):
+        self.client, self.run_id, self.campaign_dir = client, run_id, campaign_dir
+        self.resumed = resumed  # how many invocations continued it before this one
+
+    @classmethod
+    def open(cls, client, exp_id: str, plan, work_root: Path, echo=print) -> ParentRun:
+        """A new parent run of `plan` (expand.Plan), its campaign dir under work_root."""
+        spec = plan.spec
+        commit, dirty = git_commit()
+        tags = rr.parent_tags(
+            spec=spec.name, preset=plan.preset, commit=commit, dirty=dirty,
+            command=command_line(), campaign=plan.campaign_hash, reproduces=spec.reproduces,
+            report=spec.report or "", spec_file=str(plan.spec_path), n_trials=len(plan.trials),
+            overrides=" ".join(f"{k}={v}" for k, v in plan.cli_overrides.items()))
+        run = client.create_run(exp_id, run_name=rr.parent_run_name(
+            spec.name, plan.preset, time.strftime("%Y%m%d-%H%M%S")), tags=tags)
+        parent = cls(client, run.info.run_id, work_root / spec.name / run.info.run_id)
+        set_tags(client, parent.run_id, {rr.CAMPAIGN_DIR_TAG: str(parent.campaign_dir)})
+        try:
+            client.log_artifact(parent.run_id, str(plan.spec_path))
+            client.log_text(parent.run_id, json.dumps([t.to_payload() for t in plan.trials],
+                                                      indent=1), rr.PLAN_JSON)
+        except Exception as e:  # noqa: BLE001
+            echo(f"warning: could not log the spec artifacts: {e}", flush=True)
+        return parent
+
+    @classmethod
+    def resume(cls, client, exp_id: str, campaign: str) -> tuple[ParentRun, dict] | None:
+        """The latest parent run of this campaign (same spec content, preset and trials),
+        reopened, with its children by trial key; None when there is none."""
+        runs = rr.search_all(client, [exp_id], rr.parents_filter(campaign), rr.NEWEST_FIRST)
+        if not runs:
+            return None
+        run = runs[0]
+        n = rr.resume_count(run.data.tags) + 1
+        parent = cls(client, run.info.run_id,
+                     Path(run.data.tags.get(rr.CAMPAIGN_DIR_TAG, "")), resumed=n)
+        children = rr.search_all(client, [exp_id], rr.children_filter(parent.run_id),
+                                 rr.OLDEST_FIRST)
+        client.update_run(parent.run_id, status="RUNNING")
+        set_tags(client, parent.run_id, rr.resume_tags(n, command_line()))
+        # trial_key -> its latest child run
+        return parent, {r.data.tags[rr.KEY_TAG]: r for r in children
+                        if rr.KEY_TAG in r.data.tags}
+
+    def log_teacher_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Stage 0 (the teacher, trained in the driver) on the parent run."""
+        log_metrics(self.client, self.run_id, {rr.train_key("stage0", k): v
+                                               for k, v in metrics.items()
+                                               if isinstance(v, (int, float))}, step)
+
+    def tag_teacher(self, i: int, key: str, info: dict | None) -> None:
+        """The i-th distinct teacher of the campaign: its cache key (and what it is)."""
+        set_tags(self.client, self.run_id, {rr.teacher_tag(i): key})
+        if info is not None:
+            with contextlib.suppress(Exception):  # informational
+                self.client.log_text(self.run_id, json.dumps(info, indent=1),
+                                     rr.teacher_info_path(key))
+
+    def record_error(self, message: str) -> None:
+        set_tags(self.client, self.run_id, {rr.ERROR_TAG: message[:5000]})
+
+    def close(self, result: CampaignResult, table: str) -> None:
+        """Counts, stage reuse, the summary table, and the final status of the invocation."""
+        trials = result.trials
+        set_tags(self.client, self.run_id, rr.closing_tags(
+            n_finished=sum(t.status == "FINISHED" for t in trials),
+            n_failed=sum(t.status == "FAILED" for t in trials), wall_s=result.wall_s,
+            skipped=max_skipped(trials)))
+        # step = the resume count, so a resumed campaign adds points instead of overwriting
+        log_metrics(self.client, self.run_id, rr.stage_count_metrics(
+            trained=result.stage_count("trained"), reused=result.stage_count("reused"),
+            steps_trained=result.stage_count("trained", steps=True),
+            steps_reused=result.stage_count("reused", steps=True)), self.resumed)
+        with contextlib.suppress(Exception):
+            self.client.log_text(self.run_id, table + "\n", rr.SUMMARY_TXT)
+        # Interrupted (Ctrl-C, between or during trials): KILLED, not FAILED — nothing went
+        # wrong that --resume would not continue; the failures of single trials stay on their
+        # runs.
+        interrupted = result.interrupted
+        if interrupted:
+            set_tags(self.client, self.run_id, {rr.INTERRUPTED_TAG: "true"})
+        status = "FINISHED" if result.ok else (
+            "KILLED" if interrupted and not result.setup_error else "FAILED")
+        self.client.set_terminated(self.run_id, status=status)
+
+
+# --------------------------------------------------------------------------------------------
+# The child runs: a tune.Callback
+# --------------------------------------------------------------------------------------------
 
 
 class TrialRecord:
     def __init__(self, key: str, arm: str, seed: int, run_id: str | None = None):
         self.key, self.arm, self.seed, self.run_id = key, arm, seed, run_id
         self.status = "PENDING"
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}  # eval/* as logged
         self.error: str | None = None
         self.last_step: dict[str, int] = {}  # metric key -> last logged step
         self.got_final = False
@@ -237,7 +258,7 @@ class TrialRecord:
         self.retries = 0
         self.stage_sources: dict[str, tuple[str, str, int]] = {}  # stage -> (source, key, steps)
         self.skipped: dict[str, int] = {}  # "train" (max over stages) / "val": bad image files
-        self.progress = None  # progress.StageProgress, made on the first train report
+        self.progress = None  # progress.StageProgress, made on the first live train report
 
 
 def _make_tracker_class():
@@ -268,66 +289,60 @@ def _make_tracker_class():
             return state
 
         # -- helpers -------------------------------------------------------------------------
-        def _key(self, trial) -> str:
-            if trial.config.get("search"):
-                return f"search-{trial.trial_id}"
-            return trial.config["trial"]["key"]
-
         def _record(self, trial) -> TrialRecord:
             rec = self.records.get(trial.trial_id)
             if rec is None:
-                p = trial.config["trial"]
-                arm = p["arm"]
-                if trial.config.get("search"):  # an Optuna sample: label it by its values
-                    arm = ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}"
-                                   for k, v in trial.config["search"].items())
-                rec = TrialRecord(self._key(trial), arm, p["seed"])
+                rec = TrialRecord(protocol.trial_key(trial.config, trial.trial_id),
+                                  protocol.trial_arm(trial.config),
+                                  protocol.payload(trial.config)["seed"])
                 self.records[trial.trial_id] = rec
             return rec
 
+        def _run_of(self, trial) -> TrialRecord:
+            """The trial's record, its child run opened (an event may come before the start)."""
+            rec = self._record(trial)
+            if rec.run_id is None:
+                self._open_run(trial, rec)
+            return rec
+
+        def _ended(self, trial) -> TrialRecord:
+            rec = self._run_of(trial)
+            rec.seconds = time.time() - (rec.started or time.time())
+            return rec
+
         def _line(self, rec: TrialRecord, what: str) -> None:
-            self.echo(f"[{_now()}] trial {rec.key:<24} {what}", flush=True)
+            self.echo(f"[{clock()}] trial {rec.key:<24} {what}", flush=True)
 
         def _open_run(self, trial, rec: TrialRecord) -> None:
-            from sftok.config import flatten, to_dict
-            from sftok_experiments.trial import resolved_config
-
-            payload = trial.config["trial"]
+            payload = protocol.payload(trial.config)
             prev = self.existing.get(rec.key)
             if prev is not None:  # resumed: reuse the child, drop points already logged
                 rec.run_id = prev.info.run_id
                 self.client.update_run(rec.run_id, status="RUNNING")
-                if "error" in prev.data.tags:  # the earlier attempt's error no longer applies
-                    self.client.delete_tag(rec.run_id, "error")
+                if rr.ERROR_TAG in prev.data.tags:  # the earlier attempt's error is gone
+                    self.client.delete_tag(rec.run_id, rr.ERROR_TAG)
                 for k in prev.data.metrics:
-                    if k.startswith("train/"):
+                    if rr.parse_train_key(k):
                         hist = self.client.get_metric_history(rec.run_id, k)
                         if hist:
                             rec.last_step[k] = max(m.step for m in hist)
-                set_tags(self.client, rec.run_id, {"ray_trial_id": trial.trial_id,
-                                                   "resumed": "true"})
+                set_tags(self.client, rec.run_id, {rr.RAY_TRIAL_TAG: trial.trial_id,
+                                                   rr.RESUMED_TAG: "true"})
                 return
-            cfg = resolved_config(trial.config)
-            tags = {PARENT_ID_TAG: self.parent_id, "sftok.role": TRIAL_ROLE, "arm": rec.arm,
-                    "seed": str(rec.seed), KEY_TAG: rec.key, "spec": self.spec_name,
-                    "preset": self.preset, "ray_trial_id": trial.trial_id,
-                    "stages": ",".join(payload["stages"])}
-            for k, v in (payload.get("arm_values") or {}).items():
-                tags[f"arm.{k}"] = v
-            for k, v in (trial.config.get("search") or {}).items():
-                tags[f"search.{k}"] = v
+            tags = rr.trial_tags(parent_id=self.parent_id, arm=rec.arm, seed=rec.seed,
+                                 key=rec.key, spec=self.spec_name, preset=self.preset,
+                                 ray_trial_id=trial.trial_id, stages=payload["stages"],
+                                 arm_values=payload.get("arm_values") or {},
+                                 search_values=protocol.search_values(trial.config))
             run = self.client.create_run(self.exp_id, run_name=rec.key, tags=tags)
             rec.run_id = run.info.run_id
-            params = flatten(to_dict(cfg))
-            params["stages"] = ",".join(payload["stages"])
-            params["arm"] = rec.arm
-            log_params(self.client, rec.run_id, params)
+            cfg = protocol.resolved_config(trial.config)
+            log_params(self.client, rec.run_id,
+                       rr.trial_params(flatten(to_dict(cfg)), payload["stages"], rec.arm))
 
         # -- Ray Tune hooks ------------------------------------------------------------------
         def on_trial_start(self, iteration, trials, trial, **info):
-            rec = self._record(trial)
-            if rec.run_id is None:
-                self._open_run(trial, rec)
+            rec = self._run_of(trial)
             rec.status = "RUNNING"
             rec.started = rec.started or time.time()
             self._line(rec, f"started   arm={rec.arm} seed={rec.seed} run={rec.run_id[:8]}")
@@ -341,55 +356,59 @@ def _make_tracker_class():
             rec.progress = None  # and its own speed
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            rec = self._record(trial)
-            if rec.run_id is None:
-                self._open_run(trial, rec)
-            event = result.get("event")
-            where = {k: v for k, v in result.items() if k.startswith("placement.")}
-            if where:  # where and when the trial ran (sftok_experiments.placement)
-                set_tags(self.client, rec.run_id, where)
-            if event == "train":
-                step = int(result.get("global_step", 0))
-                m = {k: v for k, v in result.items() if k.startswith("train/")
-                     and isinstance(v, (int, float)) and step > rec.last_step.get(k, -1)}
-                for k in m:
-                    rec.last_step[k] = step
-                if m:
-                    log_metrics(self.client, rec.run_id, m, step)
-                self._progress(trial, rec, str(result.get("stage")), step, result)
-                skipped = [int(v) for k, v in result.items() if k.endswith("/data_skipped")]
-                if skipped:
-                    rec.skipped["train"] = max(rec.skipped.get("train", 0), *skipped)
-            elif event == "stage_done":
-                stage, source = result.get("stage"), result.get("source")
-                if source and stage not in rec.stage_sources:  # a retry re-reports: keep the first
-                    rec.stage_sources[stage] = (source, str(result.get("key", "")),
-                                                int(result.get("steps", 0)))
-                    set_tags(self.client, rec.run_id, {f"stage.{stage}.source": source,
-                                                       f"stage.{stage}.key": result.get("key")})
-                how = f", {source} {result.get('key')}" if source else ""
-                self._line(rec, f"{stage} done (global step {result.get('global_step')}{how})")
-            elif event == "error":  # sent by trial.guarded just before the trial fails
-                rec.error = str(result.get("error") or "") or None
-                if not result.get("retry", True):
+            rec = self._run_of(trial)
+            report = protocol.decode(result)
+            if report.tags:  # where and when the trial ran (sftok_experiments.placement)
+                set_tags(self.client, rec.run_id, report.tags)
+            if report.event == protocol.TRAIN:
+                self._train(trial, rec, report)
+            elif report.event == protocol.STAGE_DONE:
+                stage, source = report.stage, report.source
+                if source and stage not in rec.stage_sources:  # a retry re-reports: keep 1st
+                    rec.stage_sources[stage] = (source, report.key, report.steps)
+                    set_tags(self.client, rec.run_id, rr.stage_tags(stage, source, report.key))
+                how = f", {source} {report.key}" if source else ""
+                self._line(rec, f"{stage} done (global step {report.step}{how})")
+            elif report.event == protocol.ERROR:  # sent by protocol.guarded before it fails
+                rec.error = report.error
+                if not report.retry:
                     # Deterministic (a non-finite loss, a bad config value): a retry would
                     # fail the same way. Ray's FailureConfig cannot tell error kinds apart;
                     # with no retries left for this trial its failure is final.
                     trial.max_failures = 0
-            elif event == "final":
-                m = {k: v for k, v in result.items() if k.startswith("eval/")
-                     and isinstance(v, (int, float))}
+            elif report.event == protocol.FINAL:
+                m = {rr.eval_key(k): v for k, v in report.metrics.items()}
                 log_metrics(self.client, rec.run_id, m, 0)
                 rec.metrics.update(m)
                 rec.got_final = True
-                if "eval/skipped_images" in m:
-                    rec.skipped["val"] = int(m["eval/skipped_images"])
+                if "skipped_images" in report.metrics:
+                    rec.skipped["val"] = int(report.metrics["skipped_images"])
+
+        def _train(self, trial, rec: TrialRecord, report: protocol.Report) -> None:
+            keys = {rr.train_key(report.stage, k): v for k, v in report.metrics.items()}
+            new = {k: v for k, v in keys.items() if report.step > rec.last_step.get(k, -1)}
+            for k in new:
+                rec.last_step[k] = report.step
+            if new:
+                log_metrics(self.client, rec.run_id, new, report.step)
+            if "data_skipped" in report.metrics:
+                rec.skipped["train"] = max(rec.skipped.get("train", 0),
+                                           int(report.metrics["data_skipped"]))
+            if not report.replayed:  # a reused stage shows its reuse line, not its old curve
+                self._progress(trial, rec, report)
+
+        def _progress(self, trial, rec: TrialRecord, report: protocol.Report) -> None:
+            if rec.progress is None:
+                stages = list(protocol.payload(trial.config)["stages"])
+                cfg = protocol.resolved_config(trial.config)
+                rec.progress = StageProgress(stages, {s: stage_steps(cfg, s) for s in stages},
+                                             self.progress_every)
+            line = rec.progress.update(report.stage, report.step, report.metrics)
+            if line:
+                self._line(rec, line)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            rec = self._record(trial)
-            if rec.run_id is None:
-                self._open_run(trial, rec)
-            rec.seconds = time.time() - (rec.started or time.time())
+            rec = self._ended(trial)
             if not rec.got_final:
                 # Stopped before its final report (e.g. the campaign was interrupted).
                 rec.status = "KILLED"
@@ -400,83 +419,53 @@ def _make_tracker_class():
                 self._log_artifacts(trial, rec)
             except Exception as e:  # noqa: BLE001 — a logging problem must not hide the result
                 self._line(rec, f"warning: could not log artifacts: {e}")
-                set_tags(self.client, rec.run_id, {"artifact_error": str(e)})
+                set_tags(self.client, rec.run_id, {rr.ARTIFACT_ERROR_TAG: str(e)})
             rec.status = "FINISHED"
             self.client.set_terminated(rec.run_id, status="FINISHED")
-            self._line(rec, f"finished in {rec.seconds:.0f}s  " + _short_metrics(rec.metrics))
+            self._line(rec, f"finished in {rec.seconds:.0f}s  " + short_metrics(rec.metrics))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            rec = self._record(trial)
-            if rec.run_id is None:
-                self._open_run(trial, rec)
-            rec.seconds = time.time() - (rec.started or time.time())
+            rec = self._ended(trial)
             text = _error_text(trial)
             rec.error = rec.error or _error_summary(trial)
             rec.status = "FAILED"
-            set_tags(self.client, rec.run_id, {"error": rec.error})
-            try:
-                self.client.log_text(rec.run_id, text, "error.txt")
-            except Exception:  # noqa: BLE001
-                pass
+            set_tags(self.client, rec.run_id, {rr.ERROR_TAG: rec.error})
+            with contextlib.suppress(Exception):
+                self.client.log_text(rec.run_id, text, rr.ERROR_TXT)
             self.client.set_terminated(rec.run_id, status="FAILED")
-            self._line(rec, f"FAILED: {rec.error} (traceback: error.txt of run "
+            self._line(rec, f"FAILED: {rec.error} (traceback: {rr.ERROR_TXT} of run "
                             f"{rec.run_id[:8]})")
 
-        def _progress(self, trial, rec: TrialRecord, stage: str, step: int, result) -> None:
-            from sftok_experiments.expand import stage_steps
-            from sftok_experiments.progress import StageProgress
-            from sftok_experiments.trial import resolved_config
-
-            if rec.progress is None:
-                stages = list(trial.config["trial"]["stages"])
-                cfg = resolved_config(trial.config)
-                rec.progress = StageProgress(stages, {s: stage_steps(cfg, s) for s in stages},
-                                             self.progress_every)
-            prefix = f"train/{stage}/"
-            line = rec.progress.update(stage, step, {k[len(prefix):]: v for k, v in result.items()
-                                                     if k.startswith(prefix)})
-            if line:
-                self._line(rec, line)
+        def close_unfinished(self) -> None:
+            """Close the children still running (the driver was interrupted) as KILLED."""
+            for rec in self.records.values():
+                if rec.status in ("RUNNING", "PENDING") and rec.run_id:
+                    self.client.set_terminated(rec.run_id, status="KILLED")
+                    rec.status = "KILLED"
 
         # -- artifacts -----------------------------------------------------------------------
         def _log_artifacts(self, trial, rec: TrialRecord) -> None:
-            ckpt = trial.checkpoint
-            if ckpt is None:
-                return
-            with ckpt.as_directory() as d:
-                d = Path(d)
-                for name in ("config.json", "eval.json", "trace.csv", "generation.json",
-                             "sweep.csv"):
+            with protocol.final_artifacts(trial) as d:
+                if d is None:
+                    return
+                for name in rr.TRIAL_FILES:
                     if (d / name).exists():
                         self.client.log_artifact(rec.run_id, str(d / name))
-                for sub in ("grids", "checkpoint"):
+                for sub in rr.TRIAL_DIRS:
                     if (d / sub).is_dir():
                         self.client.log_artifacts(rec.run_id, str(d / sub), sub)
-                if (d / "trace.csv").exists():
-                    for row in _trace_rows(d / "trace.csv"):
-                        step = int(float(row.pop("step")))
-                        vals = {}
-                        for k, v in row.items():
-                            try:
-                                vals[f"trace/{k}"] = float(v)
-                            except (TypeError, ValueError):
-                                continue
-                        log_metrics(self.client, rec.run_id, vals, step)
-                if (d / "eval.json").exists():
-                    un = json.loads((d / "eval.json").read_text()).get("unavailable") or {}
-                    if un:
-                        set_tags(self.client, rec.run_id,
-                                 {f"eval_unavailable.{k}": v for k, v in un.items()})
+                if (d / rr.TRACE_CSV).exists():
+                    for step, values in rr.trace_metrics(rr.read_csv(d / rr.TRACE_CSV)).items():
+                        log_metrics(self.client, rec.run_id, values, step)
+                unavailable = rr.read_unavailable(d)
+                if unavailable:
+                    set_tags(self.client, rec.run_id, rr.unavailable_tags(unavailable))
 
     return MlflowTracker
 
 
 def MlflowTracker(*args, **kwargs):
     return _make_tracker_class()(*args, **kwargs)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _error_text(trial) -> str:
@@ -498,45 +487,3 @@ def _error_summary(trial) -> str:
         if ("Error" in s or "Exception" in s) and not s.startswith(("File ", "ray.")):
             return s[:500]
     return (lines[-1] if lines else "unknown error")[:500]
-
-
-KEY_METRICS = ("psnr", "ssim", "lpips", "rfid")
-GENERATION_SUMMARY = ("eval/gfid", "eval/is", "eval/calib_fid_recon", "eval/sample_codebook_usage")
-
-
-def _short_metrics(metrics: dict[str, float]) -> str:
-    keys = summary_metric_keys([metrics])
-    return "  ".join(f"{k.removeprefix('eval/')}={metrics[k]:.4g}" for k in keys if k in metrics)
-
-
-def bounds_lines(all_metrics: list[dict[str, float]]) -> list[str]:
-    """'floor/ceiling' lines for the summary: the naive-codec floors and the teacher ceiling
-    (sftok.evaluate.bounds), identical for trials sharing data and teacher (first one shown)."""
-    from sftok.evaluate.bounds import BOUND_PREFIXES
-
-    out = []
-    for prefix in BOUND_PREFIXES:
-        values = next((m for m in all_metrics if any(k.startswith(f"eval/{prefix}_") for k in m)),
-                      None)
-        if values is None:
-            continue
-        cells = [f"{k.removeprefix(f'eval/{prefix}_')} {v:.4f}" for k, v in sorted(values.items())
-                 if k.startswith(f"eval/{prefix}_")]
-        out.append(f"{prefix:<16} " + "  ".join(cells))
-    return ([""] + out) if out else []
-
-
-def summary_metric_keys(all_metrics: list[dict[str, float]]) -> list[str]:
-    """eval/<m>_s<S> at the largest S present for the key metrics, then token_top1."""
-    present = set().union(*[set(m) for m in all_metrics]) if all_metrics else set()
-    out = []
-    for m in KEY_METRICS:
-        steps = [int(k.rsplit("_s", 1)[1]) for k in present
-                 if k.startswith(f"eval/{m}_s") and k.rsplit("_s", 1)[1].isdigit()]
-        if steps:
-            out.append(f"eval/{m}_s{max(steps)}")
-    if "eval/token_top1" in present:
-        out.append("eval/token_top1")
-    # Generation trials (Table 2) report S-independent names.
-    out += [k for k in GENERATION_SUMMARY if k in present]
-    return out

@@ -1,5 +1,7 @@
 """Training and validation data (DESIGN §2): embedded scikit-image photos, image folders,
-webdataset shards; the resumable `TrainStream`; `val_batches` for evaluation.
+webdataset shards; the resumable `TrainStream`; `val_batches` for evaluation and
+`image_batches` (any stream of batches re-cut to a batch size and an image cap); 8-bit images
+and their content hash (`uint8.py`).
 
 Every dataset yields (image float 3×H×W in [0, 1], label int), H = W = `DataConfig.image_size`.
 Map-style datasets expose `sample(index, seed)` (training augmentation from `seed`; None = the
@@ -21,7 +23,7 @@ from sftok.data.embedded import (
 )
 from sftok.data.folder import ImageFolder
 from sftok.data.shards import ShardDataset
-from sftok.data.stream import TrainStream, val_batches
+from sftok.data.stream import TrainStream, image_batches, val_batches
 
 __all__ = [
     "EXTRA_TRAIN_PHOTOS",
@@ -37,6 +39,7 @@ __all__ = [
     "build_train_dataset",
     "build_train_view",
     "build_val_dataset",
+    "image_batches",
     "val_batches",
 ]
 

@@ -1,4 +1,4 @@
-"""The resumable training stream, and bounded-memory validation batches.
+"""The resumable training stream, bounded-memory validation batches, and re-batching.
 
 `TrainStream` is an infinite iterator of batches (images B×3×H×W float in [0, 1], labels B long).
 Map-style data: epoch e visits the samples in the permutation drawn from (seed, e); batches run
@@ -13,7 +13,7 @@ Iterable data (`ShardDataset`): the same state, but resume is approximate; see `
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -261,3 +261,27 @@ def val_batches(val_dataset, batch_size: int, max_images: int | None = None,
                 num_workers: int = 0) -> ValBatches:
     """The evaluation batches of `val_dataset` (see `ValBatches`: bad files left out, counted)."""
     return ValBatches(val_dataset, batch_size, max_images, num_workers)
+
+
+def image_batches(images: Iterable, batch_size: int, max_images: int | None
+                  ) -> Iterator[torch.Tensor]:
+    """Float B×3×H×W batches of at most batch_size, max_images in all. Accepts tensors,
+    (images, labels) tuples as the data module yields, or dicts with an 'image(s)' key."""
+    seen = 0
+    for batch in images:
+        if isinstance(batch, dict):
+            batch = batch.get("images", batch.get("image"))
+        elif isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if not torch.is_tensor(batch) or batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError("evaluate: each batch must be images B×3×H×W (or (images, labels))")
+        for start in range(0, batch.shape[0], batch_size):
+            if max_images is not None and seen >= max_images:
+                return
+            chunk = batch[start:start + batch_size]
+            if max_images is not None:
+                chunk = chunk[:max_images - seen]
+            seen += chunk.shape[0]
+            yield chunk
+        if max_images is not None and seen >= max_images:
+            return

@@ -22,13 +22,12 @@ its backbone (--lpips-weights or $SFTOK_LPIPS_WEIGHTS); offline they are reporte
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
-from sftok.config import EVAL_METRICS, ExperimentConfig, TokenizerConfig, override
+from sftok import run_record
+from sftok.config import EVAL_METRICS, ExperimentConfig, TokenizerConfig, override, to_dict
 from sftok.evaluate.evaluate import dataset_key, evaluate, format_table
 
 ASSIGN_KEY = "tokenizer.quantizer.assign_at_inference"
@@ -155,21 +154,13 @@ def _load(args, device):
 
 
 def write_outputs(out: Path, result, cfg: ExperimentConfig) -> None:
-    """eval.json (metrics, unavailable, trace), trace.csv, grids/recon_s{S}.png."""
-    from PIL import Image
-
+    """The files a trial's run holds (sftok.run_record): config.json (the resolved config),
+    eval.json (metrics, unavailable), trace.csv, grids/recon_s{S}.png."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(
-        {"metrics": result.metrics, "unavailable": result.unavailable, "trace": result.trace,
-         "eval": dataclasses.asdict(cfg.eval)}, indent=2) + "\n")
-    if result.trace:
-        with open(out / "trace.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(result.trace[0]))
-            w.writeheader()
-            w.writerows(result.trace)
-    (out / "grids").mkdir(exist_ok=True)
-    for s, grid in result.grids.items():
-        Image.fromarray(grid).save(out / "grids" / f"recon_s{s}.png")
+    run_record.write_config(out, to_dict(cfg))
+    run_record.write_eval(out, result.metrics, result.unavailable)
+    run_record.write_csv(out / run_record.TRACE_CSV, result.trace)
+    run_record.write_recon_grids(out, result.grids)
 
 
 def _fail(message: str) -> int:
@@ -202,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=".cache", help="teacher and FID-statistics cache")
     p.add_argument("--inception-weights", help="weights-inception-2015-12-05-6726825d.pth")
     p.add_argument("--lpips-weights", help="torchvision alexnet weights file for LPIPS")
-    p.add_argument("--out", help="write eval.json, trace.csv and grids/*.png here")
+    p.add_argument("--out", help="write config.json, eval.json, trace.csv and grids/*.png here")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-bounds", action="store_true",
                    help="skip the naive-codec floors and the teacher ceiling (bounds.py)")

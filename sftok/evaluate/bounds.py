@@ -15,7 +15,7 @@ The palettes are k-means colours of training-image thumbnails (the pixels the co
 never validation images), fitted once per data set and cached (`floor_codecs`). Evaluation
 (`evaluate(..., bounds=...)`) scores them on the same 8-bit images as the tokenizer:
 `floor_tokenizer_<metric>`, `floor_teacher_<metric>`, `teacher_<metric>` for psnr, ssim, lpips,
-rfid, is.
+rfid, is (the prefixes are named in `sftok.run_record`, with the rest of the metric names).
 """
 from __future__ import annotations
 
@@ -30,16 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sftok.run_record import CEILING_PREFIX, floor_prefix
+
 # Bump when the codec or the palette fit changes: cached palettes of older formats are ignored.
 PALETTE_FORMAT = 1
 # Training images whose thumbnails feed the k-means: enough pixels for thousands of colours
 # at paper scale (1024 images × 64 px), seconds of work at CPU scale.
 PALETTE_IMAGES = 1024
 KMEANS_ITERS = 30
-# Metric-name prefixes of the bounds, as `evaluate` reports them: "<prefix>_<metric>".
-FLOOR_PREFIXES = ("floor_tokenizer", "floor_teacher")
-CEILING_PREFIX = "teacher"
-BOUND_PREFIXES = (*FLOOR_PREFIXES, CEILING_PREFIX)
 
 
 def thumbnail_shape(pixels: int) -> tuple[int, int]:
@@ -126,8 +124,9 @@ class Bounds:
     ceiling: bool = True
 
     def metric_prefixes(self) -> list[str]:
-        return [f"floor_{name}" for name in self.floors] + ([CEILING_PREFIX] if self.ceiling
-                                                            else [])
+        """The metric-name prefixes `evaluate` reports these bounds under (sftok.run_record)."""
+        return [floor_prefix(name) for name in self.floors] + ([CEILING_PREFIX] if self.ceiling
+                                                               else [])
 
 
 def _training_thumbnails(data_cfg, shapes: list[tuple[int, int]], count: int

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,25 +29,26 @@ import torch
 from torch import Tensor
 
 from sftok.config import EVAL_METRICS, DecodeConfig, EvalConfig
-from sftok.evaluate.bounds import CEILING_PREFIX, Bounds
+from sftok.data.stream import image_batches
+from sftok.data.uint8 import to_uint8
+from sftok.evaluate.bounds import Bounds
 from sftok.evaluate.fid import (
     INCEPTION_NAME,
     LOAD_ERRORS,
-    ContentHash,
     FeatureStats,
-    ReferenceStats,
-    ReferenceStatsCache,
+    ReferenceStatistics,
     fid_from_statistics,
     inception_score,
     open_features,
 )
 from sftok.evaluate.grid import image_grid
-from sftok.evaluate.metrics import psnr, ssim, to_uint8
+from sftok.evaluate.metrics import psnr, ssim
 from sftok.evaluate.perceptual import LPIPSMetric, find_lpips_backbone
 from sftok.evaluate.revealed import RevealAccumulator
 from sftok.evaluate.tokens import TokenAccumulator
 from sftok.evaluate.trace import TraceAccumulator
 from sftok.progress import progress_disabled
+from sftok.run_record import CEILING_PREFIX, bound_metric, parse_step_metric, step_metric
 
 
 @dataclass
@@ -56,29 +57,6 @@ class EvalResult:
     unavailable: dict[str, str] = field(default_factory=dict)  # "rfid" -> how to provide the weights
     trace: list[dict] = field(default_factory=list)  # trace.TRACE_COLUMNS rows, step 1..S
     grids: dict[int, np.ndarray] = field(default_factory=dict)  # S -> H×W×3 uint8
-
-
-def image_batches(images: Iterable, batch_size: int, max_images: int | None) -> Iterator[Tensor]:
-    """Float B×3×H×W batches of at most batch_size, max_images in all. Accepts tensors,
-    (images, labels) tuples as the data module yields, or dicts with an 'image(s)' key."""
-    seen = 0
-    for batch in images:
-        if isinstance(batch, dict):
-            batch = batch.get("images", batch.get("image"))
-        elif isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        if not torch.is_tensor(batch) or batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError("evaluate: each batch must be images B×3×H×W (or (images, labels))")
-        for start in range(0, batch.shape[0], batch_size):
-            if max_images is not None and seen >= max_images:
-                return
-            chunk = batch[start:start + batch_size]
-            if max_images is not None:
-                chunk = chunk[:max_images - seen]
-            seen += chunk.shape[0]
-            yield chunk
-        if max_images is not None and seen >= max_images:
-            return
 
 
 def _codebook_size(tokenizer) -> int:
@@ -170,20 +148,18 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
         if msg:
             result.unavailable["lpips"] = msg
 
-    ref_cache = ref_cached = None
-    if features is not None and "rfid" in wanted and cache_dir is not None and dataset_key:
-        ref_cache = ReferenceStatsCache(cache_dir, dataset_key, features.name, features.fid_layer)
-        ref_cached = ref_cache.load()
-    need_ref = features is not None and "rfid" in wanted and ref_cached is None
-    ref_stats = FeatureStats() if need_ref else None
-    content = ContentHash() if ref_cache is not None else None
+    # The originals' FID statistics (cached under cache_dir by dataset_key, checked against a
+    # hash of the images), accumulated in the same pass as the reconstructions.
+    reference = (ReferenceStatistics(features, cache_dir, dataset_key, key_name="dataset_key")
+                 if features is not None and "rfid" in wanted else None)
 
     # ---- accumulators (sums only; see module docstring), one set per reconstruction:
-    # the S-step decodes (keys S, metric "psnr_s8") and the bounds (keys "floor_tokenizer",
-    # "floor_teacher", "teacher"; metric "teacher_psnr").
+    # the S-step decodes (keys S, metric "psnr_s8") and the bounds (keys their prefixes,
+    # "floor_tokenizer", ..., "teacher"; metric "teacher_psnr").
     steps = list(cfg.decode_steps)
     bounds = bounds or Bounds(ceiling=False)
     keys: list[int | str] = steps + bounds.metric_prefixes()
+    floor_of = dict(zip(bounds.metric_prefixes(), bounds.floors.values()))
     sums = {k: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for k in keys}
     rec_stats = {k: FeatureStats() for k in keys}
     rec_logits: dict[int | str, list[Tensor]] = {k: [] for k in keys}
@@ -212,10 +188,8 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                 b = x.shape[0]
                 x_u8 = to_uint8(x)
                 x_q = x_u8.float() / 255  # the 8-bit originals every pixel metric sees
-                if content is not None:
-                    content.update(x_u8)
-                if ref_stats is not None:
-                    ref_stats.update(features(x_u8)[0])
+                if reference is not None:
+                    reference.update(x_u8)
                 if lpips_metric is not None and min(x.shape[-2:]) < lpips_metric.min_size:
                     result.unavailable["lpips"] = (
                         f"images of {x.shape[-2]}×{x.shape[-1]} px are too small for LPIPS-"
@@ -249,7 +223,7 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                     elif k == CEILING_PREFIX:  # the ceiling: the teacher's decoder on its own codes
                         rec = teacher.decode_ids(gt)
                     else:  # a floor codec, on the same 8-bit originals as every metric
-                        rec = bounds.floors[k.removeprefix("floor_")].reconstruct(x_q)
+                        rec = floor_of[k].reconstruct(x_q)
                     rec_u8 = to_uint8(rec)
                     if "psnr" in wanted:
                         sums[k]["psnr"] += psnr(rec_u8, x_u8).sum().item()
@@ -280,7 +254,7 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
     m["num_images"] = float(n_images)
 
     def name_of(metric: str, k: int | str) -> str:
-        return f"{metric}_s{k}" if isinstance(k, int) else f"{k}_{metric}"
+        return step_metric(metric, k) if isinstance(k, int) else bound_metric(k, metric)
 
     for k in keys:
         for name in ("psnr", "ssim"):
@@ -289,25 +263,15 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
         if lpips_metric is not None:
             m[name_of("lpips", k)] = sums[k]["lpips"] / n_images
 
-    if features is not None and "rfid" in wanted:
-        ref = ref_cached
-        if n_images < 2:
-            result.unavailable["rfid"] = "rFID needs at least 2 images (a covariance)"
-            ref = None
-        elif ref is None:
-            ref = ReferenceStats(ref_stats.mu, ref_stats.sigma, ref_stats.n,
-                                 content.hexdigest() if content is not None else "")
-            if ref_cache is not None:
-                ref_cache.save(ref)
-        elif ref.content_sha256 != content.hexdigest():
-            result.unavailable["rfid"] = (
-                f"cached FID reference statistics {ref_cache.path} were computed on other images "
-                f"(dataset_key={dataset_key!r}); delete the file or use another dataset_key")
-            ref = None
+    if reference is not None:
+        ref, why = reference.result()
+        if n_images < 2:  # the reconstructions' covariance, too
+            ref, why = None, "rFID needs at least 2 images (a covariance)"
+        if why:
+            result.unavailable["rfid"] = why
         if ref is not None:
             for k in keys:
-                m[name_of("rfid", k)] = fid_from_statistics(ref.statistics(),
-                                                            rec_stats[k].statistics())
+                m[name_of("rfid", k)] = fid_from_statistics(ref, rec_stats[k].statistics())
     if features is not None and "is" in wanted:
         for k in keys:
             m[name_of("is", k)] = inception_score(torch.cat(rec_logits[k]))[0]
@@ -328,17 +292,17 @@ def format_table(result: EvalResult, steps: Iterable[int] | None = None) -> str:
     """Plain-text tables: per-S metrics, S-independent metrics, unavailable ones, the trace."""
     m = result.metrics
     if steps is None:
-        steps = sorted({int(k.rsplit("_s", 1)[1]) for k in m if "_s" in k
-                        and k.rsplit("_s", 1)[1].isdigit()})
+        steps = sorted({p[1] for p in map(parse_step_metric, m) if p})
     steps = list(steps)
     names = [n for n in ("rfid", "is", "psnr", "ssim", "lpips")
-             if any(f"{n}_s{s}" in m for s in steps)]
+             if any(step_metric(n, s) in m for s in steps)]
     lines = ["S     " + "".join(f"{n:>10}" for n in names)]
     for s in steps:
-        cells = "".join(f"{m[f'{n}_s{s}']:>10.4f}" if f"{n}_s{s}" in m else f"{'-':>10}"
-                        for n in names)
+        cells = "".join(f"{m[step_metric(n, s)]:>10.4f}" if step_metric(n, s) in m
+                        else f"{'-':>10}" for n in names)
         lines.append(f"{s:<6}{cells}")
-    other = {k: v for k, v in m.items() if not any(k == f"{n}_s{s}" for n in names for s in steps)}
+    tabled = {step_metric(n, s) for n in names for s in steps}
+    other = {k: v for k, v in m.items() if k not in tabled}
     if other:
         lines.append("")
         lines += [f"{k:<18}{v:.4f}" for k, v in other.items()]

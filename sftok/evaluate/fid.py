@@ -9,7 +9,9 @@ FID needs only the running sums Σx and Σxxᵀ of the features (`FeatureStats`)
 images; IS keeps the 1008 logits per image (4 KB / image), not the image.
 
 Reference statistics: rFID compares reconstructions with the *same* validation images
-(as the paper does). Their Gaussian can be cached per dataset key (`ReferenceStatsCache`).
+(as the paper does), gFID samples with the training images. Their Gaussian is computed while the
+images stream by and cached per key, checked against a hash of the images
+(`ReferenceStatistics`, `ReferenceStatsCache`).
 
 Offline (DESIGN §2): the Inception weights are never downloaded from here. They are found as
 (1) an explicit path, (2) $SFTOK_INCEPTION_WEIGHTS, (3) torch-fidelity's default download
@@ -19,7 +21,6 @@ unavailable — torch-fidelity never gets the chance to try the network.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sftok.data.uint8 import ContentHash
 from sftok.weights import find_weights
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -204,19 +206,6 @@ class FidelityFeatures:
 # --------------------------------------------------------------------------------------------
 
 
-class ContentHash:
-    """sha256 over the uint8 bytes of a stream of images (checks that a cache fits the data)."""
-
-    def __init__(self):
-        self._h = hashlib.sha256()
-
-    def update(self, images_u8: Tensor) -> None:
-        self._h.update(images_u8.detach().cpu().contiguous().numpy().tobytes())
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-
 @dataclass
 class ReferenceStats:
     mu: np.ndarray  # (D,)
@@ -249,6 +238,46 @@ class ReferenceStatsCache:
         np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=stats.num_images,
                  content_sha256=stats.content_sha256)
         os.replace(tmp, self.path)  # atomic: concurrent trials never read a half-written file
+
+
+class ReferenceStatistics:
+    """The FID reference statistics of a stream of real images, cached per key.
+
+    Feed every real batch (uint8 B×3×H×W) to `update`, then `result()`. With `cache_dir` and
+    `key` a cached entry (`ReferenceStatsCache`) is used only if the stream's content hash is
+    the one it was computed on, and the features are extracted only on a miss (then cached).
+    Used by rFID (the validation images) and gFID (the training images) alike.
+    """
+
+    def __init__(self, features: FidelityFeatures, cache_dir: str | os.PathLike | None = None,
+                 key: str | None = None, key_name: str = "key"):
+        self.features, self.key, self.key_name = features, key, key_name
+        self.cache = (ReferenceStatsCache(cache_dir, key, features.name, features.fid_layer)
+                      if cache_dir is not None and key else None)
+        self.cached = self.cache.load() if self.cache is not None else None
+        self.stats = FeatureStats() if self.cached is None else None
+        self.content = ContentHash()
+
+    def update(self, images_u8: Tensor) -> None:
+        self.content.update(images_u8)
+        if self.stats is not None:
+            self.stats.update(self.features(images_u8)[0])
+
+    def result(self) -> tuple[dict[str, np.ndarray] | None, str]:
+        """({'mu', 'sigma'}, "") or (None, one message saying why there are none)."""
+        if self.cached is not None:
+            if self.cached.content_sha256 != self.content.hexdigest():
+                return None, (f"cached FID reference statistics {self.cache.path} were computed "
+                              f"on other images ({self.key_name}={self.key!r}); delete the file "
+                              f"or use another {self.key_name}")
+            return self.cached.statistics(), ""
+        if self.stats.n < 2:
+            return None, "FID reference statistics need at least 2 images (a covariance)"
+        ref = ReferenceStats(self.stats.mu, self.stats.sigma, self.stats.n,
+                             self.content.hexdigest())
+        if self.cache is not None:
+            self.cache.save(ref)
+        return ref.statistics(), ""
 
 
 # What loading a wrong or corrupt weights file raises (torch.load, load_state_dict, vassert).

@@ -1,8 +1,8 @@
 """Pixel metrics: PSNR and SSIM, batched in torch (paper Table 1 reports PSNR/SSIM beside rFID).
 
 Both take uint8 images B×3×H×W (what a saved PNG holds: evaluation quantises reconstructions
-and originals to 8 bits once, so every metric sees the same pixels) and return one value per
-image (B,); callers average over images.
+and originals to 8 bits once with `sftok.data.uint8.to_uint8`, so every metric sees the same
+pixels) and return one value per image (B,); callers average over images.
 
 SSIM reproduces `skimage.metrics.structural_similarity` with its defaults for colour images
 (7×7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance, mean over the valid region and
@@ -18,11 +18,6 @@ from torch import Tensor
 # Per-image MSE floor: identical images would give PSNR = inf and poison the mean; with this
 # floor they give 10·log10(255² / 1e-10) ≈ 148 dB (documented, never reached in practice).
 _MSE_FLOOR = 1e-10
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """float B×3×H×W in [0, 1] -> uint8 B×3×H×W (clamp, ×255, round half to even)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 255.0) -> Tensor:

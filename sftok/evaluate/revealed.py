@@ -24,8 +24,9 @@ each an upper bound on its conditional entropy, so an estimate and not a bound);
 what its own predictions give it (M̂_1 carries no information about M_g beyond z, so any gain is
 the decoder using them as a computational hint; a negative value means they mislead it).
 
-Metric names (`REVEAL_KINDS` × fractions): `reveal_<kind>_r<100·r>`, e.g. `reveal_info_gt_r50`,
-`reveal_ce_none_r25`; `evaluate()` reports them whenever it runs the trace.
+Metric names (`sftok.run_record.reveal_metric`, `REVEAL_KINDS` × fractions):
+`reveal_<kind>_r<100·r>`, e.g. `reveal_info_gt_r50`, `reveal_ce_none_r25`; `evaluate()` reports
+them whenever it runs the trace.
 """
 from __future__ import annotations
 
@@ -36,17 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sftok.data.seeding import generator, mix
-
-# What each fraction reports (see the module docstring); the metric is "reveal_<kind>_r<pct>".
-REVEAL_KINDS = ("ce_none", "ce_gt", "ce_self", "info_gt", "info_self")
-
-
-def reveal_metric(kind: str, fraction: float) -> str:
-    """'reveal_<kind>_r<pct>', e.g. reveal_metric('info_gt', 0.5) == 'reveal_info_gt_r50'."""
-    if kind not in REVEAL_KINDS:
-        raise ValueError(f"unknown reveal kind {kind!r} (known: {', '.join(REVEAL_KINDS)})")
-    return f"reveal_{kind}_r{round(100 * fraction)}"
-
+from sftok.run_record import REVEAL_KINDS, reveal_metric
 
 def reveal_count(num_positions: int, fraction: float) -> int:
     """round(N·r) clamped to [1, N−1]: at least one position revealed and one left masked."""
@@ -124,4 +115,4 @@ class RevealAccumulator:
         return out
 
 
-__all__ = ["REVEAL_KINDS", "RevealAccumulator", "reveal_count", "reveal_mask", "reveal_metric"]
+__all__ = ["RevealAccumulator", "reveal_count", "reveal_mask"]

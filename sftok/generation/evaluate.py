@@ -30,22 +30,21 @@ import torch
 from torch import Tensor
 
 from sftok.config import DecodeConfig, GenerationConfig, SamplingConfig
+from sftok.data.stream import image_batches
+from sftok.data.uint8 import to_uint8
 from sftok.evaluate.fid import (
     INCEPTION_NAME,
-    ContentHash,
     FeatureStats,
-    ReferenceStats,
-    ReferenceStatsCache,
+    ReferenceStatistics,
     fid_from_statistics,
     inception_score,
     load_statistics,
     open_features,
 )
-from sftok.evaluate.evaluate import image_batches
-from sftok.evaluate.metrics import to_uint8
 from sftok.evaluate.tokens import TokenAccumulator
 from sftok.generation.pretokenize import TokenSet
 from sftok.generation.sampling import class_balanced_labels, sample_tokens, tokens_to_images
+from sftok.run_record import sweep_metric
 
 
 @dataclass
@@ -88,10 +87,6 @@ def sweep_points(g: GenerationConfig) -> list[SamplingConfig]:
                                                 e.sweep_temperatures or (s.temperature,))]
 
 
-def sweep_prefix(s: SamplingConfig) -> str:
-    return f"sweep/{s.guidance_schedule}/s{s.guidance_scale:g}/tau{s.temperature:g}"
-
-
 class _Scorer:
     """Streams uint8 images into FID feature sums, IS logits and nothing else."""
 
@@ -115,32 +110,22 @@ class _Scorer:
 
 def _reference(cfg: GenerationConfig, features, images: Iterable | None, cache_dir,
                reference_key: str | None, unavailable: dict) -> dict | None:
-    """FID reference statistics: the provided file, the cache, or computed from `images`."""
+    """FID reference statistics: the provided file, else those of `images` (cached by
+    reference_key, a cached entry checked against a hash of the images)."""
     if cfg.eval.reference_stats:
         return load_statistics(cfg.eval.reference_stats)
-    cache = None
-    if cache_dir is not None and reference_key:
-        cache = ReferenceStatsCache(cache_dir, f"gen-{reference_key}", features.name,
-                                    features.fid_layer)
-        hit = cache.load()
-        if hit is not None:
-            return hit.statistics()
     if images is None:
         unavailable["gfid"] = ("no FID reference statistics: set generation.eval.reference_stats "
                                "to an .npz with mu/sigma or provide the training images")
         return None
-    stats, content = FeatureStats(), ContentHash()
+    ref = ReferenceStatistics(features, cache_dir, reference_key and f"gen-{reference_key}",
+                              key_name="reference_key")
     for x in images:
-        x_u8 = to_uint8(x[0] if isinstance(x, (tuple, list)) else x)
-        content.update(x_u8)
-        stats.update(features(x_u8)[0])
-    if stats.n < 2:
-        unavailable["gfid"] = "FID reference statistics need at least 2 training images"
-        return None
-    ref = ReferenceStats(stats.mu, stats.sigma, stats.n, content.hexdigest())
-    if cache is not None:
-        cache.save(ref)
-    return ref.statistics()
+        ref.update(to_uint8(x[0] if isinstance(x, (tuple, list)) else x))
+    stats, why = ref.result()
+    if why:
+        unavailable["gfid"] = why
+    return stats
 
 
 def _sample_point(generator, tokenizer, teacher, classes: list[int], sampling: SamplingConfig,
@@ -246,7 +231,8 @@ def evaluate_generation(generator, tokenizer, teacher, cfg: GenerationConfig,
             res.sweep.append(row)
             for k in ("gfid", "is", "sample_codebook_usage"):
                 if k in row:
-                    m[f"{sweep_prefix(point)}/{k}"] = row[k]
+                    m[sweep_metric(point.guidance_schedule, point.guidance_scale,
+                                   point.temperature, k)] = row[k]
 
         if "calibration" in wanted and features is not None:
             if heldout_images is not None:

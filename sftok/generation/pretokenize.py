@@ -29,8 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sftok.data.transforms import hflip
-from sftok.evaluate.fid import ContentHash
-from sftok.evaluate.metrics import to_uint8
+from sftok.data.uint8 import ContentHash, to_uint8
 
 
 @dataclass

@@ -46,6 +46,7 @@ from sftok.train.loop import (
 from sftok.train.losses import load_lpips, lpips_loss
 from sftok.train.masking import build_proxy_inputs, sample_mask, step1_logits_fn
 from sftok.train.optim import build_optimizer
+from sftok.train.stage_setup import build_tokenizer, load_init, stage_seed
 
 
 def trainable_prefixes(s: StageConfig) -> tuple[str, ...]:
@@ -95,8 +96,6 @@ class PixelTask(LoopTask):
 
     def __init__(self, cfg: ExperimentConfig, teacher: FrozenTeacher, device: torch.device,
                  init: Path | None = None):
-        from sftok.train.stages import build_tokenizer, load_init, stage_seed
-
         s: StageConfig = cfg.train.stage3
         self.name, self.cfg, self.scfg, self.teacher, self.device = "stage3", cfg, s, teacher, device
         seed = stage_seed(cfg, "stage3")

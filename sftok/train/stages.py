@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from sftok.checkpoint import save_model
 from sftok.config import ExperimentConfig, StageConfig, to_dict
 from sftok.teacher import FrozenTeacher
-from sftok.tokenizer import SFTok
 from sftok.train.ema import EMA
 from sftok.train.loop import (
     Callback,
@@ -47,9 +45,9 @@ from sftok.train.loop import (
 from sftok.train.losses import weighted_ce
 from sftok.train.masking import build_proxy_inputs, sample_mask, step1_logits_fn
 from sftok.train.optim import build_optimizer
+from sftok.train.stage3 import PixelTask
+from sftok.train.stage_setup import STAGES, build_tokenizer, load_init, stage_seed
 from sftok.train.teacher_stage import teacher_identity
-
-STAGES = ("stage1", "stage2", "stage3")
 
 
 @dataclass
@@ -58,11 +56,6 @@ class StageResult:
     steps: int
     metrics: dict[str, float]  # the last logged window
     history: list[dict[str, float]] = field(default_factory=list)  # every logged window
-
-
-def stage_seed(cfg: ExperimentConfig, stage: str) -> int:
-    """Per-trial, per-stage seed: stages draw independent masks / data orders."""
-    return cfg.seed * 1000 + (STAGES.index(stage) + 1) * 10
 
 
 def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
@@ -118,24 +111,6 @@ def stage_key(identity: dict[str, Any]) -> str:
     """'<stage>-<16 hex>': the content address of a stage result with this identity."""
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return f"{identity['stage']}-{hashlib.sha256(blob).hexdigest()[:16]}"
-
-
-def build_tokenizer(cfg: ExperimentConfig, teacher: FrozenTeacher) -> SFTok:
-    return SFTok(cfg.tokenizer, num_codes=teacher.codebook_size, grid=teacher.grid,
-                 teacher_cfg=cfg.teacher)
-
-
-def load_init(model: nn.Module, init: Path, allow_missing: tuple[str, ...] = ()) -> list[str]:
-    """Load init/model.safetensors into `model`; only keys starting with `allow_missing` may be
-    absent (stage 3 starting from a stage-2 tokenizer has no pixel path yet). Returns them."""
-    path = Path(init) / "model.safetensors" if Path(init).is_dir() else Path(init)
-    sd = load_file(str(path))
-    result = model.load_state_dict(sd, strict=False)
-    bad_missing = [k for k in result.missing_keys if not k.startswith(allow_missing)]
-    if bad_missing or result.unexpected_keys:
-        raise ValueError(f"init checkpoint {path} does not match the model: missing "
-                         f"{bad_missing[:6]}, unexpected {result.unexpected_keys[:6]}")
-    return list(result.missing_keys)
 
 
 class TokenTask(LoopTask):
@@ -226,8 +201,6 @@ def build_stage_task(cfg: ExperimentConfig, stage: str, teacher: FrozenTeacher,
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
     if stage == "stage3":
-        from sftok.train.stage3 import PixelTask
-
         return PixelTask(stage_config(cfg, stage), teacher, device, init=init)
     return TokenTask(cfg, stage, teacher, device, init=init)
 
