@@ -13,8 +13,9 @@ import torch
 
 from sftok.config import to_dict
 from sftok.data import build_val_dataset, val_batches
+from sftok.data.uint8 import to_uint8
 from sftok.evaluate.bounds import floor_codecs
-from sftok.evaluate.metrics import psnr, to_uint8
+from sftok.evaluate.metrics import psnr
 from sftok.released import ARCHITECTURE, MANIFEST_SUFFIX, WEIGHTS_SUFFIX, content_hash
 from sftok.teacher import FrozenTeacher
 from sftok.train.teacher_stage import WEIGHTS_FILE, teacher_cache_key, teacher_info
