@@ -23,16 +23,18 @@
 # measured on a GPU this is the paper's model at the paper's batch; for small presets it says
 # what this machine would spend per image at their size, not at the paper's.
 #
-# Input: `benchmark_json` written by `python scripts/benchmark.py --train-presets sftok-b
-# sftok-l --json FILE` (on the GPU machine); without it, the presets in `measure_presets` are
-# measured here, now. Rendered by `python analysis/render.py table5_compute -p
-# benchmark_json=FILE`.
+# Input: `benchmark_json`, a throughput record (`sftok.train.benchmark.throughput_record`):
+# the file `python scripts/benchmark.py --train-presets sftok-b sftok-l --json FILE` writes,
+# or the `report.json` of a device check (`scripts/device_check.py --out DIR`, on the GPU
+# machine; its eager and torch.compile rows: the faster of the two per stage is used, and the
+# table says which). Without it, the presets in `measure_presets` are measured here, now.
+# Rendered by `python analysis/render.py table5_compute -p benchmark_json=FILE`.
 
 # %% tags=["parameters"]
 tracking_uri = None  # unused (this notebook reads no MLflow run); accepted from render.py
 parent = "latest"  # unused
 out_dir = None  # None: analysis/out/table5_compute
-benchmark_json = None  # a `scripts/benchmark.py --json` file; None: measure here
+benchmark_json = None  # `scripts/benchmark.py --json` file or a device check's report.json
 measure_presets = ["smoke"]  # measured when benchmark_json is None (e.g. ["tiny"] on a CPU)
 train_steps = 2  # timed steps per stage when measuring here
 
@@ -43,8 +45,6 @@ import sys
 sys.path[:0] = [p for p in (os.path.abspath("."), os.path.abspath("analysis"))
                 if os.path.exists(os.path.join(p, "mlflow_data.py"))]
 sys.path.append(os.path.dirname(sys.path[0]))  # the repository root, for `sftok`
-
-import json
 
 import mlflow_data as md
 import pandas as pd
@@ -63,9 +63,10 @@ PAPER_IMAGES = {
 }
 
 if benchmark_json:
-    with open(benchmark_json) as f:
-        bench = json.load(f)
-    rows, device_name, source = bench["rows"], bench.get("device_name", "?"), benchmark_json
+    from sftok.train.benchmark import read_throughput
+
+    record = read_throughput(benchmark_json)
+    rows, device_name, source = record["rows"], record.get("device_name", "?"), benchmark_json
 else:
     import torch
 
@@ -79,8 +80,13 @@ else:
     device_name = rows[0]["device"] if rows else "?"
     source = f"measured here ({', '.join(measure_presets)}, {train_steps} steps per stage)"
 bench = pd.DataFrame(rows)
+if "mode" not in bench:  # files written before torch.compile rows existed: all eager
+    bench["mode"] = "eager"
 display(Markdown(f"Throughput source: {source}; device: {device_name}."))
 display(bench)
+# One row per preset and stage: the fastest measured mode (eager or torch.compile).
+bench = (bench.sort_values("images_per_s", ascending=False)
+         .drop_duplicates(["preset", "stage"]).sort_index())
 
 # %% [markdown]
 # ## Projected GPU-hours beside the paper's
@@ -105,15 +111,16 @@ for preset, g in bench[bench["stage"].isin(["stage1", "stage2", "stage3"])].grou
         own = [own_steps(preset, s) for s in stages]
         own_h = (sum(n * sps[s] for n, s in zip(own, stages)) / 3600
                  if all(n is not None for n in own) else None)
+        modes = ", ".join(sorted(set(g[g["stage"].isin(stages)]["mode"])))
         table_rows.append({"source": "ours (projected)", "model": preset, "stages": group,
-                           "device": g["device"].iloc[0],
+                           "device": g["device"].iloc[0], "mode": modes,
                            "images_per_s": sum(ips[s] for s in stages) / len(stages),
                            "gpu_hours_paper_budget": hours,
                            "hours_preset_budget": own_h, "paper_gpu_hours": None})
 for model, comp in paper["compute"].items():
     for group, key in (("stage1+2", "stage12"), ("stage3", "stage3")):
         table_rows.append({"source": "paper (8× RTX 4090)", "model": model, "stages": group,
-                           "device": "RTX 4090", "images_per_s": None,
+                           "device": "RTX 4090", "mode": "—", "images_per_s": None,
                            "gpu_hours_paper_budget": None, "hours_preset_budget": None,
                            "paper_gpu_hours": comp[key]})
 table = pd.DataFrame(table_rows)
@@ -132,10 +139,11 @@ md_table = table.assign(**{
                           for v in table["hours_preset_budget"]],
     "paper GPU-h": [f"{v:,.0f}" if pd.notna(v) else "—"
                     for v in table["paper_gpu_hours"]]})[
-    ["source", "model", "stages", "device", "images/s", "GPU-h (paper budget)",
+    ["source", "model", "stages", "device", "mode", "images/s", "GPU-h (paper budget)",
      "h (preset budget)", "paper GPU-h"]]
 caption = ("Projected = the paper's images per stage (Table 6) / measured images/s, one device; "
-           "'preset budget' = the preset's own steps × measured s/step. Paper: Table 5.")
+           "'preset budget' = the preset's own steps × measured s/step; mode = eager or the "
+           "torch.compile backend, whichever measured faster. Paper: Table 5.")
 display(Markdown(out.table("table5", table, caption, md=md_table)))
 
 # %% [markdown]
@@ -155,7 +163,8 @@ reading = ("; ".join(parts) + ". " if parts else "No stage throughput was measur
 if not set(ours["model"]) & set(paper_of):
     reading += ("No paper-scale preset was measured, so these projections are for smaller models "
                 "and do not compare with the paper's hours; run `python scripts/benchmark.py "
-                "--train-presets sftok-b sftok-l --json FILE` on a GPU and render with "
-                "`-p benchmark_json=FILE`.")
+                "--train-presets sftok-b sftok-l --json FILE` (or `scripts/device_check.py "
+                "--out DIR`) on a GPU and render with `-p benchmark_json=FILE` (or "
+                "DIR/report.json).")
 out.reading(reading)
 display(Markdown(reading))

@@ -29,43 +29,17 @@ comparable under the same load).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import statistics
-import time
+import json
 
 import torch
 
-from sftok.config import proxy_grid
 from sftok.presets import PRESETS, get_preset
 from sftok.teacher import MaskGitVQGAN
-from sftok.tokenizer import SFTok
+from sftok.train.benchmark import build_random, throughput_record, time_inference
 
 
 def count(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
-
-
-def timed(fn, device: torch.device, reps: int, warmup: int) -> float:
-    """Median seconds of `reps` calls after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def build(preset: str, device: torch.device | str, finetune: bool = False) -> SFTok:
-    cfg = get_preset(preset)
-    tok = dataclasses.replace(cfg.tokenizer, finetune_decoder=finetune)
-    with torch.device(device):
-        return SFTok(tok, cfg.teacher.codebook_size, proxy_grid(cfg), cfg.teacher)
 
 
 def main() -> None:
@@ -120,7 +94,7 @@ def main() -> None:
     print("-" * len(head))
     for name in args.presets:
         cfg = get_preset(name)
-        meta = build(name, "meta", finetune=True)
+        meta = build_random(cfg, "meta", finetune=True)
         with torch.device("meta"):
             teacher = MaskGitVQGAN(cfg.teacher)
         params = [count(meta.encoder), count(meta.quantize), count(meta.decoder),
@@ -150,11 +124,8 @@ def train_table(args: argparse.Namespace, device: torch.device) -> None:
     print("\ntraining throughput (fp32 on CPU; the preset's precision on GPU)")
     print(format_table(rows), flush=True)
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
-            json.dump({"device_name": torch.cuda.get_device_name(device)
-                       if device.type == "cuda" else "cpu", "rows": rows}, f, indent=1)
+            json.dump(throughput_record(rows, device), f, indent=1)
         print(f"wrote {args.json}")
 
 
@@ -241,23 +212,13 @@ def time_preset(name: str, device: torch.device, batch: int, steps: int, reps: i
                 big_reps: int, amp: bool) -> tuple[float, float, float]:
     """(encode, one decoder pass, S-step decode) seconds for a randomly initialised model."""
     cfg = get_preset(name)
-    torch.manual_seed(0)
-    model = build(name, device).eval()
-    total = sum(p.numel() for p in model.parameters())
+    total = count(build_random(cfg, "meta"))
     if device.type == "cpu" and total > 50e6:  # minutes per rep on a laptop CPU: no warm-up
         reps, warmup = big_reps, 0
     else:
         warmup = 1
-    s = cfg.tokenizer.image_size
-    images = torch.rand(batch, 3, s, s, device=device)
-    masked = torch.full((batch, model.num_positions), model.mask_id, device=device)
-    dcfg = dataclasses.replace(cfg.decode, steps=steps)
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-        z_q = model.encode(images).z_q
-        t_enc = timed(lambda: model.encode(images), device, reps, warmup)
-        t_dec = timed(lambda: model.decoder_logits(masked, z_q), device, reps, warmup)
-        t_gen = timed(lambda: model.generate(z_q, dcfg), device, reps, warmup)
-    return t_enc, t_dec, t_gen
+    t = time_inference(cfg, device, batch, steps, reps, warmup, amp)
+    return t["encode_s"], t["pass_s"], t["decode_s"]
 
 
 if __name__ == "__main__":

@@ -63,8 +63,11 @@ def save_model(path: str | Path, module: nn.Module, cfg: Any) -> Path:
         raise TypeError(f"save_model: unsupported module {type(module).__name__}")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
     tmp = path / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves a half-written checkpoint
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves a half-written checkpoint
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file
     (path / CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     return path
 

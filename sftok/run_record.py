@@ -10,7 +10,9 @@ Store: a directory `DIR` is the SQLite database `DIR/mlflow.db` plus artifacts u
 `DIR/artifacts/<experiment>/`; a URI (`sqlite:///…`, `http://…`, `file:…`, `databricks`) is used
 as given. Default: `$MLFLOW_TRACKING_URI`, else `mlruns/` of the checkout (`store_location`).
 
-Experiment: one per spec, named after it; tags `spec`, `reproduces`, `mlflow.experimentKind`.
+Experiment: one per spec, named after it; tags `spec`, `reproduces`, `mlflow.experimentKind`,
+and per campaign `mlflow.sharedViewState.<parent run id>`: the MLflow UI's view comparing its
+arms (`comparison_view`, opened by `comparison_address`; `python experiments/run.py ui`).
 
 Parent run: one per invocation of `experiments/run.py` (`parent_tags`): `sftok.role=parent`,
 `spec`, `preset`, `git_commit`, `git_dirty`, `command`, `sftok.campaign` (hash of spec content,
@@ -170,6 +172,80 @@ NEWEST_FIRST = ["attributes.start_time DESC"]
 OLDEST_FIRST = ["attributes.start_time ASC"]
 
 # --------------------------------------------------------------------------------------------
+# The MLflow UI's first screen: a shared view comparing a campaign's arms
+# --------------------------------------------------------------------------------------------
+
+# MLflow 3.17's UI restores a "shared view" named by the URL parameter `viewStateShareKey`
+# from the experiment tag `mlflow.sharedViewState.<key>`, a JSON object (or its gzip+base64).
+# From it the runs page takes exactly these search facets and this UI state (read from the
+# 3.17 JS bundle: the facet keys of its URL search state; its UI-state keys minus the per-run
+# ones it leaves out of a shared view — runsExpanded, runsPinned, runsHidden,
+# runsVisibilityMap, autoRefreshEnabled); a key missing keeps the UI's default. Columns are
+# ag-grid column ids: `metrics.`<key>``, `tags.`<key>``, `attributes.`Run Name``;
+# `columnOrder` (with `columnWidths`) is applied as ag-grid column state, the columns it does
+# not list after those it lists. A group's id in `groupsExpanded` is `<mode>.<key>.<value>`;
+# a group left out is expanded. The URL's `compareRunsMode` (TABLE, CHART) picks the view.
+# The runs route lands on "Training runs", where the experiment's root lands on the GenAI
+# overview whatever `mlflow.experimentKind` says (the sidebar's GenAI / Model training toggle
+# lives in the browser; MLflow issue 24498).
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+SHARED_VIEW_FACETS = ("searchFilter", "orderByKey", "orderByAsc", "startTime",
+                      "lifecycleFilter", "modelVersionFilter", "datasetsFilter")
+SHARED_VIEW_UI_STATE = ("selectedColumns", "columnOrder", "columnWidths", "runsHiddenMode",
+                        "compareRunCharts", "compareRunSections", "viewMaximized",
+                        "runListHidden", "isAccordionReordered", "groupBy", "groupsExpanded",
+                        "useGroupedValuesInCharts", "hideEmptyCharts", "globalLineChartConfig",
+                        "chartsSearchFilter")
+RUN_NAME_COLUMN = "attributes.`Run Name`"
+# Wide enough for a group's label, "Group: <arm>" (the UI's default is 190 px).
+RUN_NAME_WIDTH = 320
+
+
+def comparison_view_tag(parent_id: str) -> str:
+    """The experiment tag holding the comparison view of a campaign (key: its parent run)."""
+    return f"{SHARED_VIEW_TAG_PREFIX}{parent_id}"
+
+
+def metric_column(key: str) -> str:
+    """The MLflow UI's column id of a metric."""
+    return f"metrics.`{key}`"
+
+
+def tag_column(key: str) -> str:
+    """The MLflow UI's column id of a tag."""
+    return f"tags.`{key}`"
+
+
+def comparison_view(parent_id: str, metric_keys: Iterable[str]) -> dict[str, Any]:
+    """The runs table of one campaign (a shared view, above): its child runs only, one row
+    group per arm (`arm` tag) with the metrics averaged over its seeds and its seeds' rows
+    under it, groups in arm order, and as columns `metric_keys` (the summary table's, then the
+    floors and the ceiling) in that order, then each trial's seed."""
+    metrics = [metric_column(k) for k in metric_keys]
+    columns = metrics + [tag_column(SEED_TAG)]
+    return {
+        "searchFilter": children_filter(parent_id), "orderByKey": tag_column(ARM_TAG),
+        "orderByAsc": True, "startTime": "ALL", "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "selectedColumns": columns, "columnOrder": [RUN_NAME_COLUMN, *columns],
+        "columnWidths": {RUN_NAME_COLUMN: RUN_NAME_WIDTH},
+        # charts show every run (the UI's default is the first 10)
+        "runsHiddenMode": "SHOW_ALL",
+        "groupBy": {"aggregateFunction": "average",
+                    "groupByKeys": [{"mode": "tag", "groupByData": ARM_TAG}]},
+        "groupsExpanded": {}, "useGroupedValuesInCharts": True, "hideEmptyCharts": True,
+        "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
+    }
+
+
+def comparison_address(base_url: str, experiment_id: str, share_key: str | None = None) -> str:
+    """The UI address of the runs table of an experiment, in the shared view `share_key` (a
+    campaign's comparison view: its parent run id) when given."""
+    url = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?compareRunsMode=TABLE"
+    return url + (f"&viewStateShareKey={share_key}" if share_key else "")
+
+
+# --------------------------------------------------------------------------------------------
 # Tags of parent and child runs
 # --------------------------------------------------------------------------------------------
 
@@ -179,6 +255,7 @@ SEED_TAG = "seed"
 STAGES_TAG = "stages"
 GIT_COMMIT_TAG = "git_commit"
 COMMAND_TAG = "command"
+N_TRIALS_TAG = "n_trials"
 RAY_TRIAL_TAG = "ray_trial_id"
 RESUMED_TAG = "resumed"
 INTERRUPTED_TAG = "interrupted"
@@ -195,7 +272,7 @@ def parent_tags(*, spec: str, preset: str, commit: str, dirty: bool, command: st
     tags = {ROLE_TAG: PARENT_ROLE, SPEC_TAG: spec, PRESET_TAG: preset, GIT_COMMIT_TAG: commit,
             "git_dirty": str(dirty).lower(), COMMAND_TAG: command, CAMPAIGN_TAG: campaign,
             REPRODUCES_TAG: reproduces, "report": report, "spec_file": spec_file,
-            "n_trials": str(n_trials)}
+            N_TRIALS_TAG: str(n_trials)}
     if overrides:
         tags["overrides"] = overrides
     return tags

@@ -1,7 +1,8 @@
-"""What the campaign tests share: spec files, plans, the runs a campaign left in MLflow, and a
-console that keeps its lines."""
+"""What the campaign tests share: spec files, plans, the runs a campaign left in MLflow, a
+console that keeps its lines, and a trial function for `run.py --trial-fn` in a child process."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -52,3 +53,19 @@ def echo_lines() -> tuple[list[str], callable]:
         lines.extend(" ".join(str(p) for p in parts).splitlines())
 
     return lines, echo
+
+
+def trial_fn_ref(directory: Path, test_file: str, module: str, expression: str) -> str:
+    """`FILE:trial` for `experiments/run.py --trial-fn`: a file in `directory` that loads the
+    test module `test_file` as `module` (its fakes pickle by value under that name) and binds
+    `trial = <expression>` (e.g. `mod.make_fake(Path('/tmp/logs'))`, `mod` being the module)."""
+    path = directory / f"{module}_trial.py"
+    path.write_text(textwrap.dedent(f"""
+        import importlib.util, sys
+        from pathlib import Path
+        spec = importlib.util.spec_from_file_location({module!r}, {str(test_file)!r})
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[{module!r}] = mod
+        spec.loader.exec_module(mod)
+    """) + f"trial = {expression}\n")
+    return f"{path}:trial"

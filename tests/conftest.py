@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from storage_helpers import mounted_tmpfs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -86,3 +87,18 @@ def ray_session():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can write: mode 0555 for a normal user; root ignores modes, so a
+    read-only tmpfs there (skipped where none can be mounted)."""
+    d = tmp_path / "read-only"
+    if os.geteuid() != 0:
+        d.mkdir()
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    with mounted_tmpfs(d, "1m", read_only=True):
+        yield d

@@ -5,9 +5,11 @@ notebook or a user could depend on: the experiment's tags; for the parent run an
 run (by trial key) the tag keys with the values that are not run-specific, the metric keys with
 their steps, the param keys, the artifact paths and the top-level keys of the JSON / CSV
 artifacts. `tests/fixtures/run_record.json` holds that record as the code before issue 18 wrote
-it (`python tests/record_fixture.py --write` runs the two smoke campaigns and rewrites it: do
-that only for an intended change of the run record, `sftok/run_record.py`, and say so in the
-commit). `differences(client, spec)` lists how a store's record departs from the fixture.
+it, plus the experiment's comparison view of issue 21 (a tag naming the parent run, whose id
+reads `<parent>` there). `python tests/record_fixture.py --write` runs the two smoke campaigns
+and rewrites it: do that only for an intended change of the run record,
+`sftok/run_record.py`, and say so in the commit. `differences(client, spec)` lists how a
+store's record departs from the fixture.
 
 It spells no layout name of its own (no role tag, no metric prefix): the fixture holds them, so
 the test compares the strings the runner writes with the recorded ones. A run is a child when it
@@ -81,6 +83,18 @@ def run_record(client, run) -> dict:
             "artifacts": sorted({_normalise_path(p) for p in arts}), "files": files}
 
 
+def experiment_tags(tags: dict, parent_id: str, run_ids: set[str]) -> dict:
+    """The experiment's tags as they concern the campaign of `parent_id`: a tag naming (in its
+    key or value) another run of the experiment is another campaign's and left out; the
+    parent's id in a key or value reads `<parent>`."""
+    out = {}
+    for k, v in sorted(tags.items()):
+        if any(i in k or i in v for i in run_ids - {parent_id}):
+            continue
+        out[k.replace(parent_id, "<parent>")] = v.replace(parent_id, "<parent>")
+    return out
+
+
 def campaign_record(client, spec: str) -> dict:
     """The record of the latest parent run of experiment `spec` and of its children."""
     exp = client.get_experiment_by_name(spec)
@@ -93,7 +107,7 @@ def campaign_record(client, spec: str) -> dict:
     parent = parents[0]  # the latest
     children = [r for r in runs if parent_of[r.info.run_id] == parent.info.run_id]
     # A child's key: its run name (the trial key the runner names it by).
-    return {"experiment": {"tags": {k: v for k, v in sorted(exp.tags.items())}},
+    return {"experiment": {"tags": experiment_tags(exp.tags, parent.info.run_id, ids)},
             "parent": run_record(client, parent),
             "children": {r.info.run_name: run_record(client, r)
                          for r in sorted(children, key=lambda r: r.info.run_name)}}

@@ -192,7 +192,7 @@ def test_cli_on_saved_checkpoint(offline, capsys):
     assert (out / "trace.csv").is_file() and (out / "grids" / "recon_s2.png").is_file()
     # the floors and the ceiling come with every evaluation (issue 9); the palettes are cached
     assert {"floor_tokenizer_psnr", "floor_teacher_psnr", "teacher_psnr"} <= set(saved["metrics"])
-    assert len(list((offline / "cache" / "eval" / "floor_palettes").glob("*.pt"))) == 2
+    assert len(list((offline / "cache" / "eval" / "floor_palettes").glob("*.safetensors"))) == 2
 
 
 def test_single_image_rfid_is_unavailable_not_a_crash(offline):

@@ -18,6 +18,7 @@ from campaign_helpers import (
     echo_lines,
     plan_for,
     ratio_arms,
+    trial_fn_ref,
     write_spec,
 )
 from sftok_experiments import cli
@@ -340,16 +341,8 @@ def test_ctrl_c_between_trials_is_killed_with_the_exact_resume_command(ray_store
     logs = tmp_path / "logs"
     logs.mkdir()
     spec_path = _spec(tmp_path, "rel_ctrlc", n_arms=3)
-    fn_file = tmp_path / "trial_fn.py"
-    fn_file.write_text(textwrap.dedent(f"""
-        import importlib.util, sys
-        from pathlib import Path
-        spec = importlib.util.spec_from_file_location("reliability_tests", {__file__!r})
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["reliability_tests"] = mod
-        spec.loader.exec_module(mod)
-        trial = mod.make_reporting(Path({str(logs)!r}))
-    """))
+    trial_fn = trial_fn_ref(tmp_path, __file__, "reliability_tests",
+                            f"mod.make_reporting(Path({str(logs)!r}))")
     # Ctrl-C must work even where this test runs with SIGINT ignored (a background job).
     sigint = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
               "signal.default_int_handler); sys.argv = sys.argv[1:]; "
@@ -357,7 +350,7 @@ def test_ctrl_c_between_trials_is_killed_with_the_exact_resume_command(ray_store
     cmd = [sys.executable, "-c", sigint, str(ROOT / "experiments" / "run.py"), str(spec_path),
            "--tracking-uri", str(store), "--work-dir", "runs-x", "--cache-dir", "cache-x",
            "--ray-address", ray.get_runtime_context().gcs_address, "--trial-fn",
-           f"{fn_file}:trial", "--no-teacher", "--max-concurrent", "1"]
+           trial_fn, "--no-teacher", "--max-concurrent", "1"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     out = []

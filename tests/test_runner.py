@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import ray
 import ray.cloudpickle
 import record_fixture
-from campaign_helpers import ROOT, campaign_runs, plan_for, ratio_arms, write_spec
+from campaign_helpers import ROOT, campaign_runs, plan_for, ratio_arms, trial_fn_ref, write_spec
 from sftok_experiments.campaign import Options, run_campaign
 
 # Fake trial functions below are shipped to Ray workers by value (workers cannot import tests/).
@@ -210,10 +209,11 @@ def make_crashing(log_dir: Path, work_root: Path):
             for _ in range(3):
                 step += 1
                 report_train(stage, step, {"loss": 1.0 / step})
-            result = store.path(skey)
-            result.mkdir(parents=True)
+            result = work / f"building-{skey}"
+            result.mkdir()
             (result / "model.safetensors").write_text("weights")
             (result / "stage.json").write_text('{"steps": 3, "metrics": {}, "history": []}')
+            result = store.publish(skey, result)
             done.append(StageOutcome(stage, skey, result, 3, "trained"))
             report_stage_done(stage, step, snapshot(done, Path(tempfile.mkdtemp())),
                               source="trained", key=skey, steps=3)
@@ -344,20 +344,12 @@ def test_interrupted_campaign_resumes_without_duplicates(ray_session, store, cli
     logs = tmp_path / "logs"
     logs.mkdir()
     spec_path = write_spec(tmp_path, "fake_interrupt")
-    fn_file = tmp_path / "slow_trial.py"
-    fn_file.write_text(textwrap.dedent(f"""
-        import importlib.util, sys
-        from pathlib import Path
-        spec = importlib.util.spec_from_file_location("runner_tests", {str(Path(__file__))!r})
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["runner_tests"] = mod
-        spec.loader.exec_module(mod)
-        slow_trial = mod.make_fake(Path({str(logs)!r}), sleep_ratio=1.0)
-    """))
+    trial_fn = trial_fn_ref(tmp_path, __file__, "runner_tests",
+                            f"mod.make_fake(Path({str(logs)!r}), sleep_ratio=1.0)")
     address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), str(spec_path),
            "--tracking-uri", str(store), "--work-dir", str(tmp_path / "runs"),
-           "--ray-address", address, "--trial-fn", f"{fn_file}:slow_trial", "--no-teacher",
+           "--ray-address", address, "--trial-fn", trial_fn, "--no-teacher",
            "--max-concurrent", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

@@ -3,6 +3,7 @@ LR schedule, EMA, checkpoint atomicity, discriminator isolation (no stage runs h
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -262,6 +263,75 @@ def test_benchmark_reports_throughput_per_stage():
     assert [r["stage"] for r in rows] == ["stage0", "stage1", "stage2", "stage3"]
     assert all(r["images_per_s"] > 0 for r in rows)
     assert "images/s" in format_table(rows)
+    assert {(r["compiled"], r["mode"]) for r in rows} == {(None, "eager")}
+
+
+def test_benchmark_rows_say_whether_compiling_worked():
+    """A compiled row names its backend; one whose compilation failed says it ran eager (the
+    label Table 5 and the device report show), with the warning counted once, not raised."""
+    from sftok.presets import get_preset
+    from sftok.train.benchmark import benchmark_training
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("forced compile failure (test)")
+
+    cfg = get_preset("smoke")
+    ok, = benchmark_training(cfg, stages=("stage1",), steps=1, warmup=1, device="cpu",
+                             compile_backend="eager")
+    assert (ok["compiled"], ok["mode"]) == ("eager", "compile (eager)")
+    failed, = benchmark_training(cfg, stages=("stage1",), steps=1, warmup=1, device="cpu",
+                                 compile_backend=broken)
+    assert failed["mode"].startswith("eager (compile (") and failed["mode"].endswith(" failed)")
+    assert failed["compiled"].startswith("failed (") and failed["images_per_s"] > 0
+
+
+def test_largest_batch_brackets_the_out_of_memory_size(monkeypatch):
+    """Doubling then bisection to 1/16 of the fitting size; a non-OOM error is not a size."""
+    from sftok.presets import get_preset
+    from sftok.train import benchmark
+
+    class Task:
+        def __init__(self, fits):
+            self.fits, self.optimizer = fits, torch.optim.SGD([torch.zeros(1)], lr=0.1)
+
+        def step(self, batches, step):
+            if batches[0].shape[0] > self.fits:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    cfg = get_preset("smoke")
+    s2 = cfg.train.stage2
+    monkeypatch.setattr(benchmark, "_stage_task", lambda *a: (Task(100), 4, 1, s2))
+    res = benchmark.largest_batch(cfg, "stage2", "cpu", start=8, limit=4096)
+    assert (res["largest_ok"], res["smallest_failed"], res["stopped"]) == (100, 104,
+                                                                          "oom bracket")
+    assert [p["batch"] for p in res["probes"]] == [8, 16, 32, 64, 128, 96, 112, 104, 100]
+    assert "out of memory" in res["probes"][4]["error"]
+    capped = benchmark.largest_batch(cfg, "stage2", "cpu", start=8, limit=64)
+    assert (capped["largest_ok"], capped["smallest_failed"], capped["stopped"]) == (64, None,
+                                                                                   "limit")
+
+    class Broken(Task):
+        def step(self, batches, step):
+            raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(benchmark, "_stage_task", lambda *a: (Broken(0), 4, 1, s2))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        benchmark.largest_batch(cfg, "stage2", "cpu")
+
+
+def test_throughput_record_reads_from_benchmark_json_and_device_reports(tmp_path):
+    from sftok.train.benchmark import read_throughput, throughput_record
+
+    rows = [{"preset": "smoke", "stage": "stage1", "images_per_s": 3.0}]
+    record = throughput_record(rows, "cpu")
+    (tmp_path / "bench.json").write_text(json.dumps(record))
+    (tmp_path / "report.json").write_text(json.dumps({"schema": "x", "throughput": record}))
+    assert read_throughput(tmp_path / "bench.json") == record == {"device_name": "cpu",
+                                                                  "rows": rows}
+    assert read_throughput(tmp_path / "report.json") == record
+    (tmp_path / "other.json").write_text(json.dumps({"steps": []}))
+    with pytest.raises(ValueError, match="other.json: no throughput rows"):
+        read_throughput(tmp_path / "other.json")
 
 
 @pytest.mark.slow

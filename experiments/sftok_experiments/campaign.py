@@ -25,10 +25,27 @@ from pathlib import Path
 from typing import Any
 
 from sftok import run_record as rr
+from sftok.filelock import LockHeldError, announced_lock
+from sftok.storage import (
+    StorageError,
+    StorageFullError,
+    check_writable,
+    disk_full,
+    storage_error_in,
+    writing,
+)
 from sftok_experiments import EXPERIMENTS_DIR, ROOT, protocol
 from sftok_experiments import tracking as trk
-from sftok_experiments.expand import Plan
-from sftok_experiments.summary import CampaignResult, TrialSummary, clock, summary_table
+from sftok_experiments.expand import Plan, reported_metrics
+from sftok_experiments.summary import (
+    CampaignResult,
+    TrialSummary,
+    clock,
+    comparison_metric_keys,
+    summary_table,
+)
+
+DRIVER_LOCK = "driver.lock"  # <campaign dir>/driver.lock: who runs the campaign now
 
 
 @dataclass
@@ -165,7 +182,7 @@ def _prepare_teachers(todo: list, cache: Path, parent: trk.ParentRun, echo) -> N
     """Stage 0 once per campaign (per distinct teacher), in the driver, before the trials."""
     from sftok.released import read_manifest
     from sftok.train import get_teacher, teacher_info
-    from sftok.train.teacher_stage import teacher_identity
+    from sftok.train.teacher_stage import teacher_identity, teacher_published
 
     seen = set()
     for t in todo:
@@ -197,7 +214,7 @@ def _prepare_teachers(todo: list, cache: Path, parent: trk.ParentRun, echo) -> N
         echo(f"[{clock()}] teacher ready in {time.time() - t0:.1f}s", flush=True)
         info = None
         with contextlib.suppress(Exception):  # informational
-            if tcfg.source == "train" and (cache / key / "teacher.json").exists():
+            if tcfg.source == "train" and teacher_published(cache / key):
                 info = teacher_info(cache / key)
             elif tcfg.source == "shipped":
                 info = read_manifest(tcfg.shipped)  # config, command, curve, sha256
@@ -205,38 +222,112 @@ def _prepare_teachers(todo: list, cache: Path, parent: trk.ParentRun, echo) -> N
 
 
 def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
+    """One invocation of `plan` (module docstring). Refused in one line, before anything is
+    computed or recorded, when the work dir, the cache dir or the store cannot be written, and
+    when another process is running the same campaign (its parent run is held by one
+    invocation at a time: `--resume` twice at once, one proceeds)."""
     opts = opts or Options()
     echo = opts.echo
     t_start = time.time()
-    spec = plan.spec
-    client, store = trk.open_store(opts.tracking)
-    uri = store.uri
-    exp_id = trk.get_experiment(client, spec.name, store.artifact_root, spec.reproduces)
-    campaign = plan.campaign_hash
+    store = rr.store_location(opts.tracking)
 
-    resumed = trk.ParentRun.resume(client, exp_id, campaign) if opts.resume else None
-    existing: dict[str, Any] = {}
-    if opts.resume and resumed is None:
+    def refused(error: str, exp_id: str = "", usage: bool = False) -> CampaignResult:
+        echo(f"error: {error}", file=sys.stderr, flush=True)
+        why = {"usage_error": error} if usage else {"setup_error": error}
+        return CampaignResult("", exp_id, store.uri, Path(), [], time.time() - t_start, **why)
+
+    exp_id = ""
+    try:  # before anything is computed or recorded
+        check_writable(work_root(opts), "the work dir (--work-dir)")
+        check_writable(cache_root(opts), "the cache dir (--cache-dir)")
+        trk.check_store_writable(store)
+        client, store = trk.open_store(opts.tracking)
+        exp_id = trk.get_experiment(client, plan.spec.name, store.artifact_root,
+                                    plan.spec.reproduces)
+        plan, earlier = _earlier_invocation(client, exp_id, plan, opts.resume, echo)
+    except StorageError as e:  # e.g. a full store: nothing can be recorded
+        return refused(protocol.one_line(e), exp_id)
+    if opts.resume and earlier is None:
         # A silent fresh start would redo hours of finished trials when e.g. one --set differs:
         # stop, and show what the earlier invocations were run with.
-        msg = (f"--resume: no earlier invocation of this campaign ({campaign}: same spec "
-               f"content, preset, seeds and --set/--data) in {uri}")
+        msg = (f"--resume: no earlier invocation of this campaign ({plan.campaign_hash}: same "
+               f"spec content, preset, seeds and --set/--data) in {store.uri}")
         recent = trk.recent_parents(client, exp_id)
         lines = [f"  {r.info.run_id}  {_start(r)}  {r.data.tags.get(rr.COMMAND_TAG, '?')}"
                  for r in recent]
-        echo(msg + (";\nrecent runs of spec " + spec.name + ":\n" + "\n".join(lines) if lines
-                    else f"; spec {spec.name} has no earlier runs there"),
+        echo(msg + (f";\nrecent runs of spec {plan.spec.name}:\n" + "\n".join(lines) if lines
+                    else f"; spec {plan.spec.name} has no earlier runs there"),
              file=sys.stderr, flush=True)
-        return CampaignResult("", exp_id, uri, Path(), [], time.time() - t_start,
+        return CampaignResult("", exp_id, store.uri, Path(), [], time.time() - t_start,
                               usage_error=msg)
-    if resumed is not None:
-        parent, existing = resumed
-        n_done = sum(r.info.status == "FINISHED" for r in existing.values())
-        echo(f"resuming parent run {parent.run_id} ({n_done} of {len(existing)} recorded "
-             "trials finished)", flush=True)
-    else:
-        parent = trk.ParentRun.open(client, exp_id, plan, work_root(opts), echo)
+    parent_id = earlier.info.run_id if earlier is not None else ""
+    try:
+        with contextlib.ExitStack() as held:
+            if earlier is not None:  # held before the parent run is touched
+                held.enter_context(_held(trk.ParentRun.campaign_dir_of(earlier,
+                                                                       work_root(opts))))
+                parent, existing = trk.ParentRun.reopen(client, exp_id, earlier,
+                                                        work_root(opts))
+                n_done = sum(r.info.status == "FINISHED" for r in existing.values())
+                echo(f"resuming parent run {parent.run_id} ({n_done} of {len(existing)} "
+                     "recorded trials finished)", flush=True)
+            else:
+                parent, existing = trk.ParentRun.open(client, exp_id, plan, work_root(opts),
+                                                      echo), {}
+                parent_id = parent.run_id
+                held.enter_context(_held(parent.campaign_dir))
+            return _invocation(plan, opts, client, store.uri, exp_id, parent, existing,
+                               t_start)
+    except LockHeldError as e:
+        return refused(f"campaign {plan.campaign_hash} (parent run {parent_id}) is being run by "
+                       f"{e.holder or 'another process'}; this invocation changed nothing — "
+                       "wait for that one to end (or stop it), then --resume", exp_id,
+                       usage=True)
+    except StorageError as e:  # opening the parent run met a full or read-only store
+        return refused(protocol.one_line(e), exp_id)
+
+
+def _held(campaign_dir: Path):
+    """The campaign's driver lock: one invocation at a time runs a parent run (a second one
+    gets `LockHeldError` naming the first's pid, host, start and command line)."""
+    with writing(campaign_dir, "the campaign's driver lock"):
+        campaign_dir.mkdir(parents=True, exist_ok=True)
+    return announced_lock(campaign_dir / DRIVER_LOCK, wait=False, note=trk.command_line())
+
+
+def _earlier_invocation(client, exp_id: str, plan: Plan, resume: bool, echo
+                        ) -> tuple[Plan, Any]:
+    """(plan, the latest parent run of its campaign) to continue with --resume; (plan, None)
+    without --resume or when there is none. Reads only."""
+    if not resume:
+        return plan, None
+    run = trk.ParentRun.latest(client, exp_id, plan.campaign_hash)
+    legacy = plan.with_legacy_labels() if run is None else None
+    if legacy is not None:
+        # A store written before arm labels printed floats as written (lr=3e-05, once
+        # lr=3.0000000000000004e-05): its campaign and child runs carry the old labels. Keep
+        # them for this campaign, so that its finished trials match and none runs twice.
+        run = trk.ParentRun.latest(client, exp_id, legacy.campaign_hash)
+        if run is not None:
+            old = next(t for t in legacy.trials if t.key not in {x.key for x in plan.trials})
+            echo(f"resuming a campaign recorded with the older arm labels (e.g. {old.arm}): "
+                 "keeping them, so its finished trials match", flush=True)
+            return legacy, run
+    return plan, run
+
+
+def _invocation(plan: Plan, opts: Options, client, uri: str, exp_id: str,
+                parent: trk.ParentRun, existing: dict[str, Any], t_start: float
+                ) -> CampaignResult:
+    """The invocation once its parent run is open and held: stage 0, floors, the trials on
+    Ray, the summary, the parent closed. A full store stops it in one line; --resume
+    continues."""
+    spec, echo = plan.spec, opts.echo
     parent_id, campaign_dir = parent.run_id, parent.campaign_dir
+    # The UI's first screen compares the arms from the start (columns as the trials will
+    # report them; the parent's closing rewrites them with those the trials did report).
+    parent.share_comparison(comparison_metric_keys(
+        [dict.fromkeys(reported_metrics(plan.trials[0].config), 0.0)]))
     campaign_dir.mkdir(parents=True, exist_ok=True)
     echo(f"MLflow: {uri} — experiment '{spec.name}', parent run {parent_id}", flush=True)
 
@@ -274,9 +365,9 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001 — reported, recorded, exit non-zero
-                setup_error = f"{type(e).__name__}: {e}"
-                echo(f"error: stage 0 (teacher) failed, no trial started: {setup_error}",
-                     file=sys.stderr, flush=True)
+                setup_error = protocol.one_line(e)
+                echo(f"error: preparing the trials (stage 0 teacher, floors) failed, no trial "
+                     f"started: {setup_error}", file=sys.stderr, flush=True)
                 parent.record_error(setup_error)
         if remaining and setup_error is None:
             started_ray = init_ray(opts.ray_address)
@@ -292,6 +383,8 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                                             echo=echo, progress_every=opts.progress_every)
                 _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cache,
                            echo)
+                if tracker.store_fault is not None:  # the store failed: Tune stopped the trials
+                    raise tracker.store_fault
     except KeyboardInterrupt:
         interrupted = True
         echo(f"[{clock()}] interrupted: closing the runs (the command that continues is "
@@ -299,8 +392,17 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
     except Exception as e:  # noqa: BLE001 — the driver itself failed: record it, exit non-zero
         import traceback
 
-        setup_error = f"{type(e).__name__}: {e}"
-        echo(traceback.format_exc(), file=sys.stderr, flush=True)
+        # A full or read-only store (the tracker's writes, under Ray's TuneError), or a full
+        # work dir (e.g. Ray's experiment state there): one line.
+        fault = storage_error_in(e) or (
+            StorageFullError(campaign_dir, "the campaign's Ray state", "")
+            if disk_full(e, campaign_dir) else None)
+        if fault is not None:
+            e = fault
+            echo(f"error: {protocol.one_line(e)}", file=sys.stderr, flush=True)
+        else:
+            echo(traceback.format_exc(), file=sys.stderr, flush=True)
+        setup_error = protocol.one_line(e)
         parent.record_error(setup_error)
     finally:
         if started_ray:
@@ -308,8 +410,12 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
 
             ray.shutdown()
 
+    store_fault = None  # the store failed while the runs were being closed
     if tracker is not None:
-        tracker.close_unfinished()  # children still running: the driver was interrupted
+        try:
+            tracker.close_unfinished()  # children still running: the driver was interrupted
+        except StorageError as e:
+            store_fault = e
         for rec in tracker.records.values():
             summaries[rec.key] = TrialSummary(rec.key, rec.arm, rec.seed, rec.status,
                                               dict(rec.metrics), rec.error, rec.seconds,
@@ -324,18 +430,26 @@ def run_campaign(plan: Plan, opts: Options | None = None) -> CampaignResult:
                             interrupted, setup_error)
     table = summary_table(result)
     echo(table, flush=True)
-    parent.close(result, table)
+    if store_fault is None:
+        try:
+            parent.close(result, table)
+        except StorageError as e:
+            store_fault = e
+    if store_fault is not None:  # the runs stay open in the store; --resume closes them
+        if protocol.one_line(store_fault) != setup_error:
+            echo(f"error: {protocol.one_line(store_fault)}", file=sys.stderr, flush=True)
+        result.setup_error = result.setup_error or protocol.one_line(store_fault)
     if not result.ok:
         bad = [t for t in trials if t.status != "FINISHED"]
         echo(f"{len(bad)} of {len(trials)} trial(s) did not finish:\n"
              + "\n".join(f"  {t.key}: {t.status}{' — ' + t.error if t.error else ''}"
                          for t in bad), file=sys.stderr, flush=True)
-        if interrupted:
-            hint = opts.resume_hint or (
-                f"python experiments/run.py {plan.spec_path} --tracking-uri {uri} --work-dir "
-                f"{work_root(opts)} --cache-dir {cache_root(opts)} --resume (and the same "
-                "--preset/--seeds/--set/--data)")
-            echo(f"continue with: {hint}", file=sys.stderr, flush=True)
+        # --resume continues whatever did not finish (a Ctrl-C, a full disk, a failure).
+        hint = opts.resume_hint or (
+            f"python experiments/run.py {plan.spec_path} --tracking-uri {uri} --work-dir "
+            f"{work_root(opts)} --cache-dir {cache_root(opts)} --resume (and the same "
+            "--preset/--seeds/--set/--data)")
+        echo(f"continue with: {hint}", file=sys.stderr, flush=True)
     return result
 
 
@@ -396,7 +510,7 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
         storage_path=str(campaign_dir / "ray"),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[tracker], verbose=0)
+        callbacks=[tracker], stop=tracker.stopper(), verbose=0)
     echo(f"[{clock()}] {remaining} trial(s) on Ray: {cpus:g} CPU / "
          f"{opts.gpus_per_trial:g} GPU each, max concurrent "
          f"{opts.max_concurrent or 'unlimited'}, retries {max_failures}", flush=True)
@@ -404,7 +518,10 @@ def _run_tuner(plan, opts, todo, remaining, finished, tracker, campaign_dir, cac
 
     # The tracker prints each failure as one line and logs its traceback as the child run's
     # error.txt; Ray's own copies (a traceback per attempt, "Trials did not complete") repeat it.
-    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+    # A campaign stopped early (a full store) leaves trials that never ran, whose missing
+    # results Ray's analysis warns about, a line each; the summary lists them as NOT RUN.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune",
+                 "ray.tune.analysis.experiment_analysis"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                        run_config=run_config)

@@ -12,6 +12,8 @@ Everything here is pure and fast: it runs (and fails, naming file and field) bef
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -37,6 +39,9 @@ class Trial:
     stages: list[str]
     config: ExperimentConfig
     arm_values: dict[str, Any] = field(default_factory=dict)  # the arm's own overrides
+    # (key, arm) as the runner labelled this trial before arm labels printed floats as written
+    # (`float_label`); None where the two agree. `Plan.with_legacy_labels` resumes old stores.
+    legacy: tuple[str, str] | None = None
 
     def to_payload(self) -> dict[str, Any]:
         """JSON-safe form that travels to the Ray trial (no store paths inside)."""
@@ -54,12 +59,39 @@ class Plan:
     cli_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def size(self) -> int:
+        """Trials the campaign runs: one per arm and seed, or the search's samples."""
+        return self.search["num_samples"] if self.search else len(self.trials)
+
+    @functools.cached_property
     def campaign_hash(self) -> str:
-        """Identifies the campaign for `--resume`: same spec content, preset and trials."""
-        blob = json.dumps({"spec": self.spec.model_dump(mode="json"), "preset": self.preset,
-                           "trials": [t.to_payload() for t in self.trials]}, sort_keys=True,
-                          default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Identifies the campaign for `--resume`: same spec content, preset and trials.
+
+        The sha256 of `json.dumps({"preset", "spec", "trials": [payloads]}, sort_keys=True)`,
+        fed one trial at a time (the same bytes without the whole text of a 10,000-trial plan
+        in memory). `max_trials` is left out: a confirmation threshold changes nothing a trial
+        computes.
+        """
+        def dumps(v: Any) -> str:
+            return json.dumps(v, sort_keys=True, default=str)
+
+        h = hashlib.sha256()
+        spec = self.spec.model_dump(mode="json", exclude={"max_trials"})
+        h.update(f'{{"preset": {dumps(self.preset)}, "spec": {dumps(spec)}, "trials": ['
+                 .encode())
+        for i, t in enumerate(self.trials):
+            h.update(((", " if i else "") + dumps(t.to_payload())).encode())
+        h.update(b"]}")
+        return h.hexdigest()[:16]
+
+    def with_legacy_labels(self) -> Plan | None:
+        """This plan with the arm labels of the older runner (floats by `repr`), whose stores
+        hold campaigns under those labels; None if no label differs."""
+        if not any(t.legacy for t in self.trials):
+            return None
+        trials = [dataclasses.replace(t, key=t.legacy[0], arm=t.legacy[1], legacy=None)
+                  if t.legacy else t for t in self.trials]
+        return dataclasses.replace(self, trials=trials)
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:
@@ -127,12 +159,32 @@ def absolute_paths(cfg: ExperimentConfig, cwd: str | Path | None = None) -> dict
     return out
 
 
-def _label_value(v: Any) -> str:
+def float_label(v: float) -> str:
+    """A float as a spec writes it: the shortest repr of its first 15 significant digits.
+
+    Every decimal of up to 15 significant digits survives the trip through a double (DBL_DIG),
+    so a value written `0.00003` or generated as `3 * 1e-5` (3.0000000000000004e-05) prints
+    `3e-05`, and `1.0` stays `1.0`: the same text on every run and every machine.
+    """
+    return repr(float(f"{v:.15g}"))
+
+
+def _label_value(v: Any, floats=float_label) -> str:
     if isinstance(v, float):
-        return repr(v)
+        return floats(v)
     if isinstance(v, (list, tuple)):
-        return "x".join(_label_value(x) for x in v)
+        return "x".join(_label_value(x, floats) for x in v)
     return str(v)
+
+
+def _value_labels(values: list[Any]) -> list[str]:
+    """Labels of one grid field's values; `repr` for the field if two values would share one."""
+    labels = [_label_value(v) for v in values]
+    exact = [_label_value(v, repr) for v in values]  # distinct for distinct values
+    seen: dict[str, str] = {}
+    if any(seen.setdefault(a, e) != e for a, e in zip(labels, exact)):
+        return exact
+    return labels
 
 
 def _grid_labels(keys: list[str]) -> dict[str, str]:
@@ -220,7 +272,10 @@ def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int
     named: list[NamedArm | None] = list(spec.arms.named) or [None]
     grid_keys = list(spec.arms.grid)
     labels = _grid_labels(grid_keys)
-    combos = list(itertools.product(*(spec.arms.grid[k] for k in grid_keys))) or [()]
+    grid_values = [spec.arms.grid[k] for k in grid_keys]
+    value_labels = [_value_labels(v) for v in grid_values]
+    legacy_labels = [[_label_value(x, repr) for x in v] for v in grid_values]
+    combos = list(itertools.product(*(range(len(v)) for v in grid_values)))
 
     if spec.search is not None and (spec.arms.named or spec.arms.grid):
         raise SpecError(spec_path, "search", "a search spec has no arms (the searcher picks "
@@ -241,20 +296,21 @@ def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int
     trials: list[Trial] = []
     for i, arm in enumerate(named):
         where_arm = f"arms.named[{i}]"
+        base_arm = _apply(base, arm.overrides, spec_path, f"{where_arm}.overrides") \
+            if arm is not None else base
         for combo in combos:
-            cfg = base
-            arm_values: dict[str, Any] = {}
-            parts = []
-            if arm is not None:
-                cfg = _apply(cfg, arm.overrides, spec_path, f"{where_arm}.overrides")
-                arm_values.update(arm.overrides)
-                parts.append(arm.name)
-            grid_over = dict(zip(grid_keys, combo))
+            cfg = base_arm
+            arm_values: dict[str, Any] = dict(arm.overrides) if arm is not None else {}
+            parts = [arm.name] if arm is not None else []
+            old_parts = list(parts)
+            grid_over = {k: grid_values[j][c] for j, (k, c) in enumerate(zip(grid_keys, combo))}
             if grid_over:
-                for k, v in grid_over.items():
-                    cfg = _apply(cfg, {k: v}, spec_path, "arms.grid")
+                cfg = _apply(cfg, grid_over, spec_path, "arms.grid")
                 arm_values.update(grid_over)
-                parts.extend(f"{labels[k]}={_label_value(v)}" for k, v in grid_over.items())
+                parts += [f"{labels[k]}={value_labels[j][c]}"
+                          for j, (k, c) in enumerate(zip(grid_keys, combo))]
+                old_parts += [f"{labels[k]}={legacy_labels[j][c]}"
+                              for j, (k, c) in enumerate(zip(grid_keys, combo))]
             cfg = _apply(cfg, data, "--data", "") if data else cfg
             cfg = _apply(cfg, sets, "--set", "") if sets else cfg
             abs_paths = absolute_paths(cfg)
@@ -265,10 +321,14 @@ def expand(spec: Spec, spec_path: Path, *, preset: str | None = None, seeds: int
                 arm_values.update(steps)
             stages = list(arm.stages) if arm is not None and arm.stages else list(spec.stages)
             label = ",".join(parts) or ("search" if spec.search else "base")
+            old_label = ",".join(old_parts) or label
             for seed in (seed_list[:1] if spec.search else seed_list):
                 tcfg = _apply(cfg, {"seed": seed}, spec_path, "seeds")
+                legacy = ((_safe(f"{old_label}_s{seed}"), old_label) if old_label != label
+                          else None)
                 trials.append(Trial(key=_safe(f"{label}_s{seed}"), arm=label, seed=seed,
-                                    stages=stages, config=tcfg, arm_values=arm_values))
+                                    stages=stages, config=tcfg, arm_values=dict(arm_values),
+                                    legacy=legacy))
 
     keys = [t.key for t in trials]
     if len(set(keys)) != len(keys):
@@ -311,26 +371,3 @@ def stage_steps(cfg: ExperimentConfig, stage: str) -> int:
     if stage == "generation":
         return cfg.generation.train.steps
     return getattr(cfg.train, stage).steps
-
-
-def describe(plan: Plan) -> str:
-    """Human-readable listing of the trials (what `--dry-run` prints)."""
-    spec = plan.spec
-    lines = [f"spec {spec.name} ({plan.spec_path}) — reproduces: {spec.reproduces or '-'}",
-             f"preset {plan.preset}; {len(plan.trials)} trial(s); campaign {plan.campaign_hash}"]
-    if plan.cli_overrides:
-        lines.append("--set " + " ".join(f"{k}={v}" for k, v in plan.cli_overrides.items()))
-    if plan.search:
-        s = plan.search
-        lines.append(f"search: Optuna, {s['num_samples']} samples, {s['mode']} {s['metric']} "
-                     f"over {', '.join(s['space'])}")
-    w = max(len(t.key) for t in plan.trials)
-    for t in plan.trials:
-        steps = " + ".join(f"{s}:{stage_steps(t.config, s)}" for s in t.stages)
-        extra = ", ".join(f"{k}={v}" for k, v in t.arm_values.items()
-                          if not k.endswith(".steps"))
-        lines.append(f"  {t.key:<{w}}  arm={t.arm} seed={t.seed} stages=[{steps}]"
-                     + (f"  ({extra})" if extra else ""))
-    if spec.report:
-        lines.append(f"report: {spec.report}")
-    return "\n".join(lines)

@@ -31,6 +31,7 @@ import copy
 import functools
 import logging
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ from typing import Any
 
 from sftok import run_record
 from sftok.config import ConfigError, ExperimentConfig, from_dict, override
+from sftok.storage import StorageError, StorageFullError, disk_full
 from sftok.train import NonFiniteLossError
 from sftok_experiments.placement import TAG_PREFIX, end_tag, trial_placement
 
@@ -206,8 +208,9 @@ def report_final(metrics: dict[str, float], artifacts: Path) -> None:
     tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(artifacts)))
 
 
-# Errors a retry would only repeat: same config + data + seed give the same failure.
-DETERMINISTIC_ERRORS = (ConfigError, NonFiniteLossError)
+# Errors a retry would only repeat: same config + data + seed give the same failure; a full or
+# read-only disk stays so until someone frees or fixes it (--resume then).
+DETERMINISTIC_ERRORS = (ConfigError, NonFiniteLossError, StorageError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -248,6 +251,16 @@ def _quiet_exit_hook(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def _as_storage_error(exc: Exception, config: dict[str, Any]) -> Exception:
+    """A full disk met where no writer named what it wrote (Ray persisting a checkpoint into
+    the work dir, the trial's temporary files): a `StorageFullError` naming where."""
+    work = (config.get("runtime") or {}).get("work_root") or tempfile.gettempdir()
+    if isinstance(exc, StorageError) or not disk_full(exc, work):
+        return exc
+    where = getattr(exc, "filename", None) or f"{work} or {tempfile.gettempdir()}"
+    return StorageFullError(where, "the trial's files", "")
+
+
 def guarded(fn):
     """Wrap a trial function: its error reaches the driver as one line, survives pickling, and
     a deterministic failure is not retried (`report_error`)."""
@@ -257,11 +270,14 @@ def guarded(fn):
         sys.unraisablehook = _quiet_exit_hook
         try:
             fn(config)
-        except Exception as e:
+        except Exception as exc:
+            e = _as_storage_error(exc, config)
             with contextlib.suppress(Exception):  # the error below still reaches the driver
                 report_error(e)
             if _survives_ray(e):
-                raise
+                if e is exc:
+                    raise
+                raise e from exc
             # An exception class whose __init__ cannot be called with its args (a third-party
             # one, say) would turn into a TypeError of Ray's: keep its text instead.
             raise RuntimeError(f"{one_line(e)}\n{''.join(traceback.format_exception(e))}"

@@ -14,6 +14,7 @@ the evaluation, the analysis notebook it feeds and an optional Optuna `search:` 
     seeds: 3
     evaluation: {decode_steps: [8]}
     report: analysis/table4_replace_ratio.py
+    max_trials: 100          # optional: more trials than this need --yes (default 100)
 
 Every model is `extra='forbid'` and strict: an unknown key, a wrong type or an unknown stage
 raises `SpecError` naming the file and the field (e.g. `ablation.yaml: arms.grid: ...`).
@@ -38,6 +39,7 @@ TokenizerStage = Literal["stage1", "stage2", "stage3"]
 Stage = Literal["stage1", "stage2", "stage3", "generation"]
 STAGES: tuple[str, ...] = ("stage1", "stage2", "stage3", "generation")
 EVAL_METRICS = Literal[config.EVAL_METRICS]
+DEFAULT_MAX_TRIALS = 100  # `Spec.max_trials` when a spec does not set it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -188,6 +190,10 @@ class Spec(_Strict):
     report: str | None = None  # the analysis notebook this spec feeds
     search: Search | None = None
     max_failures: Annotated[int, Field(ge=0)] = 1  # retries of a crashed trial
+    # A campaign of more trials than this asks for --yes before any compute (a grid typo can
+    # mean 10,000 trials); a spec meant to be that large says so here. Not part of the
+    # campaign's identity (`Plan.campaign_hash`).
+    max_trials: Annotated[int, Field(ge=1)] = DEFAULT_MAX_TRIALS
 
     @field_validator("name")
     @classmethod

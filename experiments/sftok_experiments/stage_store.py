@@ -10,11 +10,21 @@ work directory.
 Layout under the store root (`<work dir>/stages/`):
 
     <key>/              a published result: model.safetensors + config.json (sftok.checkpoint),
-                        stage.json (steps, last metrics, every logged window), identity.json.
+                        stage.json (steps, last metrics, every logged window), identity.json,
+                        digests.json (bytes + sha256 of each of those files, written last).
                         It appears by one rename of a complete directory: never half written.
     .building/<key>/    a result being trained: `train_stage`'s periodic checkpoints + final/.
                         A trainer killed mid-stage leaves it; the next trainer resumes from it.
     .locks/<key>.lock   held (flock) by the one process training <key>; others wait on it.
+    .damaged/           results whose files no longer match their digests, moved out of the
+                        way (kept for a look; the result is trained again).
+
+Storage faults (`sftok.storage`): a result is checked against its digests whenever a trial
+takes it (sizes, then sha256), so a truncated or altered file is never used: the result is
+moved to `.damaged/` with one line and trained again. A full disk while training or publishing
+stops the trial with one line naming the path (`StorageFullError`); the half-written temporary
+files are removed, the periodic checkpoints kept, so `--resume` after freeing space continues
+from the last one.
 
 Stale locks recover by themselves: an flock belongs to the open file, so the kernel releases it
 when its holder exits or is killed (a Ray retry, SIGKILL, a lost node's process). The file
@@ -38,22 +48,28 @@ A trial's finished stages also travel in its Ray checkpoints (`snapshot`: `<stag
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import socket
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftok.filelock import announced_lock
+from sftok.storage import (
+    DamagedFileError,
+    StorageFullError,
+    record_digests,
+    set_aside,
+    verify_digests,
+    writing,
+)
 from sftok.train.checkpointing import FINAL  # a stage's finished result: <out dir>/final
 
 TRAINED, REUSED = "trained", "reused"
 STAGE_JSON = "stage.json"  # written by sftok.train.loop.run_loop into final/
+DIGESTS = "digests.json"  # bytes + sha256 of a result's files, written last (sftok.storage)
 KEY_FILE = "key.txt"  # a snapshot's <stage>/key.txt beside <stage>/final
 
 
@@ -87,10 +103,32 @@ class StageStore:
     def path(self, key: str) -> Path:
         return self.root / key
 
-    def published(self, key: str) -> dict[str, Any] | None:
-        """The published result's stage.json (steps, metrics, history), or None."""
-        meta = self.path(key) / STAGE_JSON
-        return json.loads(meta.read_text()) if meta.exists() else None
+    def is_published(self, key: str) -> bool:
+        """Is `key` published (its digests, written last, present)? No file is checked."""
+        return (self.path(key) / DIGESTS).is_file()
+
+    def published(self, key: str, echo: Callable[[str], None] | None = print
+                  ) -> dict[str, Any] | None:
+        """The published result's stage.json (steps, metrics, history), or None: not published,
+        or damaged (moved to `.damaged/`, said through `echo`, to be trained again)."""
+        d = self.path(key)
+        if not d.exists():
+            return None
+        try:
+            verify_digests(d, self._digests(d), f"stage result {key}")
+            return json.loads((d / STAGE_JSON).read_text())
+        except DamagedFileError as e:
+            moved = set_aside(d, self.root)
+            if echo is not None:
+                echo(f"warning: {e}; moved to {moved}, training it again")
+            return None
+
+    @staticmethod
+    def _digests(d: Path) -> dict[str, Any]:
+        try:
+            return json.loads((d / DIGESTS).read_text())
+        except (OSError, ValueError):  # missing, truncated: nothing to trust the files by
+            return {}
 
     # --- obtaining ------------------------------------------------------------------------------
 
@@ -115,11 +153,11 @@ class StageStore:
 
         identity = stage_identity(cfg, stage, init.key if init is not None else None)
         key = stage_key(identity)
-        meta = self.published(key)
+        meta = self.published(key, echo)
         source = REUSED
         if meta is None:
             with self._lock(key, echo):
-                meta = self.published(key)  # someone else finished it while we waited
+                meta = self.published(key, echo)  # someone else finished it while we waited
                 if meta is None:
                     meta = self._train(cfg, stage, teacher, key, identity, init, callback,
                                        replay_callback, step_offset, train_fn, id_cache_dir)
@@ -145,14 +183,28 @@ class StageStore:
         elif latest is not None:
             history = json.loads((latest / "state.json").read_text()).get("history", [])
             replay(history, replay_callback, step_offset)
-        train_fn(cfg, stage, teacher, building, init=init.checkpoint if init else None,
-                 callback=callback, resume=True, step_offset=step_offset,
-                 id_cache_dir=id_cache_dir)
-        final = building / FINAL
-        (final / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
-        os.rename(final, self.path(key))  # atomic publish: the result appears complete
+        what = f"stage result {key} (training checkpoints and final model)"
+        try:
+            with writing(building, what):
+                train_fn(cfg, stage, teacher, building, init=init.checkpoint if init else None,
+                         callback=callback, resume=True, step_offset=step_offset,
+                         id_cache_dir=id_cache_dir)
+                self.publish(key, building / FINAL, identity)
+        except StorageFullError:
+            ckpt.remove_temporaries(building)  # checkpoints stay: --resume continues from them
+            raise
         shutil.rmtree(building, ignore_errors=True)
         return self.published(key)
+
+    def publish(self, key: str, result: Path, identity: dict[str, Any] | None = None) -> Path:
+        """Publish a finished result directory (its files written) as `key`: identity.json,
+        then digests.json, then one rename, so the result appears complete or not at all."""
+        if identity is not None:
+            (result / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
+        (result / DIGESTS).write_text(json.dumps(record_digests(result), indent=1))
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.rename(result, self.path(key))
+        return self.path(key)
 
     def restore(self, snapshot_dir: Path, work: Path | None = None) -> None:
         """Publish the finished stages of a `snapshot` (a retry's Ray checkpoint): a
@@ -174,48 +226,38 @@ class StageStore:
             return
         tmp = self.root / ".building" / f".adopt-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source_dir, tmp)
-        with self._lock(key, None):
-            if self.published(key) is None:
-                os.rename(tmp, self.path(key))
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with writing(tmp, f"a copy of stage result {key}"):
+                shutil.copytree(source_dir, tmp)
+            # The copy must match the digests recorded when the result was first published.
+            verify_digests(tmp, self._digests(tmp), f"copy of stage result {key}")
+            with self._lock(key, None):
+                if self.published(key) is None:
+                    os.rename(tmp, self.path(key))
+        except DamagedFileError as e:  # not adopted: the trial trains the stage instead
+            print(f"warning: {e}; not used, the stage is trained again", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # --- locking ------------------------------------------------------------------------------
 
-    @contextmanager
     def _lock(self, key: str, echo: Callable[[str], None] | None):
-        """Exclusive flock on .locks/<key>.lock; says once whom it waits for."""
-        path = self.root / ".locks" / f"{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if echo is not None:
-                    f.seek(0)
-                    holder = f.read().strip() or "another process"
-                    echo(f"waiting for stage result {key} (being trained by {holder})")
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                f.seek(0)
-                f.truncate()
-                f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-                f.flush()
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        """Exclusive lock on .locks/<key>.lock; says once whom it waits for."""
+        return announced_lock(self.root / ".locks" / f"{key}.lock", on_wait=None if echo is None
+                              else lambda holder: echo(f"waiting for stage result {key} (being "
+                                                       f"trained by {holder})"))
 
 
 def snapshot(outcomes: list[StageOutcome], tmp: Path) -> Path:
     """A directory of the finished stages for a Ray checkpoint, under `tmp`:
     `<stage>/final` (+ `<stage>/key.txt` when the result is content-addressed)."""
     snap = tmp / f"snapshot-{len(outcomes)}"
-    for o in outcomes:
-        shutil.copytree(o.checkpoint, snap / o.stage / FINAL)
-        if o.key:
-            (snap / o.stage / KEY_FILE).write_text(o.key)
+    with writing(snap, "the trial's snapshot of its finished stages"):
+        for o in outcomes:
+            shutil.copytree(o.checkpoint, snap / o.stage / FINAL)
+            if o.key:
+                (snap / o.stage / KEY_FILE).write_text(o.key)
     return snap
 
 
-__all__ = ["REUSED", "TRAINED", "StageOutcome", "StageStore", "replay", "snapshot"]
+__all__ = ["DIGESTS", "REUSED", "TRAINED", "StageOutcome", "StageStore", "replay", "snapshot"]

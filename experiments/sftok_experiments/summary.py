@@ -96,6 +96,16 @@ def summary_metric_keys(all_metrics: list[dict[str, float]]) -> list[str]:
     return out
 
 
+def comparison_metric_keys(all_metrics: list[dict[str, float]]) -> list[str]:
+    """The metric columns of the MLflow UI's comparison view (`run_record.comparison_view`):
+    the summary table's, then the floors' and the ceiling's of the same metrics, those present
+    (rFID only where the trials could compute it)."""
+    present = set().union(*[set(m) for m in all_metrics]) if all_metrics else set()
+    bounds = [eval_key(bound_metric(prefix, m)) for prefix in BOUND_PREFIXES
+              for m in KEY_METRICS]
+    return summary_metric_keys(all_metrics) + [k for k in bounds if k in present]
+
+
 def short_metrics(metrics: dict[str, float]) -> str:
     """`psnr_s8=9.232  ssim_s8=0.01932 ...`: a finished trial's key metrics on one line."""
     keys = summary_metric_keys([metrics])

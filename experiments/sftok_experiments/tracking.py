@@ -14,24 +14,34 @@ skipped (a retried trial re-reports the steps after its last checkpoint).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from sftok import run_record as rr
 from sftok.config import flatten, to_dict
 from sftok.filelock import exclusive_lock
+from sftok.storage import StorageError, StorageNotWritableError, check_writable, writing
 from sftok_experiments import ROOT, protocol
 from sftok_experiments.expand import stage_steps
 from sftok_experiments.progress import StageProgress
-from sftok_experiments.summary import CampaignResult, clock, max_skipped, short_metrics
+from sftok_experiments.summary import (
+    CampaignResult,
+    clock,
+    comparison_metric_keys,
+    max_skipped,
+    short_metrics,
+)
 
 # --------------------------------------------------------------------------------------------
 # Store
@@ -45,6 +55,45 @@ def open_store(tracking: str | None) -> tuple[Any, rr.Store]:
     if store.directory is not None:
         (store.directory / rr.ARTIFACTS).mkdir(parents=True, exist_ok=True)
     return client_for(store.uri), store
+
+
+STORE_WHAT = "the MLflow store (--tracking-uri)"
+
+
+def check_store_writable(store: rr.Store) -> None:
+    """Refuse, in one line, a local store that cannot be written (`StorageNotWritableError`)
+    before anything is computed or recorded: its directory, artifacts and database file."""
+    if store.directory is None:  # a server: it says so itself
+        return
+    check_writable(store.directory, STORE_WHAT)
+    if (store.directory / rr.ARTIFACTS).is_dir():
+        check_writable(store.directory / rr.ARTIFACTS, STORE_WHAT)
+    db = store.directory / rr.DB_FILE
+    if db.exists() and not os.access(db, os.W_OK):
+        raise StorageNotWritableError(db, STORE_WHAT, "the database file is read-only")
+
+
+class StoreClient:
+    """An MlflowClient on a local store whose calls meet a full disk (SQLite's "database or
+    disk is full", ENOSPC copying an artifact) as `StorageFullError` naming the store, one
+    line, instead of MLflow's error with its SQL. SQLite rolls a failed write back whole."""
+
+    def __init__(self, client, directory: Path):
+        self._client, self._directory = client, directory
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not the client's (and no recursion before __init__ ran)
+            raise AttributeError(name)
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            with writing(self._directory, STORE_WHAT):
+                return attr(*args, **kwargs)
+
+        return call
 
 
 @contextlib.contextmanager
@@ -68,12 +117,23 @@ def client_for(uri: str):
     from mlflow.tracking import MlflowClient
 
     # SQLite schema migrations log at INFO on first use; keep the console for trial events.
+    # A failed database write is logged at ERROR with its traceback (80 lines) before MLflow
+    # raises it; the runner reports the exception itself, in one line.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    with _store_lock(uri):
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    db = rr.sqlite_file(uri)
+    with _store_lock(uri), (writing(db.parent, STORE_WHAT) if db else contextlib.nullcontext()):
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # opens the store: creates / migrates it
-    return client
+    return StoreClient(client, db.parent) if db else client
+
+
+def drop_artifacts(client, run_id: str) -> None:
+    """Remove what a run's artifacts directory holds (a local store's; others are left):
+    artifacts cut short by a full disk are not kept, the run logs them whole again."""
+    uri = client.get_run(run_id).info.artifact_uri
+    if uri.startswith("file:"):
+        shutil.rmtree(unquote(urlparse(uri).path), ignore_errors=True)
 
 
 def get_experiment(client, spec: str, artifact_root: str | None, reproduces: str = "") -> str:
@@ -144,6 +204,43 @@ def set_tags(client, run_id: str, tags: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def share_comparison(client, exp_id: str, parent_id: str, metric_keys: list[str]) -> None:
+    """Write the experiment tag of a campaign's comparison view (`rr.comparison_view`)."""
+    client.set_experiment_tag(exp_id, rr.comparison_view_tag(parent_id),
+                              json.dumps(rr.comparison_view(parent_id, metric_keys)))
+
+
+def find_campaign(client, campaign: str | None = None, experiment: str | None = None):
+    """(experiment id, parent run) of a campaign: the parent run `campaign` (a run id or a
+    campaign hash), else the latest parent run of `experiment` (a spec name), else the latest
+    of the store; None when there is none."""
+    exps = client.search_experiments()
+    if experiment is not None:
+        exps = [e for e in exps if e.name == rr.experiment_name(experiment)]
+    ids = [e.experiment_id for e in exps]
+    if not ids:
+        return None
+    if campaign is not None:
+        with contextlib.suppress(Exception):  # not a run id: a campaign hash, below
+            run = client.get_run(campaign)
+            if rr.is_parent(run.data.tags) and run.info.experiment_id in ids:
+                return run.info.experiment_id, run
+    runs = client.search_runs(ids, filter_string=rr.parents_filter(campaign), max_results=1,
+                              order_by=rr.NEWEST_FIRST)
+    return (runs[0].info.experiment_id, runs[0]) if runs else None
+
+
+def comparison_of(client, exp_id: str, parent) -> str:
+    """Make sure the campaign's comparison view exists (a campaign recorded before views were
+    written gets one from its children's metrics); returns its share key."""
+    tag = rr.comparison_view_tag(parent.info.run_id)
+    if tag not in client.get_experiment(exp_id).tags:
+        children = rr.search_all(client, [exp_id], rr.children_filter(parent.info.run_id))
+        keys = comparison_metric_keys([dict(r.data.metrics) for r in children])
+        share_comparison(client, exp_id, parent.info.run_id, keys)
+    return parent.info.run_id
+
+
 def recent_parents(client, exp_id: str, n: int = 5) -> list:
     """The spec's latest parent runs (any campaign), newest first."""
     return client.search_runs([exp_id], filter_string=rr.parents_filter(), max_results=n,
@@ -153,8 +250,9 @@ def recent_parents(client, exp_id: str, n: int = 5) -> list:
 class ParentRun:
     """The parent run of one invocation: opened (or resumed), stage 0 logged on it, closed."""
 
-    def __init__(self, client, run_id: str, campaign_dir: Path, resumed: int = 0):
-        self.client, self.run_id, self.campaign_dir = client, run_id, campaign_dir
+    def __init__(self, client, exp_id: str, run_id: str, campaign_dir: Path, resumed: int = 0):
+        self.client, self.exp_id, self.run_id = client, exp_id, run_id
+        self.campaign_dir = campaign_dir
         self.resumed = resumed  # how many invocations continued it before this one
 
     @classmethod
@@ -169,7 +267,7 @@ class ParentRun:
             overrides=" ".join(f"{k}={v}" for k, v in plan.cli_overrides.items()))
         run = client.create_run(exp_id, run_name=rr.parent_run_name(
             spec.name, plan.preset, time.strftime("%Y%m%d-%H%M%S")), tags=tags)
-        parent = cls(client, run.info.run_id, work_root / spec.name / run.info.run_id)
+        parent = cls(client, exp_id, run.info.run_id, work_root / spec.name / run.info.run_id)
         set_tags(client, parent.run_id, {rr.CAMPAIGN_DIR_TAG: str(parent.campaign_dir)})
         try:
             client.log_artifact(parent.run_id, str(plan.spec_path))
@@ -179,17 +277,29 @@ class ParentRun:
             echo(f"warning: could not log the spec artifacts: {e}", flush=True)
         return parent
 
+    @staticmethod
+    def latest(client, exp_id: str, campaign: str):
+        """The latest parent run of this campaign (same spec content, preset and trials), None
+        when there is none. Reads only."""
+        runs = client.search_runs([exp_id], filter_string=rr.parents_filter(campaign),
+                                  max_results=1, order_by=rr.NEWEST_FIRST)
+        return runs[0] if runs else None
+
+    @staticmethod
+    def campaign_dir_of(run, work_root: Path) -> Path:
+        """Where a parent run's campaign directory is (its tag; a run recorded without one:
+        `<work root>/<spec>/<run id>`, as `open` makes it)."""
+        tagged = run.data.tags.get(rr.CAMPAIGN_DIR_TAG)
+        return Path(tagged) if tagged else (
+            work_root / run.data.tags.get(rr.SPEC_TAG, "unknown") / run.info.run_id)
+
     @classmethod
-    def resume(cls, client, exp_id: str, campaign: str) -> tuple[ParentRun, dict] | None:
-        """The latest parent run of this campaign (same spec content, preset and trials),
-        reopened, with its children by trial key; None when there is none."""
-        runs = rr.search_all(client, [exp_id], rr.parents_filter(campaign), rr.NEWEST_FIRST)
-        if not runs:
-            return None
-        run = runs[0]
+    def reopen(cls, client, exp_id: str, run, work_root: Path) -> tuple[ParentRun, dict]:
+        """The parent run `run` (`latest`) reopened for one more invocation, with its children
+        by trial key (the latest child of each)."""
         n = rr.resume_count(run.data.tags) + 1
-        parent = cls(client, run.info.run_id,
-                     Path(run.data.tags.get(rr.CAMPAIGN_DIR_TAG, "")), resumed=n)
+        parent = cls(client, exp_id, run.info.run_id, cls.campaign_dir_of(run, work_root),
+                     resumed=n)
         children = rr.search_all(client, [exp_id], rr.children_filter(parent.run_id),
                                  rr.OLDEST_FIRST)
         client.update_run(parent.run_id, status="RUNNING")
@@ -212,8 +322,16 @@ class ParentRun:
                 self.client.log_text(self.run_id, json.dumps(info, indent=1),
                                      rr.teacher_info_path(key))
 
+    def share_comparison(self, metric_keys: list[str]) -> None:
+        """The MLflow UI's view comparing this campaign's arms (`rr.comparison_view`), an
+        experiment tag that `python experiments/run.py ui` opens."""
+        share_comparison(self.client, self.exp_id, self.run_id, metric_keys)
+
     def record_error(self, message: str) -> None:
-        set_tags(self.client, self.run_id, {rr.ERROR_TAG: message[:5000]})
+        """Tag the invocation's error, if the store can take it (the console has it anyway:
+        a full store must not hide the error it recorded)."""
+        with contextlib.suppress(Exception):
+            set_tags(self.client, self.run_id, {rr.ERROR_TAG: message[:5000]})
 
     def close(self, result: CampaignResult, table: str) -> None:
         """Counts, stage reuse, the summary table, and the final status of the invocation."""
@@ -229,6 +347,9 @@ class ParentRun:
             steps_reused=result.stage_count("reused", steps=True)), self.resumed)
         with contextlib.suppress(Exception):
             self.client.log_text(self.run_id, table + "\n", rr.SUMMARY_TXT)
+        measured = [t.metrics for t in trials if t.metrics]
+        if measured:  # the columns the trials did report (rFID only where it was computed)
+            self.share_comparison(comparison_metric_keys(measured))
         # Interrupted (Ctrl-C, between or during trials): KILLED, not FAILED — nothing went
         # wrong that --resume would not continue; the failures of single trials stay on their
         # runs.
@@ -261,15 +382,49 @@ class TrialRecord:
         self.progress = None  # progress.StageProgress, made on the first live train report
 
 
+def _recording(hook):
+    """A tracker hook whose store writes may fail. The first storage fault (a full or
+    read-only store) is kept as `store_fault`, which stops the campaign (`stopper`); the hook's
+    trial stays unfinished in the store, so --resume runs it again, and Ray neither fails nor
+    retries the trial for what was the driver's fault."""
+    @functools.wraps(hook)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except StorageError as e:
+            self.store_fault = self.store_fault or e
+            return None
+
+    return wrapper
+
+
+def console(*args, **kwargs) -> None:
+    """`print`, as a function that pickles by reference (`MlflowTracker`'s default echo)."""
+    print(*args, **kwargs)
+
+
 def _make_tracker_class():
     from ray import tune
 
+    class StopOnStoreFault(tune.Stopper):
+        """Ends the Tune run (every trial) once the tracker met a storage fault."""
+
+        def __init__(self, tracker):
+            self.tracker = tracker
+
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return self.tracker.store_fault is not None
+
     class MlflowTracker(tune.Callback):
-        """Creates a child run per trial and logs params/tags/metrics/artifacts (driver only)."""
+        """Creates a child run per trial and logs params/tags/metrics/artifacts (driver only).
+        A full or read-only store stops the campaign (`store_fault`, `stopper`)."""
 
         def __init__(self, client, experiment_id: str, parent_id: str, spec_name: str,
                      preset: str, existing: dict[str, Any] | None = None,
-                     echo=print, progress_every: float = 30.0):
+                     echo=None, progress_every: float = 30.0):
             self.client = client
             self.exp_id = experiment_id
             self.parent_id = parent_id
@@ -277,8 +432,16 @@ def _make_tracker_class():
             self.preset = preset
             self.existing = dict(existing or {})  # key -> MLflow run (from an earlier invocation)
             self.records: dict[str, TrialRecord] = {}  # by ray trial id
-            self.echo = echo
+            # Not `print` as the default: Ray pickles this class by value (tuner.pkl), defaults
+            # included, and a builtin pickles by name, which fails once Ray's log thread has
+            # patched `builtins.print` (ray.experimental.tqdm_ray), i.e. at random.
+            self.echo = echo or console
             self.progress_every = progress_every  # seconds between progress lines of a trial
+            self.store_fault: StorageError | None = None  # the store failed: stop
+
+        def stopper(self) -> tune.Stopper:
+            """The Tune stopper that ends the run once the store failed."""
+            return StopOnStoreFault(self)
 
         # Ray pickles the run config (tuner.pkl, for Tuner.restore); the store client and the
         # console are driver-only and are not part of that state.
@@ -321,11 +484,10 @@ def _make_tracker_class():
                 self.client.update_run(rec.run_id, status="RUNNING")
                 if rr.ERROR_TAG in prev.data.tags:  # the earlier attempt's error is gone
                     self.client.delete_tag(rec.run_id, rr.ERROR_TAG)
-                for k in prev.data.metrics:
-                    if rr.parse_train_key(k):
-                        hist = self.client.get_metric_history(rec.run_id, k)
-                        if hist:
-                            rec.last_step[k] = max(m.step for m in hist)
+                for k in prev.data.metrics:  # train curves, eval results, trace steps
+                    hist = self.client.get_metric_history(rec.run_id, k)
+                    if hist:
+                        rec.last_step[k] = max(m.step for m in hist)
                 set_tags(self.client, rec.run_id, {rr.RAY_TRIAL_TAG: trial.trial_id,
                                                    rr.RESUMED_TAG: "true"})
                 return
@@ -341,12 +503,14 @@ def _make_tracker_class():
                        rr.trial_params(flatten(to_dict(cfg)), payload["stages"], rec.arm))
 
         # -- Ray Tune hooks ------------------------------------------------------------------
+        @_recording
         def on_trial_start(self, iteration, trials, trial, **info):
             rec = self._run_of(trial)
             rec.status = "RUNNING"
             rec.started = rec.started or time.time()
             self._line(rec, f"started   arm={rec.arm} seed={rec.seed} run={rec.run_id[:8]}")
 
+        @_recording
         def on_trial_recover(self, iteration, trials, trial, **info):
             rec = self._record(trial)
             rec.retries += 1
@@ -355,6 +519,7 @@ def _make_tracker_class():
             rec.error = None  # the next attempt reports its own
             rec.progress = None  # and its own speed
 
+        @_recording
         def on_trial_result(self, iteration, trials, trial, result, **info):
             rec = self._run_of(trial)
             report = protocol.decode(result)
@@ -378,19 +543,24 @@ def _make_tracker_class():
                     trial.max_failures = 0
             elif report.event == protocol.FINAL:
                 m = {rr.eval_key(k): v for k, v in report.metrics.items()}
-                log_metrics(self.client, rec.run_id, m, 0)
+                self._log_new(rec, m, 0)
                 rec.metrics.update(m)
                 rec.got_final = True
                 if "skipped_images" in report.metrics:
                     rec.skipped["val"] = int(report.metrics["skipped_images"])
 
-        def _train(self, trial, rec: TrialRecord, report: protocol.Report) -> None:
-            keys = {rr.train_key(report.stage, k): v for k, v in report.metrics.items()}
-            new = {k: v for k, v in keys.items() if report.step > rec.last_step.get(k, -1)}
+        def _log_new(self, rec: TrialRecord, metrics: dict[str, float], step: int) -> None:
+            """Log the points after those the run has (a retried or resumed trial reports
+            again what it reported before its last checkpoint, or before the store failed)."""
+            new = {k: v for k, v in metrics.items() if step > rec.last_step.get(k, -1)}
             for k in new:
-                rec.last_step[k] = report.step
+                rec.last_step[k] = step
             if new:
-                log_metrics(self.client, rec.run_id, new, report.step)
+                log_metrics(self.client, rec.run_id, new, step)
+
+        def _train(self, trial, rec: TrialRecord, report: protocol.Report) -> None:
+            self._log_new(rec, {rr.train_key(report.stage, k): v
+                                for k, v in report.metrics.items()}, report.step)
             if "data_skipped" in report.metrics:
                 rec.skipped["train"] = max(rec.skipped.get("train", 0),
                                            int(report.metrics["data_skipped"]))
@@ -407,6 +577,7 @@ def _make_tracker_class():
             if line:
                 self._line(rec, line)
 
+        @_recording
         def on_trial_complete(self, iteration, trials, trial, **info):
             rec = self._ended(trial)
             if not rec.got_final:
@@ -417,6 +588,12 @@ def _make_tracker_class():
                 return
             try:
                 self._log_artifacts(trial, rec)
+            except StorageError:
+                # A full (or read-only) store: the run stays unfinished, so that --resume
+                # runs the trial again and logs its artifacts whole; none cut short are kept.
+                with contextlib.suppress(Exception):
+                    drop_artifacts(self.client, rec.run_id)
+                raise
             except Exception as e:  # noqa: BLE001 — a logging problem must not hide the result
                 self._line(rec, f"warning: could not log artifacts: {e}")
                 set_tags(self.client, rec.run_id, {rr.ARTIFACT_ERROR_TAG: str(e)})
@@ -424,6 +601,7 @@ def _make_tracker_class():
             self.client.set_terminated(rec.run_id, status="FINISHED")
             self._line(rec, f"finished in {rec.seconds:.0f}s  " + short_metrics(rec.metrics))
 
+        @_recording
         def on_trial_error(self, iteration, trials, trial, **info):
             rec = self._ended(trial)
             text = _error_text(trial)
@@ -440,8 +618,8 @@ def _make_tracker_class():
             """Close the children still running (the driver was interrupted) as KILLED."""
             for rec in self.records.values():
                 if rec.status in ("RUNNING", "PENDING") and rec.run_id:
+                    rec.status = "KILLED"  # in the summary even if the store cannot take it
                     self.client.set_terminated(rec.run_id, status="KILLED")
-                    rec.status = "KILLED"
 
         # -- artifacts -----------------------------------------------------------------------
         def _log_artifacts(self, trial, rec: TrialRecord) -> None:
@@ -456,7 +634,7 @@ def _make_tracker_class():
                         self.client.log_artifacts(rec.run_id, str(d / sub), sub)
                 if (d / rr.TRACE_CSV).exists():
                     for step, values in rr.trace_metrics(rr.read_csv(d / rr.TRACE_CSV)).items():
-                        log_metrics(self.client, rec.run_id, values, step)
+                        self._log_new(rec, values, step)
                 unavailable = rr.read_unavailable(d)
                 if unavailable:
                     set_tags(self.client, rec.run_id, rr.unavailable_tags(unavailable))

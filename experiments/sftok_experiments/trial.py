@@ -34,6 +34,7 @@ from sftok.config import override, to_dict
 from sftok.data import CorruptImageWarning, build_val_dataset, val_batches
 from sftok.evaluate import dataset_key, evaluate
 from sftok.evaluate.bounds import build_bounds
+from sftok.storage import writing
 from sftok.train import TeacherUnavailableError, get_teacher
 from sftok.train.loop import resolve_device
 from sftok_experiments import protocol
@@ -106,9 +107,10 @@ def run_trial(config: dict[str, Any]) -> None:
                           cache_dir=rt.eval_cache, progress=False, decode_cfg=cfg.decode,
                           dataset_key=dataset_key(cfg), bounds=bounds)
         metrics = {**result.metrics, "skipped_images": images.skipped}  # left out, not scored
-        art = run_record.write_trial_artifacts(tmp / "artifacts", to_dict(cfg), payload, metrics,
-                                               result.unavailable, result.trace, result.grids,
-                                               init)
+        with writing(tmp, "the trial's artifacts"):
+            art = run_record.write_trial_artifacts(tmp / "artifacts", to_dict(cfg), payload,
+                                                   metrics, result.unavailable, result.trace,
+                                                   result.grids, init)
         protocol.report_final(metrics, art)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

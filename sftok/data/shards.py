@@ -20,8 +20,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
 
 from sftok.config import ConfigError
 from sftok.data.decode import DECODE_ERRORS, SkipLog, load_rgb
@@ -31,10 +29,22 @@ from sftok.data.transforms import eval_transform, hflip, train_transform
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
+def _webdataset():
+    """The webdataset module, imported only when shards are read: the rest of `sftok.data`
+    works without it (e.g. on a GPU image that lacks it)."""
+    try:
+        import webdataset
+    except ImportError as e:
+        raise ModuleNotFoundError(f"webdataset shards need the webdataset package ({e}); "
+                                  "pip install -r requirements.lock, or use an image folder",
+                                  name="webdataset") from None
+    return webdataset
+
+
 def expand_shards(spec: str | Sequence[str], field: str = "data.path") -> list[str]:
     """Brace pattern(s) or a list -> shard URLs; local files must exist (ConfigError names `field`)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
-    urls = [u for s in specs for u in expand_urls(s)]
+    urls = [u for s in specs for u in _webdataset().shardlists.expand_urls(s)]
     if not urls:
         raise ConfigError(field, f"no shards in {spec!r}; give a brace pattern such as "
                                  f"/data/imagenet-train-{{0000..0255}}.tar or a list of tar files")
@@ -93,7 +103,8 @@ class ShardDataset(IterableDataset):
             self.skip_log.record(f"{getattr(e, 'args', [''])[-1]}", e)
             return True
 
-        samples = tarfile_samples(({"url": u} for u in urls), handler=on_error)
+        samples = _webdataset().tariterators.tarfile_samples(({"url": u} for u in urls),
+                                                             handler=on_error)
         if not self.train or self.shuffle_buffer <= 1:
             yield from samples
             return

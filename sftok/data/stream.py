@@ -24,6 +24,14 @@ from sftok.data.transforms import hflip
 Batch = tuple[torch.Tensor, torch.Tensor]  # images B×3×H×W float [0, 1], labels B long
 
 
+def loader_options(num_workers: int, pin_memory: bool = False) -> dict[str, int | bool]:
+    """Keyword arguments of every DataLoader here: workers persist across iterations of the
+    same loader (no re-spawn and dataset re-copy per pass) whenever there are workers; pinned
+    memory only when asked (CUDA)."""
+    return {"num_workers": num_workers, "persistent_workers": num_workers > 0,
+            "pin_memory": pin_memory}
+
+
 def _collate(items: list[tuple[torch.Tensor, int]]) -> Batch:
     images, labels = zip(*items)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
@@ -92,7 +100,11 @@ class TrainStream:
         batch_size: B.
         seed: the data-order seed (the trial's seed): permutations and augmentation derive from it.
         flip: random horizontal flips (probability 1/2, paper preprocessing).
-        num_workers: DataLoader worker processes (0: load in this process).
+        num_workers: DataLoader worker processes (0: load in this process); they persist
+            for as long as the stream iterates (`loader_options`).
+        pin_memory: hand out batches in page-locked memory, so that the training step's
+            `.to(device, non_blocking=True)` really overlaps the copy with compute. Only for a
+            CUDA device (the caller passes `device.type == "cuda"`; pinning needs a driver).
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, flip: bool = True,
@@ -156,8 +168,8 @@ class TrainStream:
                 yield _collate_counted([keyed[k] for k in keys])
         else:
             yield from DataLoader(_Keyed(self.dataset), batch_sampler=sampler,
-                                  num_workers=self.num_workers, collate_fn=_collate_counted,
-                                  pin_memory=self.pin_memory)
+                                  collate_fn=_collate_counted,
+                                  **loader_options(self.num_workers, self.pin_memory))
 
     # --- iterable -------------------------------------------------------------------------
 
@@ -167,8 +179,9 @@ class TrainStream:
         while True:
             view = self.dataset.configured(seed=self.seed, epoch=epoch, skip=position,
                                            flip=self.flip)
-            loader = DataLoader(view, batch_size=self.batch_size, num_workers=self.num_workers,
-                                collate_fn=_collate, pin_memory=self.pin_memory)
+            # Not pinned here: the samples are re-stacked into batches below (pinned there).
+            loader = DataLoader(view, batch_size=self.batch_size, collate_fn=_collate,
+                                **loader_options(self.num_workers, pin_memory=False))
             start = position
             for images, labels in loader:
                 for image, label in zip(images, labels):
@@ -202,7 +215,16 @@ class TrainStream:
             self.position += self.batch_size
             self.epoch += self.position // self.num_samples
             self.position %= self.num_samples
+        if self.pin_memory and not self._loader_pins:
+            batch = tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t
+                          for t in batch)
         return batch
+
+    @property
+    def _loader_pins(self) -> bool:
+        """Whether the DataLoader already pins the batches (map-style data with workers: its
+        pinning thread overlaps with the step); otherwise `__next__` pins them."""
+        return not self.iterable and self.num_workers > 0
 
 
 class ValBatches:
@@ -236,8 +258,8 @@ class ValBatches:
             before = getattr(ds, "skipped", 0)
         else:
             source, before = ds, None
-        loader = DataLoader(source, batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=_collate_counted)
+        loader = DataLoader(source, batch_size=self.batch_size, collate_fn=_collate_counted,
+                            **loader_options(self.num_workers))
         remaining = self.max_images
         try:
             for images, _labels, met in loader:

@@ -12,7 +12,8 @@ DESIGN §1 ('Analyses'): every result is placed between
   pixel decoder) it cannot do better.
 
 The palettes are k-means colours of training-image thumbnails (the pixels the codec quantises,
-never validation images), fitted once per data set and cached (`floor_codecs`). Evaluation
+never validation images), fitted once per data set and cached (`floor_codecs`; published
+with a digest and checked when read, `sftok.storage`). Evaluation
 (`evaluate(..., bounds=...)`) scores them on the same 8-bit images as the tokenizer:
 `floor_tokenizer_<metric>`, `floor_teacher_<metric>`, `teacher_<metric>` for psnr, ssim, lpips,
 rfid, is (the prefixes are named in `sftok.run_record`, with the rest of the metric names).
@@ -31,9 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sftok.run_record import CEILING_PREFIX, floor_prefix
+from sftok.storage import DamagedFileError, open_tensors, publish_tensors, rebuilding
 
 # Bump when the codec or the palette fit changes: cached palettes of older formats are ignored.
-PALETTE_FORMAT = 1
+# 2: safetensors files with a recorded digest (sftok.storage), no longer torch.save.
+PALETTE_FORMAT = 2
 # Training images whose thumbnails feed the k-means: enough pixels for thousands of colours
 # at paper scale (1024 images × 64 px), seconds of work at CPU scale.
 PALETTE_IMAGES = 1024
@@ -186,9 +189,11 @@ def floor_codecs(cfg, cache_dir: str | os.PathLike | None = None,
     codecs, todo = {}, {}
     cache = Path(cache_dir) / "floor_palettes" if cache_dir is not None else None
     for name, (shape, colours) in specs.items():
-        path = cache / f"{_cache_key(cfg.data, shape, colours, images)}.pt" if cache else None
-        if path is not None and path.exists():
-            codecs[name] = NaiveCodec(shape, torch.load(path, weights_only=True))
+        path = (cache / f"{_cache_key(cfg.data, shape, colours, images)}.safetensors"
+                if cache else None)
+        palette = _cached_palette(path) if path is not None and path.exists() else None
+        if palette is not None:
+            codecs[name] = NaiveCodec(shape, palette)
         else:
             todo[name] = (shape, colours, path)
     if todo:
@@ -198,12 +203,21 @@ def floor_codecs(cfg, cache_dir: str | os.PathLike | None = None,
             # 8-bit colours, like any image palette (and so an 8-bit colour in it is exact)
             palette = fit_palette(pixels, colours, seed=cfg.data.seed).mul(255).round().div(255)
             codecs[name] = NaiveCodec(shape, palette)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-                torch.save(palette, tmp)
-                os.replace(tmp, path)  # atomic: concurrent trials never read half a file
+            if path is not None:  # atomic: concurrent trials never read half a file
+                publish_tensors(path, {"palette": palette}, None, _PALETTE)
     return {name: codecs[name] for name in specs}
+
+
+_PALETTE = "floor palette"
+
+
+def _cached_palette(path: Path) -> Tensor | None:
+    """A cached palette (colours×3), or None when the file is damaged (then refitted)."""
+    try:
+        return open_tensors(path, _PALETTE)[0]["palette"]
+    except DamagedFileError as e:
+        rebuilding(e, "fitting it again")
+        return None
 
 
 def build_bounds(cfg, cache_dir: str | os.PathLike | None = None) -> Bounds:

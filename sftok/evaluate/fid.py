@@ -40,8 +40,10 @@ INCEPTION_ENV = "SFTOK_INCEPTION_WEIGHTS"
 
 
 def _inception_url() -> str:
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    except ImportError:  # only the message needs it: say where, without the package
+        return "torch-fidelity's GitHub releases (torch-fidelity itself is not installed here)"
     return URL_INCEPTION_V3
 
 

@@ -11,6 +11,8 @@ depend on the other images of the batch, so `batch_size` then changes the tokens
 Cache: `cache_dir/tokens/<key>.safetensors`, key = sha256 of (tokenizer weights, data key,
 assignment, flips, batch size for sinkhorn). The file holds tokens M×K, labels M, flipped M and
 metadata (what was used, content hash of the images); a hit reads it without touching the data.
+It is published whole with its digest and checked when read (`sftok.storage`): a truncated or
+altered file is rebuilt, never used.
 """
 from __future__ import annotations
 
@@ -25,11 +27,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from sftok.data.transforms import hflip
 from sftok.data.uint8 import ContentHash, to_uint8
+from sftok.storage import (
+    DamagedFileError,
+    open_tensors,
+    publish_tensors,
+    rebuilding,
+    tensors_sha256,
+)
 
 
 @dataclass
@@ -49,18 +57,14 @@ class TokenSet:
 
 
 def weights_sha256(path: str | os.PathLike) -> str:
-    """sha256 over a safetensors file's tensors (names, dtypes, shapes, bytes) in name order.
+    """`sftok.storage.tensors_sha256` of a safetensors file's tensors.
 
-    Not over the file's bytes: two bitwise-equal models written by different runs can differ
-    in their header layout, and must share their cached tokens.
+    Over the tensors, not the file's bytes: two bitwise-equal models written by different runs
+    can differ in their header layout, and must share their cached tokens.
     """
-    h = hashlib.sha256()
     with safe_open(str(path), framework="pt") as f:
-        for name in sorted(f.keys()):
-            t = f.get_tensor(name).contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        names = f.keys()  # a safe_open handle is not iterable
+        return tensors_sha256({name: f.get_tensor(name) for name in names})
 
 
 def token_cache_path(cache_dir: str | os.PathLike, tokenizer_sha256: str, data_key: str,
@@ -146,19 +150,17 @@ def pretokenize(tokenizer, dataset, *, flips: bool = True, assign: str = "neares
 
 
 def save_tokens(path: Path, ts: TokenSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file({"tokens": ts.tokens.contiguous(), "labels": ts.labels.contiguous(),
-               "flipped": ts.flipped.to(torch.uint8).contiguous()}, str(tmp),
-              metadata={"meta": json.dumps(ts.meta)})
-    os.replace(tmp, path)  # atomic: concurrent trials never read a half-written file
+    """Publish a token cache: one atomic safetensors file with its digest (`sftok.storage`)."""
+    publish_tensors(path, {"tokens": ts.tokens, "labels": ts.labels,
+                           "flipped": ts.flipped.to(torch.uint8)},
+                    {"meta": json.dumps(ts.meta)}, "token cache")
 
 
 def load_tokens(path: Path) -> TokenSet:
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["meta"])
-        t = {k: f.get_tensor(k) for k in ("tokens", "labels", "flipped")}
-    return TokenSet(t["tokens"].long(), t["labels"].long(), t["flipped"].bool(), meta)
+    """A token cache written by `save_tokens`; `DamagedFileError` if it is not intact."""
+    t, meta = open_tensors(path, "token cache")
+    return TokenSet(t["tokens"].long(), t["labels"].long(), t["flipped"].bool(),
+                    json.loads(meta["meta"]))
 
 
 def cached_tokens(tokenizer, tokenizer_dir: str | os.PathLike, dataset, data_key: str,
@@ -172,7 +174,10 @@ def cached_tokens(tokenizer, tokenizer_dir: str | os.PathLike, dataset, data_key
     sha = weights_sha256(Path(tokenizer_dir) / "model.safetensors")
     path = token_cache_path(cache_dir, sha, data_key, assign, flips, batch_size)
     if path.is_file():
-        return load_tokens(path), True
+        try:
+            return load_tokens(path), True
+        except DamagedFileError as e:  # truncated, altered, or from before digests: redo it
+            rebuilding(e)
     ts = pretokenize(tokenizer, dataset, flips=flips, assign=assign, batch_size=batch_size,
                      device=device)
     ts.meta.update(tokenizer_sha256=sha, tokenizer_dir=str(tokenizer_dir), data_key=data_key,

@@ -133,6 +133,16 @@ def load_checkpoint(path: Path, names: list[str]) -> tuple[dict[str, dict[str, T
     return tensors, torch_state, meta
 
 
+def remove_temporaries(out_dir: Path) -> None:
+    """Remove the hidden temporaries a write cut short left in `out_dir` (a full disk, a kill),
+    freeing their space; complete checkpoints and final/ stay, so training resumes from them."""
+    if not out_dir.is_dir():
+        return
+    for p in out_dir.iterdir():
+        if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def clear_checkpoints(out_dir: Path) -> None:
     """Remove periodic checkpoints, the final checkpoint and stale temporaries (fresh start)."""
     if not out_dir.is_dir():

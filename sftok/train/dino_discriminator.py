@@ -29,9 +29,10 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
-    """Uniforms drawn on the generator's device (CPU by default), moved to `device`."""
+    """Uniforms drawn on the generator's device (CPU by default), moved to `device` (without
+    waiting for the GPU's queued kernels)."""
     gdev = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(shape, generator=generator, device=gdev).to(device)
+    return torch.rand(shape, generator=generator, device=gdev).to(device, non_blocking=True)
 
 
 def diff_augment(x: Tensor, generator: torch.Generator | None = None,

@@ -25,7 +25,9 @@ from sftok.train.dino_discriminator import (
     diff_augment,
     find_dino_weights,
 )
-from sftok.train.losses import warn_once
+from sftok.train.loop import clip_and_step_async
+from sftok.train.losses import LeCamEMA, hinge_d, hinge_g, warn_once
+from sftok.train.optim import build_optimizer, lr_at, set_lr
 
 
 def _gn(ch: int) -> nn.GroupNorm:
@@ -94,8 +96,6 @@ def discriminator_lr(step: int, start: int, total_steps: int, cfg) -> float:
     then the stage's schedule (`optim.lr_at`: warm-up, cosine to end_lr) restarted at `start`
     over the remaining `total_steps - start` steps -- the reference steps its discriminator
     scheduler only once the discriminator trains."""
-    from sftok.train.optim import lr_at
-
     if step < start:
         return 0.0
     return lr_at(step - start, max(1, total_steps - start), cfg)
@@ -117,9 +117,6 @@ class Adversary:
     def __init__(self, kind: str, image_size: int, optim_cfg, device: torch.device,
                  precision, lecam_weight: float = 0.0, start: int = 0,
                  total_steps: int | None = None, generator: torch.Generator | None = None):
-        from sftok.train.losses import LeCamEMA
-        from sftok.train.optim import build_optimizer
-
         self.disc = build_discriminator(kind, image_size).to(device)
         self.augment = isinstance(self.disc, DinoDiscriminator)  # as the reference: dino only
         self.generator = generator
@@ -154,8 +151,6 @@ class Adversary:
 
     def generator_loss(self, fake: Tensor) -> Tensor:
         """-mean D(fake), differentiable w.r.t. `fake` only."""
-        from sftok.train.losses import hinge_g
-
         self._set_trainable(False)
         try:
             return hinge_g(self.logits(fake))
@@ -164,16 +159,21 @@ class Adversary:
             # route the generator's backward into the discriminator's parameters.
             self._set_trainable(True)
 
-    def update(self, reals: list[Tensor], fakes: list[Tensor], lr: float) -> dict[str, float]:
-        """One discriminator optimiser step over micro-batches (reals[i], fakes[i] detached)."""
-        from sftok.train.loop import check_finite, clip_and_step, scalar
-        from sftok.train.losses import hinge_d
-        from sftok.train.optim import set_lr
+    # The metrics `update` returns that must stay finite (the caller's `finite_keys`; the grad
+    # norm only without a loss scaler, which skips inf steps by design).
+    FINITE_KEYS = ("gan_d", "lecam")
 
+    def update(self, reals: list[Tensor], fakes: list[Tensor],
+               lr: float) -> dict[str, Tensor | float]:
+        """One discriminator optimiser step over micro-batches (reals[i], fakes[i] detached).
+
+        No host sync: gan_d, lecam, logits_real / _fake and disc_grad_norm are 0-dim device
+        tensors; the caller lists `FINITE_KEYS` (+ disc_grad_norm) in its `finite_keys`.
+        """
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         n = len(reals)
-        out = {"gan_d": 0.0, "lecam": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
+        out: dict[str, Tensor | float] = {}
         for real, fake in zip(reals, fakes):
             with self.precision.autocast():
                 lr_real = self.logits(real)
@@ -181,12 +181,12 @@ class Adversary:
             d = hinge_d(lr_real, lr_fake)
             reg = self.lecam(lr_real, lr_fake)
             loss = d + self.lecam_weight * reg
-            check_finite("discriminator loss", loss)
             self.scaler.scale(loss / n).backward()
             self.lecam.update(lr_real.detach(), lr_fake.detach())
             for k, v in (("gan_d", d), ("lecam", reg), ("logits_real", lr_real.mean()),
                          ("logits_fake", lr_fake.mean())):
-                out[k] += scalar(v) / n
-        clip_and_step(self.optimizer, self.scaler, self.params, self.grad_clip)
+                out[k] = out.get(k, 0.0) + v.detach().float() / n
+        out["disc_grad_norm"] = clip_and_step_async(self.optimizer, self.scaler, self.params,
+                                                    self.grad_clip)
         out["disc_lr"] = lr
         return out

@@ -14,6 +14,7 @@ step are checkpointed, so on CPU a resumed run ends bitwise equal to an uninterr
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -221,10 +222,62 @@ def _clip(params: list[nn.Parameter], grad_clip: float) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def compile_children(model: nn.Module) -> None:
-    """torch.compile each direct child in place (keeps state-dict keys unchanged)."""
+class CompileFallbackWarning(RuntimeWarning):
+    """torch.compile failed for a model; it trains in eager mode instead (one line, once)."""
+
+
+class _CompileGuard:
+    """Shared by a model's compiled children: the first failure turns all of them eager."""
+
+    def __init__(self, what: str):
+        self.what, self.failed = what, False
+
+    def fail(self, error: Exception) -> None:
+        self.failed = True
+        text = " ".join(str(error).split())  # dynamo's messages span many lines: keep one
+        warnings.warn(f"torch.compile failed for {self.what} ({type(error).__name__}: "
+                      f"{text[:240]}); continuing in eager mode", CompileFallbackWarning,
+                      stacklevel=2)
+
+
+class _CompiledForward:
+    """A module's forward through torch.compile, with eager mode as the fallback.
+
+    Compiles the class's unbound forward and passes the module in, so a deep copy of the model
+    (EMA export) runs its own weights. A call that raises in compiled mode is re-run eagerly:
+    if eager raises too the error is genuine and propagates from the eager run; otherwise it
+    was the compiler's (no C++ compiler, a Triton or inductor failure, ...) and the guard
+    turns every child of the model eager with one warning.
+    """
+
+    def __init__(self, module: nn.Module, compiled: Callable, guard: _CompileGuard):
+        self.module, self.compiled, self.guard = module, compiled, guard
+
+    def __call__(self, *args, **kwargs):
+        if self.guard.failed:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        try:
+            return self.compiled(self.module, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (told apart from a genuine error just below)
+            out = type(self.module).forward(self.module, *args, **kwargs)
+            self.guard.fail(e)
+            return out
+
+    def __deepcopy__(self, memo):
+        return _CompiledForward(copy.deepcopy(self.module, memo), self.compiled, self.guard)
+
+
+def compile_children(model: nn.Module, backend: str | Callable = "inductor") -> None:
+    """torch.compile each direct child's forward in place (state-dict keys unchanged).
+
+    Compilation happens at the first call (and again for new shapes or grad modes); if it
+    fails, the model continues in eager mode with one `CompileFallbackWarning` line instead
+    of stopping the stage.
+    """
+    guard = _CompileGuard(type(model).__name__)
     for child in model.children():
-        child.compile()
+        compiled = torch.compile(type(child).forward, backend=backend)
+        child.forward = _CompiledForward(child, compiled, guard)
 
 
 def to_images(batch: Any) -> Tensor:
@@ -304,8 +357,6 @@ class LoopTask:
         """The module to export: the model with EMA weights loaded when EMA is on."""
         if self.ema is None:
             return self.model
-        import copy
-
         out = copy.deepcopy(self.model)
         self.ema.copy_to(out)
         return out

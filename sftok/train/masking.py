@@ -54,7 +54,9 @@ def sample_mask(strategy: str, batch: int, num_positions: int, schedule: str,
     if strategy == "none":
         return torch.ones(batch, num_positions, dtype=torch.bool, device=device)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    return random_mask(batch, num_positions, schedule, generator, gen_device).to(device)
+    # non_blocking: a CPU draw moved to the GPU must not wait for the queued kernels
+    return random_mask(batch, num_positions, schedule, generator,
+                       gen_device).to(device, non_blocking=True)
 
 
 def step1_logits_fn(model, z_q: Tensor, fp32: bool = True) -> Callable[[Tensor], Tensor]:
@@ -97,7 +99,8 @@ def build_proxy_inputs(targets: Tensor, masked: Tensor, mask_id: int, strategy: 
         with torch.no_grad():
             all_masked = torch.full_like(targets, mask_id)
             first = first_step_fn(all_masked).argmax(-1)  # M̂_1, B×N
-        coin = _draw(tuple(targets.shape), generator).to(targets.device) < replace_ratio
+        coin = _draw(tuple(targets.shape), generator).to(targets.device,
+                                                         non_blocking=True) < replace_ratio
         replaced = coin & ~masked
         ids = torch.where(replaced, first, ids)
     return ProxyInputs(ids=ids, masked=masked, replaced=replaced)

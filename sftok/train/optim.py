@@ -55,9 +55,15 @@ def build_optimizer(model_or_groups: nn.Module | Iterable[dict], cfg: OptimConfi
     """AdamW(lr, betas, weight_decay) over `param_groups(model)` (or explicit groups)."""
     groups = (param_groups(model_or_groups, cfg.weight_decay)
               if isinstance(model_or_groups, nn.Module) else list(model_or_groups))
-    # fused kernels on CUDA are faster; on CPU the default (foreach) path is bitwise stable.
-    fused = device is not None and torch.device(device).type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
+                             fused=fused_adamw(device))
+
+
+def fused_adamw(device: torch.device | str | None) -> bool | None:
+    """AdamW's `fused` argument for parameters on `device`: True on CUDA (one kernel for all
+    parameters, and its step counters stay on the GPU, so a step reads nothing back); None
+    elsewhere, torch's default (foreach) path, which keeps CPU runs bitwise resumable."""
+    return True if device is not None and torch.device(device).type == "cuda" else None
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from sftok.config import ExperimentConfig, StageConfig
 from sftok.teacher import FrozenTeacher
@@ -37,10 +37,8 @@ from sftok.train.ema import EMA
 from sftok.train.loop import (
     LoopTask,
     Precision,
-    check_finite,
-    clip_and_step,
+    clip_and_step_async,
     compile_children,
-    scalar,
     to_images,
 )
 from sftok.train.losses import load_lpips, lpips_loss
@@ -120,15 +118,20 @@ class PixelTask(LoopTask):
                                     start=s.gan_start, total_steps=s.steps,
                                     generator=self.generator)
                           if s.gan_weight > 0 else None)
+        # fp16's scaler skips steps with inf gradients by design: there the norms are no error.
+        norms = () if self.scaler.is_enabled() else ("grad_norm", "disc_grad_norm")
+        self.finite_keys = ("loss", *Adversary.FINITE_KEYS, *norms)
         if s.compile:
             compile_children(self.model)
 
-    def step(self, batches: list[Any], step: int) -> dict[str, float]:
+    def step(self, batches: list[Any], step: int) -> dict[str, Tensor | float]:
+        """One optimiser step (and, from gan_start, one discriminator step). No host sync: the
+        metrics stay 0-dim device tensors, `finite_keys` are checked by `run_loop`."""
         s, model = self.scfg, self.model
         lr = self.begin_step(step, s.steps, s.optim)
         gan_on = self.adversary is not None and step >= s.gan_start
         n = len(batches)
-        acc: dict[str, float] = {}
+        acc: dict[str, Tensor | float] = {}
         reals, fakes = [], []
         for batch in batches:
             images = to_images(batch).to(self.device, non_blocking=True)
@@ -156,16 +159,15 @@ class PixelTask(LoopTask):
                 with self.precision.autocast():
                     parts["gan_g"] = self.adversary.generator_loss(recon)
                 loss = loss + s.gan_weight * parts["gan_g"]
-            check_finite("loss", loss)
             self.scaler.scale(loss / n).backward()
             with torch.no_grad():
                 parts["ce"] = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             for k, v in {"loss": loss, **parts}.items():
-                acc[k] = acc.get(k, 0.0) + scalar(v) / n
+                acc[k] = acc.get(k, 0.0) + v.detach().float() / n
             reals.append(images)
             fakes.append(recon.detach())
-        acc["grad_norm"] = clip_and_step(self.optimizer, self.scaler, self.params,
-                                         s.optim.grad_clip)
+        acc["grad_norm"] = clip_and_step_async(self.optimizer, self.scaler, self.params,
+                                               s.optim.grad_clip)
         if self.ema is not None:
             self.ema.update(model)
         if gan_on:

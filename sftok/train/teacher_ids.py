@@ -10,7 +10,8 @@ The protocol: a map-style dataset declares itself a finite, deterministic pool b
 pool). The contract: `sample(i, seed)` is the same image for every seed, so the only variation
 left is the stream's horizontal flip. For such a pool `TeacherIdCache.build` encodes every
 image and its mirror once, in fixed chunks in index order (so the ids do not depend on who built
-the cache), and the cache is stored beside the teacher (`<teacher cache>/ids/`).
+the cache), and the cache is stored beside the teacher (`<teacher cache>/ids/`), published whole
+with its digest and checked when read (`sftok.storage`; a damaged file is rebuilt).
 
 Lookup is by content, not by index: a training batch's images are matched to the pool by a
 digest of their bytes. That needs nothing from the data stream (indices and flips need not be
@@ -27,14 +28,13 @@ the stage's config (`train.<stage>.teacher_ids`) and therefore of its identity.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sftok.data.transforms import hflip
+from sftok.storage import DamagedFileError, open_tensors, publish_tensors, rebuilding
 from sftok.teacher import FrozenTeacher
 
 CHUNK = 64  # images per teacher forward when building (fixed: the ids must not depend on it)
@@ -92,19 +92,22 @@ class TeacherIdCache:
             return None
         name = f"{teacher_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
         path = Path(cache_dir) / name if cache_dir is not None else None
+        what = "teacher-id cache"
         if path is not None and path.exists():
-            t = load_file(str(path))
-            cache = cls(t["digests"], t["ids"])
-            # A stale file (the pool's code changed, not its key) would only miss; rebuild it.
-            if all(image_digest(dataset.sample(i)[0]) in cache.rows for i in (0, len(dataset) - 1)):
-                return cache
+            try:
+                t, _meta = open_tensors(path, what)
+            except DamagedFileError as e:  # truncated, altered, or without a digest: rebuild
+                rebuilding(e)
+            else:
+                cache = cls(t["digests"], t["ids"])
+                # A stale file (the pool's code changed, not its key) would only miss; rebuild.
+                if all(image_digest(dataset.sample(i)[0]) in cache.rows
+                       for i in (0, len(dataset) - 1)):
+                    return cache
         cache = cls.build(teacher, dataset, device)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            save_file({"digests": cache.digests, "ids": cache.ids}, str(tmp),
-                      metadata={"pool": key[:2000], "teacher": teacher_id})
-            os.replace(tmp, path)  # concurrent builders write the same bytes; last one wins
+        if path is not None:  # atomic, with its digest; concurrent builders write the same bytes
+            publish_tensors(path, {"digests": cache.digests, "ids": cache.ids},
+                            {"pool": key[:2000], "teacher": teacher_id}, what)
         return cache
 
     def lookup(self, images: Tensor) -> Tensor | None:

@@ -27,11 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sftok.checkpoint import save_model
+from sftok.checkpoint import CONFIG, save_model
 from sftok.config import ExperimentConfig, TeacherConfig, to_dict
 from sftok.filelock import exclusive_lock
 from sftok.released import content_hash, load_shipped, read_manifest
+from sftok.storage import (
+    DamagedFileError,
+    StorageFullError,
+    check_writable,
+    rebuilding,
+    record_digests,
+    set_aside,
+    verify_digests,
+    writing,
+)
 from sftok.teacher import FrozenTeacher, MaskGitVQGAN, load_teacher_weights
+from sftok.train.checkpointing import remove_temporaries
 from sftok.train.discriminator import Adversary
 from sftok.train.loop import (
     LoopSpec,
@@ -52,6 +63,8 @@ from sftok.weights import WeightsFileError
 TEACHER_FORMAT = 1
 RESET_EVERY = 20
 WEIGHTS_FILE = "model.safetensors"  # sftok.checkpoint layout: load_model() reads the entry
+RECORD = "teacher.json"  # written last: a finished teacher's record, with its files' digests
+PUBLISHED_FILES = (WEIGHTS_FILE, CONFIG)  # what the record's digests cover
 
 
 class TeacherUnavailableError(FileNotFoundError):
@@ -110,11 +123,15 @@ def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None,
     source="pretrained": `cfg.teacher.weights`, else the Hugging Face file when online, else a
     `TeacherUnavailableError` saying where to put the file and which --set to use.
     source="train": stage 0, trained once under cache_dir/teacher_cache_key(cfg) (a file lock
-    serialises concurrent callers; a finished entry is loaded, never retrained). callback(step,
+    serialises concurrent callers; a finished entry is loaded, never retrained, once its files
+    match the digests recorded when it was published; a damaged one is moved to
+    cache_dir/.damaged/ and trained again, in one warning line). An unwritable cache_dir is
+    refused before training, a full one stops it with `StorageFullError`. callback(step,
     metrics) receives the stage-0 metrics (`loss`, `l2`, `commit`, `psnr`, ...).
     train_if_missing=False only loads (evaluation, trials of a campaign whose driver trained the
-    teacher): a missing entry raises `TeacherUnavailableError` instead of quietly training a
-    different teacher than the one the tokenizer was trained against.
+    teacher): a missing entry raises `TeacherUnavailableError` (a damaged one
+    `DamagedFileError`) instead of quietly training a different teacher than the one the
+    tokenizer was trained against.
     """
     device = resolve_device(cfg.device)
     if cfg.teacher.source == "shipped":
@@ -131,16 +148,35 @@ def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None,
         load_teacher_weights(model, path)
         return FrozenTeacher(model, cfg.tokenizer.image_size).to(device)
     entry = Path(cache_dir) / teacher_cache_key(cfg)
+    if train_if_missing and not teacher_published(entry):  # before minutes of training
+        check_writable(cache_dir, "the teacher cache")
     with exclusive_lock(entry.with_suffix(".lock")):
-        if not (entry / "teacher.json").exists():
-            if not train_if_missing:
-                raise TeacherUnavailableError(
-                    f"no trained teacher for this data + teacher config in {entry} (key "
-                    f"{entry.name}). Point to the cache the tokenizer was trained with, or give "
-                    "the teacher's weights explicitly; training a new one would give a "
-                    "different codebook.")
-            train_teacher(cfg, entry, callback=callback)
-    return load_cached_teacher(cfg, entry).to(device)
+        if teacher_published(entry):
+            try:
+                return load_cached_teacher(cfg, entry).to(device)
+            except DamagedFileError as e:
+                if not train_if_missing:
+                    raise DamagedFileError(e.path, e.what, f"{e.detail}; run the campaign "
+                                           "again: its driver trains the teacher anew") from None
+                rebuilding(e, f"moved to {set_aside(entry, entry.parent)}, training it again")
+        if not train_if_missing:
+            raise TeacherUnavailableError(
+                f"no trained teacher for this data + teacher config in {entry} (key "
+                f"{entry.name}). Point to the cache the tokenizer was trained with, or give "
+                "the teacher's weights explicitly; training a new one would give a "
+                "different codebook.")
+        try:
+            with writing(entry, f"the teacher (stage 0) cache entry {entry.name}"):
+                train_teacher(cfg, entry, callback=callback)
+        except StorageFullError:
+            remove_temporaries(entry / "train")  # checkpoints stay: the next run resumes
+            raise
+        return load_cached_teacher(cfg, entry).to(device)
+
+
+def teacher_published(entry: Path) -> bool:
+    """Is a trained teacher published in cache entry `entry` (its record, written last)?"""
+    return (Path(entry) / RECORD).is_file()
 
 
 def load_shipped_teacher(cfg: ExperimentConfig) -> FrozenTeacher:
@@ -154,14 +190,37 @@ def load_shipped_teacher(cfg: ExperimentConfig) -> FrozenTeacher:
 
 
 def load_cached_teacher(cfg: ExperimentConfig, entry: Path) -> FrozenTeacher:
+    """The teacher published in cache entry `entry`, its files checked against the digests
+    recorded when it was published (`DamagedFileError` if one is truncated or altered).
+
+    An entry published before digests were recorded is checked by loading it (safetensors
+    refuses a truncated file) and then gets its digests.
+    """
+    entry = Path(entry)
+    what = f"teacher cache entry {entry.name}"
+    try:
+        record = teacher_info(entry)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DamagedFileError(entry / RECORD, what, f"unreadable record ({e})") from None
+    files = record.get("files")
+    if files:
+        verify_digests(entry, files, what)
     model = MaskGitVQGAN(cfg.teacher)
-    load_teacher_weights(model, entry / WEIGHTS_FILE)
+    try:
+        load_teacher_weights(model, entry / WEIGHTS_FILE)
+    except (WeightsFileError, FileNotFoundError) as e:
+        raise DamagedFileError(entry / WEIGHTS_FILE, what, " ".join(str(e).split())) from None
+    if not files:
+        record["files"] = record_digests(entry, PUBLISHED_FILES)
+        with writing(entry, what):
+            _write_json_atomic(entry / RECORD, record)
     return FrozenTeacher(model, cfg.tokenizer.image_size)
 
 
 def teacher_info(entry: Path) -> dict[str, Any]:
-    """The cached teacher's record: training time, steps, final metrics, validation PSNR."""
-    return json.loads((Path(entry) / "teacher.json").read_text())
+    """The cached teacher's record: training time, steps, final metrics, validation PSNR, and
+    the digests of its published files."""
+    return json.loads((Path(entry) / RECORD).read_text())
 
 
 def _pretrained_path(tcfg: TeacherConfig) -> Path:
@@ -227,6 +286,8 @@ class TeacherTask(LoopTask):
         self.adversary = (Adversary("patchgan", cfg.data.image_size, tcfg.optim, device,
                                     self.precision) if tcfg.gan_weight > 0 else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # The adversary's metrics are device tensors, checked by run_loop (fp32: no scaler).
+        self.finite_keys = (*Adversary.FINITE_KEYS, "disc_grad_norm")
 
     def modules(self) -> dict[str, nn.Module]:
         return {**super().modules(), "usage": self.usage}
@@ -291,7 +352,7 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
 
     Writes entry/model.safetensors (official key layout) + entry/config.json (resolved config)
     with `sftok.checkpoint.save_model`, and, last, entry/teacher.json (the marker of a finished
-    teacher: time, metrics, val PSNR); with resume, a finished entry is returned as it is.
+    teacher: time, metrics, val PSNR, the digests of the two files); with resume, a finished entry is returned as it is.
     curve_every > 0: every that many steps (a multiple of log_every) and at the end, the
     learning curve gets a point (`curve_point`: held-out and training-image PSNR), rewritten to
     entry/curve.json as it goes (readable while training runs) and kept in the record's
@@ -302,7 +363,7 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
     from sftok.data import TrainStream, build_datasets, build_train_view
 
     entry = Path(entry)
-    if resume and (entry / "teacher.json").exists():
+    if resume and (entry / RECORD).exists():
         return teacher_info(entry)  # finished: never retrained, its record never rewritten
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
@@ -311,7 +372,7 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
     task = TeacherTask(cfg, device)
     tcfg = cfg.train.teacher
     stream = TrainStream(train_ds, tcfg.batch_size, seed=cfg.data.seed,
-                         num_workers=cfg.data.num_workers)
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     spec = LoopSpec(stage="stage0", steps=tcfg.steps, grad_accum=1,
                     images_per_step=tcfg.batch_size, log_every=tcfg.log_every,
                     ckpt_every=tcfg.ckpt_every, config=to_dict(cfg))
@@ -344,9 +405,11 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
               "val_code_usage": val["code_usage"], "val_images": val["images"]}
     if curve:
         record["curve"] = curve
-    # Publish: weights + config (sftok.checkpoint layout, atomic), then the marker, last.
+    # Publish: weights + config (sftok.checkpoint layout, atomic), then the record with their
+    # digests (checked whenever the entry is opened) — the marker of a finished teacher, last.
     save_model(entry, teacher.model, cfg)
-    _write_json_atomic(entry / "teacher.json", record)
+    record["files"] = record_digests(entry, PUBLISHED_FILES)
+    _write_json_atomic(entry / RECORD, record)
     if callback is not None:
         callback(result.steps, {"val_psnr": val["psnr"]})
     return record
@@ -398,6 +461,7 @@ __all__ = [
     "load_shipped_teacher",
     "teacher_cache_key",
     "teacher_info",
+    "teacher_published",
     "train_teacher",
     "validation_psnr",
 ]
