@@ -490,8 +490,8 @@ def test_a_shipped_teacher_campaign_trains_no_teacher(ray_session, store, client
     from sftok.released import read_manifest
 
     sha = read_manifest("tiny")["sha256"]
-    spec = fake_spec(tmp_path, "shipped_teacher",
-                     arms={"grid": {"train.stage2.replace_ratio": [1.0]}})
+    spec = write_spec(tmp_path, "shipped_teacher",
+                      arms={"grid": {"train.stage2.replace_ratio": [1.0]}})
     tiny_teacher = ["teacher.source=shipped", "teacher.shipped=tiny", "teacher.sha256=" + sha,
                     "teacher.channel_mult=[1, 2, 2]", "teacher.z_channels=32",
                     "teacher.codebook_size=256", "tokenizer.image_size=32", "data.image_size=32"]
@@ -499,7 +499,7 @@ def test_a_shipped_teacher_campaign_trains_no_teacher(ray_session, store, client
                "--cache-dir", str(tmp_path / "cache"),
                *[a for s in tiny_teacher for a in ("--set", s)]])
     assert rc == 0
-    parents, children = runs_of(client, "shipped_teacher")
+    parents, children = campaign_runs(client, "shipped_teacher")
     assert parents[0].data.tags["teacher.0"] == f"shipped-{sha[:16]}"
     assert not any(k.startswith("train/stage0/") for k in parents[0].data.metrics)
     assert not (tmp_path / "cache" / "teachers").exists() or not any(
