@@ -18,7 +18,8 @@
 # distribution p_i to the ground-truth teacher ids M_g (KL = −log p_i[g]) and to the final
 # prediction M̂_T (KL(p_T‖p_i)), and top-1 agreement with each, over all positions and over
 # the positions still masked before step i. Source: `trace.csv` (or `trace/<name>` metrics) of
-# the trials of spec `per_step_trace`.
+# the trials of spec `per_step_trace`. With it, the information revealed tokens give the
+# decoder (`eval/reveal_*`, paper §3.2) and what it implies for the step sweep.
 #
 # **4b** (paper Figure 4b): the training reconstruction loss `train/<stage>/ce` against the
 # global optimiser step, with vs without the single-step warm-up; trials of spec
@@ -46,6 +47,8 @@ import numpy as np
 import pandas as pd
 import stats
 from IPython.display import Image, Markdown, display
+
+from sftok import run_record as rr
 
 out = md.Outputs("figure4_per_step", out_dir)
 camps = md.load_campaigns({"per_step_trace": parent, "ablation_sfvr_warmup": parent_4b},
@@ -120,6 +123,124 @@ caption_a = ("Figure 4a values (mean ± 95% CI over seeds). kl_gt = −log p_i[M
              "*_masked = over the positions still masked before step i."
              + (f" Not logged: {', '.join(absent)}." if absent else ""))
 display(Markdown(out.table("figure4a", table_a, caption_a, md=md_a)))
+
+# %% [markdown]
+# ## 4a, continued — the information revealed tokens give the decoder (paper §3.2)
+#
+# The paper's argument for multi-step decoding: predicting a token given the latent tokens *and*
+# already-revealed tokens lowers the minimum loss by their conditional mutual information. Each
+# evaluation that runs the trace also measures it (`sftok.evaluate.revealed`): on the held-out
+# images, the decoder's cross-entropy on the ground-truth ids of the positions left masked when
+# a fraction r of positions is revealed, with nothing revealed (`ce_none`), with the ground-truth
+# ids revealed (`ce_gt`) and with its own step-1 argmax revealed (`ce_self`, what SFVR feeds it and
+# what decoding at τ = 0 reveals). `info_gt = ce_none − ce_gt` estimates the information the
+# true tokens give it, `info_self = ce_none − ce_self` what its own predictions give it (nats per
+# masked token; `eval/reveal_<kind>_r<100·r>`).
+
+# %%
+reveal_long = []
+for key in trace_camp.metric_keys(rr.eval_key("reveal_")):
+    parsed = rr.parse_reveal_metric(rr.eval_name(key))
+    if parsed:
+        reveal_long.append(pd.DataFrame({"arm": trace_camp.runs["arm"],
+                                         "seed": trace_camp.runs["seed"], "kind": parsed[0],
+                                         "r": parsed[1], "value": trace_camp.column(key)}).dropna())
+reveal = (stats.summarize(pd.concat(reveal_long, ignore_index=True), ["arm", "kind", "r"],
+                          "value") if reveal_long else pd.DataFrame())
+# The fraction of positions fixed before each decode step of the trace (its own schedule):
+# what step i of an S-step decode can use.
+fixed = (traces.groupby("step")["num_fixed"].mean().sort_index()
+         if "num_fixed" in traces.columns else pd.Series(dtype=float))
+revealed_before = (fixed.cumsum().shift(fill_value=0.0) / fixed.sum()) if len(fixed) else fixed
+reveal_sentences = []
+if reveal.empty:
+    reveal_sentences.append("The revealed-token information was not logged by these trials "
+                            "(evaluations before it existed, or eval.reveal_fractions=[]).")
+    display(Markdown("No `eval/reveal_*` metrics in this campaign: "
+                     + reveal_sentences[0]))
+else:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm in arms:
+        for kind, style in (("info_gt", "-"), ("info_self", "--")):
+            d = reveal[(reveal["arm"] == arm) & (reveal["kind"] == kind)].sort_values("r")
+            if d.empty:
+                continue
+            axes[0].plot(d["r"], d["mean"], style, marker="o", ms=4, color=colors[arm],
+                         label=f"{arm} · {'ground-truth ids' if kind == 'info_gt' else 'own step-1 ids'}")
+            if (d["n"] >= 2).any():
+                axes[0].fill_between(d["r"], d["ci_low"], d["ci_high"], color=colors[arm],
+                                     alpha=0.15, linewidth=0)
+        for kind, style in (("ce_none", ":"), ("ce_gt", "-"), ("ce_self", "--")):
+            d = reveal[(reveal["arm"] == arm) & (reveal["kind"] == kind)].sort_values("r")
+            if len(d):
+                axes[1].plot(d["r"], d["mean"], style, marker="o", ms=3, color=colors[arm],
+                             label=f"{arm} · {kind}")
+    axes[0].axhline(0, color="k", lw=0.8)
+    for step, frac in revealed_before.items():
+        if 0 < frac < 1:
+            axes[0].axvline(frac, color="grey", lw=0.6, ls=":")
+            axes[0].annotate(f"i={step}", (frac, 1), xycoords=("data", "axes fraction"),
+                             fontsize=7, ha="center", va="bottom")
+    axes[0].set_xlabel("fraction r of positions revealed (dotted: revealed before step i)")
+    axes[0].set_ylabel("information (nats per masked token)")
+    axes[0].set_title("CE(nothing revealed) − CE(r revealed)", fontsize=10)
+    axes[1].set_xlabel("fraction r of positions revealed")
+    axes[1].set_ylabel("cross-entropy on the masked ids (nats)")
+    axes[1].set_title("decoder CE on the positions left masked", fontsize=10)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Information revealed tokens give the decoder (mean ± 95% CI over "
+                 f"{len(trace_camp.seeds)} seed(s))", fontsize=11)
+    fig.tight_layout()
+    display(Image(filename=str(out.figure("figure4a_revealed", fig))))
+    plt.close(fig)
+    cells = reveal.assign(cell=[stats.format_ci(m, h, 4) for m, h in
+                                zip(reveal["mean"], reveal["ci_half"])])
+    md_r = cells.pivot_table(index=["arm", "r"], columns="kind", values="cell",
+                             aggfunc="first").reset_index()
+    md_r.columns.name = None
+    display(Markdown(out.table(
+        "figure4a_revealed", reveal[["arm", "kind", "r", "n", "mean", "ci_low", "ci_high"]],
+        "Revealed-token information (nats per masked token, mean ± 95% CI over seeds): "
+        "ce_* = the decoder's CE on the ground-truth ids of the positions left masked with "
+        "nothing / the ground-truth ids / its own step-1 ids revealed at a fraction r; "
+        "info_gt = ce_none − ce_gt, info_self = ce_none − ce_self.", md=md_r)))
+
+    def rv(arm, kind, r):
+        d = reveal[(reveal["arm"] == arm) & (reveal["kind"] == kind) & (reveal["r"] == r)]
+        return d.iloc[0] if len(d) else None
+
+    def clearly_positive(row) -> bool:
+        return row is not None and row["n"] >= 2 and row["ci_low"] > 0
+
+    r_mid = sorted(reveal["r"].unique())[len(reveal["r"].unique()) // 2]
+    for arm in arms:
+        gt_row, self_row, none_row = (rv(arm, k, r_mid) for k in ("info_gt", "info_self",
+                                                                   "ce_none"))
+        if gt_row is None or none_row is None:
+            continue
+        share = gt_row["mean"] / none_row["mean"] if none_row["mean"] else float("nan")
+        text = (f"Revealing {r_mid:.0%} of the ground-truth ids lowers `{arm}`'s CE on the "
+                f"rest by {stats.format_ci(gt_row['mean'], gt_row['ci_half'], 4)} nats per "
+                f"token ({share:.1%} of its {none_row['mean']:.3f} nats with nothing revealed)")
+        if self_row is not None:
+            text += (f"; revealing its own step-1 ids changes it by "
+                     f"{stats.format_ci(self_row['mean'], self_row['ci_half'], 4)}")
+        reveal_sentences.append(text + ".")
+        if not clearly_positive(gt_row):
+            implied = ("the decoder uses almost nothing of what revealed tokens could tell "
+                       "it, so decoding in more steps has nothing to act on: expect the step "
+                       "sweep to stay flat")
+        elif self_row is not None and not clearly_positive(self_row):
+            implied = ("true tokens would help, but the ids that decoding at τ = 0 reveals are "
+                       "its own predictions, which carry nothing about M_g beyond z and do not "
+                       "help it: expect little gain from 1 to S steps (sampling, τ > 0, reveals "
+                       "committed draws instead)")
+        else:
+            implied = ("its own revealed predictions help it too: the step sweep has something "
+                       "to gain from 1 to S steps")
+        reveal_sentences.append(f"For the step sweep (`{arm}`): {implied}.")
 
 # %% [markdown]
 # ## 4b — training loss with vs without warm-up
@@ -220,6 +341,7 @@ if len(arms) >= 2 and len(trace_camp.seeds) >= 1:
               if pdiff.diff.n >= 2 else "")
         sentences.append(f"Final-step top-1 agreement with the ground truth, `{b}` − `{a}`: "
                          f"{pdiff.diff.mean:+.3f}{ci} over {pdiff.diff.n} common seed(s).")
+sentences += reveal_sentences
 sentences.append(f"4b ({len(train_camp.seeds)} seed(s)): final training {loss} is "
                  + "; ".join(f"{r.arm} {'with' if r.warmup else 'without'} warm-up "
                              f"{stats.format_ci(r.mean, r.ci_half, 4)}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 import weakref
@@ -70,12 +71,18 @@ class TeacherConfig:
     num_res_blocks: int = 2
     z_channels: int = 256
     codebook_size: int = 1024  # V
-    # Where the weights come from: "train" (stage 0 on the preset's data) or "pretrained" (a file
-    # in the official key layout: `weights` path, or the Hugging Face repo when online).
-    source: Literal["train", "pretrained"] = "pretrained"
+    # Where the weights come from: "train" (stage 0 on the preset's data), "pretrained" (a file
+    # in the official key layout: `weights` path, or the Hugging Face repo when online) or
+    # "shipped" (a teacher released with the library, `sftok/released/<shipped>.*`, the way
+    # the paper presets load the released MaskGIT-VQGAN; issue 20).
+    source: Literal["train", "pretrained", "shipped"] = "pretrained"
     weights: str | None = None
     hf_repo: str = "fun-research/TiTok"
     hf_filename: str = "maskgit-vqgan-imagenet-f16-256.bin"
+    shipped: str | None = None
+    # The weights file's sha256 (hex) the config was made for; a different file fails to load
+    # with one line. None: not checked (a shipped teacher is always checked against its manifest).
+    sha256: str | None = None
 
     @property
     def downsample(self) -> int:
@@ -249,6 +256,9 @@ class EvalConfig:
     seed: int = 0
     metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "rfid", "is", "tokens")
     grid_images: int = 8
+    # Fractions r of the teacher ids revealed to the decoder when measuring the information
+    # revealed tokens give it (paper §3.2; sftok.evaluate.revealed), with every trace. () = off.
+    reveal_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +450,10 @@ _RANGES: dict[str, dict[str, tuple[Any, str]]] = {
                    "batch_size": _min(1), "max_images": _OPT_POS_INT, "temperature": _OPT_NONNEG,
                    "seed": _min(0),
                    "metrics": _metric_names(EVAL_METRICS),
-                   "grid_images": _min(0)},
+                   "grid_images": _min(0),
+                   "reveal_fractions": ((lambda v: all(0.0 < r < 1.0 for r in v)
+                                         and len({round(100 * r) for r in v}) == len(v)),
+                                        "must be fractions in (0, 1), distinct in percent")},
     "ExperimentConfig": {"seed": _min(0)},
     # Generation (Table 2)
     "GenerationConfig": {"num_classes": _min(1)},
@@ -514,6 +527,11 @@ def validate(cfg: ExperimentConfig) -> None:
     if tok.image_size % t.downsample:
         raise ConfigError("teacher.channel_mult",
                           f"downsampling x{t.downsample} must divide image_size={tok.image_size}")
+    if t.source == "shipped" and not t.shipped:
+        raise ConfigError("teacher.shipped", "is required with teacher.source=shipped (the name "
+                                             "of a teacher in sftok/released/, e.g. tiny)")
+    if t.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", t.sha256):
+        raise ConfigError("teacher.sha256", f"must be 64 lowercase hex digits, got {t.sha256!r}")
     if cfg.data.image_size != tok.image_size:
         raise ConfigError("data.image_size",
                           f"{cfg.data.image_size} != tokenizer.image_size={tok.image_size}")

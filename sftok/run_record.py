@@ -39,7 +39,8 @@ global optimiser step), `eval/<name>` (step 0) and `trace/<name>` (step = decode
 Evaluation metric names (the evaluator's flat names, `eval/` prefixed in the record): per decode
 step count S `<metric>_s<S>` (`step_metric`), S-independent `<metric>`; the floors and the
 ceiling of `sftok/evaluate/bounds.py` `<prefix>_<metric>` (`bound_metric`, prefixes
-`floor_tokenizer`, `floor_teacher`, `teacher`); a guidance sweep point
+`floor_tokenizer`, `floor_teacher`, `teacher`); with every trace the revealed-token
+information `reveal_<kind>_r<100·r>` (`reveal_metric`, kinds `REVEAL_KINDS`); a guidance sweep point
 `sweep/<schedule>/s<scale>/tau<temperature>/<metric>` (`sweep_metric`).
 
 Artifacts of a child run (`write_trial_artifacts`): `config.json` {config, stages, arm, seed,
@@ -471,6 +472,27 @@ def parse_step_metric(name: str) -> tuple[str, int] | None:
 def bound_metric(prefix: str, metric: str) -> str:
     """`<prefix>_<metric>`: a metric of a floor or the ceiling (`floor_tokenizer_psnr`)."""
     return f"{prefix}_{metric}"
+
+
+# The revealed-token information (sftok/evaluate/revealed.py), per fraction r of positions
+# revealed: `reveal_<kind>_r<100·r>`, e.g. `reveal_info_gt_r50`.
+REVEAL_KINDS = ("ce_none", "ce_gt", "ce_self", "info_gt", "info_self")
+_REVEAL_METRIC = re.compile(r"^reveal_(?P<kind>[a-z_]+?)_r(?P<pct>\d+)$")
+
+
+def reveal_metric(kind: str, fraction: float) -> str:
+    """`reveal_<kind>_r<pct>`: reveal_metric('info_gt', 0.5) == 'reveal_info_gt_r50'."""
+    if kind not in REVEAL_KINDS:
+        raise ValueError(f"unknown reveal kind {kind!r} (known: {', '.join(REVEAL_KINDS)})")
+    return f"reveal_{kind}_r{round(100 * fraction)}"
+
+
+def parse_reveal_metric(name: str) -> tuple[str, float] | None:
+    """`reveal_<kind>_r<pct>` -> (kind, fraction); None for other names."""
+    m = _REVEAL_METRIC.match(name)
+    if m is None or m["kind"] not in REVEAL_KINDS:
+        return None
+    return m["kind"], int(m["pct"]) / 100
 
 
 def sweep_metric(schedule: str, scale: float, temperature: float, metric: str) -> str:

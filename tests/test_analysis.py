@@ -131,6 +131,13 @@ def _log_trial(client, exp_id, parent_id, spec, arm, seed, p, with_fid, rng, dro
                     for m, v in vals.items() if with_fid or m not in ("rfid", "is")]
     metrics += [Metric("eval/token_ce", 3 + q, t0, 0), Metric("eval/token_top1", 0.3 - 0.1 * q, t0, 0),
                 Metric("eval/codebook_usage", 0.9, t0, 0)]
+    if spec == "per_step_trace":  # revealed-token information: true ids help, own ids do not
+        for pct in (25, 50, 75):
+            none = 4.0 + q
+            vals = {"ce_none": none, "ce_gt": none - 0.2 * pct / 100 - 0.01 * rng.random(),
+                    "ce_self": none + 0.002 * rng.standard_normal()}
+            vals.update(info_gt=none - vals["ce_gt"], info_self=none - vals["ce_self"])
+            metrics += [Metric(f"eval/reveal_{k}_r{pct}", v, t0, 0) for k, v in vals.items()]
     rows = []
     S = 8
     for i in range(1, S + 1):
@@ -264,7 +271,9 @@ EXPECTED_TABLES = {
         "table4": (["replace_ratio", "arm", "n_seeds", "metric", "mean", "ci_low", "ci_high",
                     "paper_rfid"], 3),
         "table4_paired": (["a", "b", "metric", "n_common_seeds", "diff_mean", "ci_low",
-                           "ci_high", "p_value", "paper_rfid_diff"], 3)},
+                           "ci_high", "p_value", "paper_rfid_diff"], 3),
+        "table4_steps": (["replace_ratio", "metric", "minus", "n", "mean", "ci_low", "ci_high",
+                          "excludes_zero"], 3)},
     "figure4_per_step": {
         "figure4a": (["arm", "quantity", "step", "n", "mean", "ci_low", "ci_high"], None),
         "figure4b": (["arm", "warmup", "stage", "step", "n", "mean", "ci_low", "ci_high"], None),
@@ -527,7 +536,8 @@ def test_readings_undetermined_on_thin_data(tmp_path):
                     and key == "eval/lpips_s8")
                 or (spec == "ablation_replace_ratio" and arm == "replace_ratio=0.5" and seed > 0
                     and key == "eval/rfid_s8")
-                or (spec == "per_step_trace" and key == "trace/top1_gt_all"))
+                or (spec == "per_step_trace" and (key == "trace/top1_gt_all"
+                                                  or key.startswith("eval/reveal_"))))
 
     names = ["table3_sfvr_warmup", "table4_replace_ratio", "figure4_per_step",
              "figure8_step_sweep"]
@@ -548,6 +558,7 @@ def test_readings_undetermined_on_thin_data(tmp_path):
     # Figure 4: no top1_gt_all traced, so the paper's claim can be neither confirmed nor not.
     r4f = reading["figure4_per_step"]
     assert "is undetermined" in r4f and "not borne out" not in r4f and "nan" not in r4f, r4f
+    assert "revealed-token information was not logged" in r4f, r4f
     # Figure 8: rFID not evaluated at S = 1 and 8 -> undetermined; IS improves beyond noise.
     r8 = reading["figure8_step_sweep"]
     assert "rFID from 1 to 8 steps is undetermined (no stage-3 arm evaluated both" in r8, r8
@@ -578,6 +589,11 @@ def test_render_all_notebooks(store, tmp_path):
     assert "proxy" not in (tmp_path / "out/table4_replace_ratio/table4.md").read_text()
     reading = (tmp_path / "out/table4_replace_ratio/reading.md").read_text()
     assert "ordering is reproduced" in reading  # the synthetic store is built so that it is
+    # 8 steps minus 1 of the same trial: rFID 3 (1/sqrt(8) - 1) lower, beyond the noise
+    steps4 = pd.read_csv(tmp_path / "out/table4_replace_ratio/table4_steps.csv")
+    assert set(steps4["minus"]) == {"eval/rfid_s1"} and steps4["excludes_zero"].all()
+    assert ((steps4["mean"] + 1.94).abs() < 0.3).all(), steps4
+    assert "8 decode steps minus 1, per trial: ratio 0.5 -" in reading, reading
     # Floor and ceiling beside the arms, and where the arms stand between them (rFID: the
     # synthetic arms lie between the floor 12 and the ceiling 3, none below the floor).
     md4 = (tmp_path / "out/table4_replace_ratio/table4.md").read_text()
@@ -596,6 +612,14 @@ def test_render_all_notebooks(store, tmp_path):
     f4a = pd.read_csv(tmp_path / "out/figure4_per_step/figure4a.csv")
     assert len(f4a) == 2 * 8 * len(TRACE_QUANTITIES) and set(f4a["quantity"]) == set(
         TRACE_QUANTITIES)
+    rev = pd.read_csv(tmp_path / "out/figure4_per_step/figure4a_revealed.csv")
+    assert len(rev) == 2 * 5 * 3 and set(rev["r"]) == {0.25, 0.5, 0.75}
+    gt50 = rev[(rev["kind"] == "info_gt") & (rev["r"] == 0.5)]
+    assert (gt50["mean"] > 0.1).all() and (gt50["ci_low"] > 0).all()
+    _check_png(tmp_path / "out/figure4_per_step/figure4a_revealed.png")
+    r4f = (tmp_path / "out/figure4_per_step/reading.md").read_text()
+    assert "Revealing 50% of the ground-truth ids lowers" in r4f, r4f
+    assert "true tokens would help, but the ids that decoding at τ = 0 reveals" in r4f, r4f
     f8 = pd.read_csv(tmp_path / "out/figure8_step_sweep/figure8.csv")
     assert set(f8["metric"]) == {"rfid", "is", "psnr", "ssim", "lpips"}
     assert sorted(set(f8["steps"])) == list(STEPS)

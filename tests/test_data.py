@@ -346,3 +346,14 @@ def test_train_stream_counts_replaced_files(imagenet_like, workers):
     assert images.shape[0] == len(ds) and stream.skipped >= n_bad
     if workers == 0:
         assert stream.skipped == n_bad
+
+
+def test_train_view_is_the_colour_training_photos_without_augmentation():
+    from sftok.data import build_train_view
+    from sftok.data.embedded import GREY_PHOTOS
+
+    cfg = get_preset("tiny").data
+    view = build_train_view(cfg)
+    assert not set(view.photos) & (GREY_PHOTOS | set(VAL_PHOTOS))
+    assert set(TRAIN_PHOTOS) <= set(view.photos) and len(view) == 10 * cfg.val_crops_per_image
+    assert torch.equal(view[3][0], build_train_view(cfg)[3][0])  # a fixed, deterministic view

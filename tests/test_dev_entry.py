@@ -25,9 +25,10 @@ def dev(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    # The main job: the default spec at 2 seeds (15 minutes on 2 cores); options alone apply to it.
-    (["run"], ["ablation_replace_ratio", "--seeds", "2"]),
-    (["run", "--resume"], ["ablation_replace_ratio", "--seeds", "2", "--resume"]),
+    # The main job: the default spec at its own 3 seeds (15 minutes on 2 cores); options alone
+    # apply to it.
+    (["run"], ["ablation_replace_ratio"]),
+    (["run", "--resume"], ["ablation_replace_ratio", "--resume"]),
     # An explicit seed count wins, in either spelling; a named spec keeps its own default.
     (["run", "--seeds", "3"], ["ablation_replace_ratio", "--seeds", "3"]),
     (["run", "--seeds=1"], ["ablation_replace_ratio", "--seeds=1"]),

@@ -479,3 +479,34 @@ def check_notebook_reader(store: str) -> None:
     traces = camp.traces()
     assert sorted(set(traces["step"])) == [1, 2, 3, 4] and len(traces) == 3 * 4
     assert camp.unavailable() == {} and camp.why_missing("rfid").startswith("not among")
+
+
+def test_a_shipped_teacher_campaign_trains_no_teacher(ray_session, store, client, tmp_path):
+    """The real pipeline with the teacher shipped for `tiny` (issue 20): the driver loads it
+    (no stage 0, no teacher cache), the trials and the stage keys name it by content hash,
+    and every evaluation that traces also measures the revealed-token information."""
+    from sftok_experiments.cli import main
+
+    from sftok.released import read_manifest
+
+    sha = read_manifest("tiny")["sha256"]
+    spec = write_spec(tmp_path, "shipped_teacher",
+                      arms={"grid": {"train.stage2.replace_ratio": [1.0]}})
+    tiny_teacher = ["teacher.source=shipped", "teacher.shipped=tiny", "teacher.sha256=" + sha,
+                    "teacher.channel_mult=[1, 2, 2]", "teacher.z_channels=32",
+                    "teacher.codebook_size=256", "tokenizer.image_size=32", "data.image_size=32"]
+    rc = main([str(spec), "--tracking-uri", str(store), "--work-dir", str(tmp_path / "runs"),
+               "--cache-dir", str(tmp_path / "cache"),
+               *[a for s in tiny_teacher for a in ("--set", s)]])
+    assert rc == 0
+    parents, children = campaign_runs(client, "shipped_teacher")
+    assert parents[0].data.tags["teacher.0"] == f"shipped-{sha[:16]}"
+    assert not any(k.startswith("train/stage0/") for k in parents[0].data.metrics)
+    assert not (tmp_path / "cache" / "teachers").exists() or not any(
+        p.name.startswith("teacher-") for p in (tmp_path / "cache" / "teachers").iterdir())
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "teacher")}
+    assert logged == {f"teacher/shipped-{sha[:16]}.json"}
+    (c,) = children
+    assert c.info.status == "FINISHED"
+    assert {"eval/reveal_info_gt_r50", "eval/reveal_info_self_r25",
+            "eval/reveal_ce_none_r75"} <= set(c.data.metrics)

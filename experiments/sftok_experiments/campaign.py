@@ -220,17 +220,22 @@ def _prepare_floors(todo: list, eval_cache: Path) -> None:
 
 def _prepare_teachers(todo: list, cache: Path, parent: trk.ParentRun, echo) -> None:
     """Stage 0 once per campaign (per distinct teacher), in the driver, before the trials."""
-    from sftok.train import get_teacher, teacher_cache_key, teacher_info
-    from sftok.train.teacher_stage import teacher_published
+    from sftok.released import read_manifest
+    from sftok.train import get_teacher, teacher_info
+    from sftok.train.teacher_stage import teacher_identity, teacher_published
 
     seen = set()
     for t in todo:
-        key = teacher_cache_key(t.config)
+        key = teacher_identity(t.config)
         if key in seen:
             continue
         seen.add(key)
         t0 = time.time()
-        echo(f"[{clock()}] teacher (stage 0) {key}: preparing under {cache}", flush=True)
+        tcfg = t.config.teacher
+        where = {"train": f"(stage 0) {key}: preparing under {cache}",
+                 "shipped": f"{tcfg.shipped!r} shipped with sftok ({key}): loading",
+                 "pretrained": f"{key}: loading {tcfg.weights or tcfg.hf_filename}"}
+        echo(f"[{clock()}] teacher {where[tcfg.source]}", flush=True)
 
         total = t.config.train.teacher.steps
         last_echo = [time.time()]
@@ -248,9 +253,11 @@ def _prepare_teachers(todo: list, cache: Path, parent: trk.ParentRun, echo) -> N
         get_teacher(t.config, cache, callback=cb)
         echo(f"[{clock()}] teacher ready in {time.time() - t0:.1f}s", flush=True)
         info = None
-        if t.config.teacher.source == "train" and teacher_published(cache / key):
-            with contextlib.suppress(Exception):  # informational
+        with contextlib.suppress(Exception):  # informational
+            if tcfg.source == "train" and teacher_published(cache / key):
                 info = teacher_info(cache / key)
+            elif tcfg.source == "shipped":
+                info = read_manifest(tcfg.shipped)  # config, command, curve, sha256
         parent.tag_teacher(len(seen) - 1, key, info)
 
 

@@ -4,7 +4,8 @@ For each S in `cfg.decode_steps` (Figure 8: 1, 2, 4, 8, 16; Table 1 uses S = 8) 
 reconstructed with an S-step decode and scored: psnr_s{S}, ssim_s{S}, lpips_s{S}, rfid_s{S},
 is_s{S}. S-independent: token_top1 / token_ce (decoder step-1 prediction vs the teacher's ids),
 codebook_usage / codebook_entropy (tokenizer ids), num_images. Plus the Figure-4a trace of a
-`cfg.trace_steps`-step decode (trace.py) and one grid per S (originals over reconstructions).
+`cfg.trace_steps`-step decode (trace.py), with it the revealed-token information
+(revealed.py: reveal_<kind>_r<pct>), and one grid per S (originals over reconstructions).
 With `bounds` (bounds.py), the same metrics for the bit-matched naive-codec floors and the
 teacher's ceiling: floor_tokenizer_<metric>, floor_teacher_<metric>, teacher_<metric>.
 
@@ -27,6 +28,7 @@ single-process evaluation up to the order of float sums (tests/test_data_paralle
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +55,7 @@ from sftok.evaluate.fid import (
 from sftok.evaluate.grid import image_grid
 from sftok.evaluate.metrics import psnr, ssim
 from sftok.evaluate.perceptual import LPIPSMetric, find_lpips_backbone
+from sftok.evaluate.revealed import RevealAccumulator
 from sftok.evaluate.tokens import TokenAccumulator
 from sftok.evaluate.trace import TraceAccumulator
 from sftok.progress import progress_disabled
@@ -131,6 +134,7 @@ class _Partial:
     grid: list  # [(b, originals uint8, {S: reconstructions uint8})]: the first grid_images
     tokens: TokenAccumulator | None
     trace: TraceAccumulator | None
+    reveal: RevealAccumulator | None
 
     def merge(self, other: _Partial) -> None:
         self.n_images += other.n_images
@@ -144,6 +148,8 @@ class _Partial:
             self.tokens.merge(other.tokens)
         if self.trace is not None:
             self.trace.merge(other.trace)
+        if self.reveal is not None:
+            self.reveal.merge(other.reveal)
 
 
 def _agree(workers: Workers, what: str, ok: bool) -> None:
@@ -239,7 +245,9 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
         n_images=0, sums={k: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for k in keys},
         logits={k: [] for k in keys}, grid=[],
         tokens=TokenAccumulator(_codebook_size(tokenizer)) if "tokens" in wanted else None,
-        trace=TraceAccumulator() if cfg.trace_steps > 0 else None)
+        trace=TraceAccumulator() if cfg.trace_steps > 0 else None,
+        reveal=(RevealAccumulator(cfg.reveal_fractions, cfg.seed)
+                if cfg.trace_steps > 0 and cfg.reveal_fractions else None))
     rec_stats = {k: FeatureStats() for k in keys}
     trace_cfg = dataclasses.replace(base, steps=cfg.trace_steps)
 
@@ -278,6 +286,13 @@ def evaluate(tokenizer, teacher, images: Iterable, cfg: EvalConfig, device=None,
                     res = tokenizer.generate(enc.z_q, trace_cfg,
                                              generator=_generator(device, seed), trace=True)
                     part.trace.update(res.trace, gt)
+                if part.reveal is not None:
+                    # Images numbered globally, so any W draws the same revealed sets: sharded
+                    # batches are all of cfg.batch_size (indexed_batches checks it); one
+                    # process counts the images it saw (any batching).
+                    first = b_index * cfg.batch_size if workers.world_size > 1 else None
+                    part.reveal.update(functools.partial(tokenizer.decoder_logits, z_q=enc.z_q),
+                                       gt, tokenizer.mask_id, first=first)
 
                 take = cfg.grid_images - sum(g[1].shape[0] for g in part.grid)
                 grid_rec: dict[int, Tensor] = {}
@@ -369,6 +384,8 @@ def _finish(result: EvalResult, part: _Partial, rec_stats: dict,
 
     if part.trace is not None:
         result.trace = part.trace.rows()
+    if part.reveal is not None:
+        m.update(part.reveal.result())
     grid = sorted(part.grid, key=lambda e: e[0])
     if grid and cfg.grid_images > 0:
         orig = torch.cat([g[1] for g in grid])[:cfg.grid_images]

@@ -19,6 +19,7 @@ any number of workers, as for the tokenizer stages.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +36,7 @@ from sftok.checkpoint import CONFIG, save_model
 from sftok.config import ExperimentConfig, TeacherConfig, to_dict
 from sftok.distributed import SINGLE, Workers, accum_per_worker, accumulating, wrap_ddp
 from sftok.filelock import exclusive_lock
+from sftok.released import content_hash, load_shipped, read_manifest
 from sftok.storage import (
     DamagedFileError,
     StorageFullError,
@@ -89,7 +92,7 @@ def teacher_cache_key(cfg: ExperimentConfig) -> str:
     data = to_dict(cfg.data)
     data.pop("num_workers", None)
     teacher = to_dict(cfg.teacher)
-    for k in ("source", "weights", "hf_repo", "hf_filename"):
+    for k in ("source", "weights", "hf_repo", "hf_filename", "shipped", "sha256"):
         teacher.pop(k, None)
     train = to_dict(cfg.train.teacher)
     for k in ("log_every", "ckpt_every"):  # cadence only: same weights either way
@@ -102,11 +105,17 @@ def teacher_cache_key(cfg: ExperimentConfig) -> str:
 
 
 def teacher_identity(cfg: ExperimentConfig) -> str:
-    """What identifies the teacher's weights: the stage-0 cache key of a trained teacher; for a
-    pretrained one its architecture, the file's path and size (hashing a 300 MB file for every
-    trial would cost more than it protects against)."""
+    """What identifies the teacher's weights: the stage-0 cache key of a trained teacher; a
+    shipped one's content hash ('shipped-<16 hex of its sha256>', from its manifest, which
+    loading checks against the file); for a pretrained file its pinned `teacher.sha256`, else
+    its architecture, path and size (hashing a 300 MB file for every trial would cost more
+    than it protects against)."""
     if cfg.teacher.source == "train":
         return teacher_cache_key(cfg)
+    if cfg.teacher.source == "shipped":
+        return f"shipped-{read_manifest(cfg.teacher.shipped)['sha256'][:16]}"
+    if cfg.teacher.sha256 is not None:
+        return f"pretrained-{cfg.teacher.sha256[:16]}"
     t = to_dict(cfg.teacher)
     size = None
     if cfg.teacher.weights and Path(cfg.teacher.weights).expanduser().is_file():
@@ -133,9 +142,18 @@ def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None,
     tokenizer was trained against.
     """
     device = resolve_device(cfg.device)
+    if cfg.teacher.source == "shipped":
+        return load_shipped_teacher(cfg).to(device)
     if cfg.teacher.source == "pretrained":
         model = MaskGitVQGAN(cfg.teacher)
-        load_teacher_weights(model, _pretrained_path(cfg.teacher))
+        path = _pretrained_path(cfg.teacher)
+        digest = content_hash(path) if cfg.teacher.sha256 is not None else None
+        if digest != cfg.teacher.sha256:
+            raise WeightsFileError(
+                f"teacher.weights={path}: sha256 {digest[:16]}… is not teacher.sha256="
+                f"{cfg.teacher.sha256[:16]}…; give the file the config was made for, or drop "
+                f"teacher.sha256")
+        load_teacher_weights(model, path)
         return FrozenTeacher(model, cfg.tokenizer.image_size).to(device)
     entry = Path(cache_dir) / teacher_cache_key(cfg)
     if train_if_missing and not teacher_published(entry):  # before minutes of training
@@ -167,6 +185,16 @@ def get_teacher(cfg: ExperimentConfig, cache_dir: Path, callback=None,
 def teacher_published(entry: Path) -> bool:
     """Is a trained teacher published in cache entry `entry` (its record, written last)?"""
     return (Path(entry) / RECORD).is_file()
+
+
+def load_shipped_teacher(cfg: ExperimentConfig) -> FrozenTeacher:
+    """The teacher shipped with the library that `cfg.teacher.shipped` names (on CPU), after
+    `sftok.released.load_shipped`'s checks: the name exists, the file's sha256 is its
+    manifest's (and `teacher.sha256`'s), the config's architecture and image size are its."""
+    shipped = load_shipped(cfg.teacher, cfg.tokenizer.image_size)
+    model = MaskGitVQGAN(cfg.teacher)
+    load_teacher_weights(model, safetensors.torch.load(shipped.weights))
+    return FrozenTeacher(model, cfg.tokenizer.image_size)
 
 
 def load_cached_teacher(cfg: ExperimentConfig, entry: Path) -> FrozenTeacher:
@@ -339,23 +367,34 @@ class TeacherTask(LoopTask):
 
 
 def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
-                  resume: bool = True, workers: Workers = SINGLE) -> dict[str, Any]:
+                  resume: bool = True, curve_every: int = 0,
+                  workers: Workers = SINGLE) -> dict[str, Any]:
     """Train stage 0 into cache entry `entry` (resumable under entry/train/); returns its record.
 
     Writes entry/model.safetensors (official key layout) + entry/config.json (resolved config)
     with `sftok.checkpoint.save_model`, and, last, entry/teacher.json (the marker of a finished
-    teacher: time, metrics, val PSNR, the digests of the two files).
-    workers: train on these ranks (each calls this; rank 0 validates and publishes).
+    teacher: time, metrics, val PSNR, the digests of the two files); with resume, a finished entry is
+    returned as it is. workers: train on these ranks (each calls this; rank 0 validates, draws
+    the curve and publishes).
+    curve_every > 0: every that many steps (a multiple of log_every) and at the end, the
+    learning curve gets a point (`curve_point`: held-out and training-image PSNR), rewritten to
+    entry/curve.json as it goes (readable while training runs) and kept in the record's
+    "curve" (with `process_s`, seconds since this process started, and `unix_time`). Points
+    are pure functions of the weights at their step, so a resumed run keeps the points it had
+    and adds the same ones an uninterrupted run would.
     """
-    from sftok.data import TrainStream, build_datasets
+    from sftok.data import TrainStream, build_datasets, build_train_view
 
     entry = Path(entry)
+    if resume and (entry / RECORD).exists():
+        return teacher_info(entry)  # finished: never retrained, its record never rewritten
     tcfg = cfg.train.teacher
     per_worker = accum_per_worker(tcfg.grad_accum, tcfg.batch_size, workers.world_size,
                                   "train.teacher.grad_accum")
     device = resolve_device(workers.device or cfg.device)
     t0 = time.perf_counter()
     train_ds, val_ds = build_datasets(cfg.data)
+    train_view = build_train_view(cfg.data) if curve_every > 0 and workers.is_main else None
     task = TeacherTask(cfg, device, workers)
     stream = TrainStream(train_ds, tcfg.batch_size, seed=cfg.data.seed,
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
@@ -367,7 +406,21 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
     def export(tmp: Path, task: TeacherTask) -> None:
         save_model(tmp, task.model, cfg)
 
-    result = run_loop(task, stream, entry / "train", spec, export, callback=callback,
+    curve_path = entry / "curve.json"
+    curve = (json.loads(curve_path.read_text()) if resume and curve_path.exists() else [])
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if train_view is not None and (step % curve_every == 0 or step == tcfg.steps) \
+                and all(p["step"] != step for p in curve):
+            frozen = FrozenTeacher(copy.deepcopy(task.model), cfg.tokenizer.image_size)
+            curve.append({"step": step, **curve_point(frozen, val_ds, train_view, device),
+                          "process_s": time.perf_counter() - t0, "unix_time": time.time()})
+            entry.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(curve_path, curve)
+        if callback is not None:
+            callback(step, metrics)
+
+    result = run_loop(task, stream, entry / "train", spec, export, callback=on_log,
                       resume=resume)
 
     def publish() -> dict[str, Any]:
@@ -379,6 +432,8 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
                   "train_time_s": time.perf_counter() - t0, "metrics": result.metrics,
                   "history": result.history, "val_psnr": val["psnr"],
                   "val_code_usage": val["code_usage"], "val_images": val["images"]}
+        if curve:
+            record["curve"] = curve
         # Publish: weights + config (sftok.checkpoint layout, atomic), then the record with
         # their digests (checked whenever the entry is opened) — the marker of a finished
         # teacher, last.
@@ -395,13 +450,13 @@ def train_teacher(cfg: ExperimentConfig, entry: Path, callback=None,
 
 @torch.no_grad()
 def validation_psnr(teacher: FrozenTeacher, val_ds, device: torch.device,
-                    batch_size: int = 64) -> dict[str, float]:
+                    batch_size: int = 64, max_images: int | None = None) -> dict[str, float]:
     """Teacher reconstruction PSNR (mean over validation images) and code usage."""
     from sftok.data import val_batches
 
     total, count = 0.0, 0
     used = torch.zeros(teacher.codebook_size, dtype=torch.bool, device=device)
-    for images in val_batches(val_ds, batch_size):
+    for images in val_batches(val_ds, batch_size, max_images=max_images):
         images = images.to(device)
         ids = teacher.encode_ids(images)
         used[ids.flatten()] = True
@@ -413,7 +468,19 @@ def validation_psnr(teacher: FrozenTeacher, val_ds, device: torch.device,
             "images": float(count)}
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def curve_point(teacher: FrozenTeacher, val_ds, train_view, device: torch.device,
+                max_train_images: int = 512) -> dict[str, float]:
+    """One point of the teacher's learning curve: PSNR on the held-out images (`val_psnr`, with
+    `val_code_usage`) and on training images in their evaluation view (`train_psnr`, at most
+    `max_train_images`), and the gap train - held-out (`gap_db`)."""
+    val = validation_psnr(teacher, val_ds, device)
+    train = validation_psnr(teacher, train_view, device, max_images=max_train_images)
+    return {"val_psnr": val["psnr"], "train_psnr": train["psnr"],
+            "gap_db": train["psnr"] - val["psnr"], "val_code_usage": val["code_usage"],
+            "val_images": val["images"], "train_images": train["images"]}
+
+
+def _write_json_atomic(path: Path, data: dict | list) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
@@ -421,8 +488,10 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 __all__ = [
     "TeacherUnavailableError",
+    "curve_point",
     "get_teacher",
     "load_cached_teacher",
+    "load_shipped_teacher",
     "teacher_cache_key",
     "teacher_info",
     "teacher_published",
